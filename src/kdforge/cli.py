@@ -1,0 +1,178 @@
+"""The command line: parse, call the library, print. A user error is one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdforge.errors import Interrupted, KDForgeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="kdforge: distill a large teacher model into a small, fast student.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise KDForgeError(f"--seeds {text}: give integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise KDForgeError(f"--seeds {text}: give distinct integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
+def print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    summary = report["summary"]
+    roles = [r for r in ("teacher", "student", "baseline") if r in summary]
+    metric_names = list(summary[roles[0]]["metrics"])
+    table = Table(title=f"{report['name']} (seeds {', '.join(map(str, report['seeds']))})")
+    table.add_column("model")
+    for name in [*metric_names, "top1_agreement", "params", "examples/s"]:
+        table.add_column(name, justify="right")
+
+    def fmt(v: dict[str, Any] | None) -> str:
+        if not v:
+            return "–"
+        return f"{v['mean']:.4f} ± {v['std']:.4f}" if v["n"] > 1 else f"{v['mean']:.4f}"
+
+    for role in roles:
+        m = summary[role]
+        table.add_row(
+            role,
+            *[fmt(m["metrics"].get(n)) for n in metric_names],
+            fmt(m["fidelity"].get("top1_agreement")),
+            f"{m['params']:,}",
+            f"{m['throughput']['mean']:,.0f}",
+        )
+    out.print(table)
+    if "comparison" in report:
+        c = report["comparison"]
+        out.print(
+            f"student − baseline ({c['metric']}): {fmt(c['student_minus_baseline'])};"
+            f" better in {c['student_better_in']} of {c['runs']} seeds"
+        )
+    out.print(f"report: {run_dir / 'report.html'}")
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
+    set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set training.lr=3e-4"),
+    resume: bool = typer.Option(False, "--resume", help="continue a stopped run from its last checkpoint"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="repeat with these seeds, e.g. 0,1,2; report mean ± std"),
+) -> None:
+    """Train the student (and the baseline), evaluate teacher, student and baseline, write the report."""
+    from kdforge.recipe import load_recipe
+    from kdforge.runner import run_recipe
+
+    parsed = load_recipe(recipe, set_)
+    report = run_recipe(parsed, resume=resume, seeds=_seeds(seeds))
+    print_summary(report, parsed.run_dir)
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
+    set_: list[str] = typer.Option([], "--set", help="override a field before validating"),
+) -> None:
+    """Check a recipe without running it."""
+    from kdforge.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_)
+    length = f"{parsed.training.steps} steps" if parsed.training.steps else f"{parsed.training.epochs} epochs"
+    terms = ", ".join(f"{t.weight}×{t.loss}" for t in parsed.objective)
+    out.print(f"ok: {parsed.name} (task {parsed.task}; objective {terms}; {length}) -> {parsed.run_dir}")
+
+
+@app.command("list")
+def list_components() -> None:
+    """List the registered losses, tasks and teacher signals, and the bundled recipes."""
+    from kdforge.losses import LOSSES
+    from kdforge.recipe import bundled_recipes
+    from kdforge.signals import SIGNALS
+    from kdforge.tasks import TASKS
+
+    losses = Table(title="losses")
+    for col in ("name", "compares with", "parameters", "summary"):
+        losses.add_column(col)
+    for name, spec in LOSSES.items():
+        losses.add_row(name, spec.target, ", ".join(sorted(spec.param_names())), spec.summary)
+    out.print(losses)
+    tasks = Table(title="tasks")
+    for col in ("name", "outputs", "primary metric"):
+        tasks.add_column(col)
+    for name, cls in TASKS.items():
+        tasks.add_row(name, ", ".join(cls.output_fields), cls.primary_metric)
+    out.print(tasks)
+    out.print("teacher signals: " + ", ".join(SIGNALS))
+    out.print("bundled recipes: " + ", ".join(sorted(bundled_recipes())))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/digits-kd")) -> None:
+    """Rebuild report.html of a finished run and print its summary."""
+    from kdforge.report.html import load_report, write_report
+
+    write_report(run_dir)
+    print_summary(load_report(run_dir), run_dir)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs"), "--output", help="folder for the demo runs"),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="seeds of the distillation run"),
+) -> None:
+    """Distill an MLP on scikit-learn's digits: train a teacher, then a 5-seed KD run against a baseline."""
+    from kdforge.recipe import load_recipe
+    from kdforge.runner import run_recipe
+
+    common = [f"output.dir={output.as_posix()}", "output.overwrite=true"]
+    teacher = load_recipe("digits_teacher", common)
+    out.print(f"[bold]1/2[/] training the teacher ({teacher.name})")
+    run_recipe(teacher)
+    student = load_recipe("digits_kd", [*common, f"teacher.model={(teacher.run_dir / 'model').as_posix()}"])
+    out.print(f"[bold]2/2[/] distilling into the student ({student.name}), with a labels-only baseline per seed")
+    report = run_recipe(student, seeds=_seeds(seeds))
+    print_summary(report, student.run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="kdforge", standalone_mode=False)
+    except Interrupted as exc:
+        err.print(f"[yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(143)
+    except KDForgeError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors when not in standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

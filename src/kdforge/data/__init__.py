@@ -1,0 +1,1 @@
+"""Readers, collators, samplers and selection."""

@@ -1,0 +1,5 @@
+"""The task-agnostic training engine."""
+
+from kdforge.engine.trainer import TrainResult, train
+
+__all__ = ["train", "TrainResult"]

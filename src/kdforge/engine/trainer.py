@@ -1,0 +1,262 @@
+"""The training loop, on Hugging Face Accelerate.
+
+It knows nothing about tasks: it gets a model, a dataset with its collate
+function, and ``loss_fn(model, batch, step) -> (loss, {term: value})``. It owns
+the optimizer, LR schedule, gradient accumulation, logging, periodic evaluation,
+checkpoints, ``--resume`` and the SIGTERM handler.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from kdforge.engine.metrics_log import MetricsLog
+from kdforge.engine.optim import build_lr_scheduler, build_optimizer
+from kdforge.engine.sampler import EpochShuffleSampler
+from kdforge.errors import CheckpointError, Interrupted, KDForgeError
+from kdforge.recipe import TrainingConfig
+from kdforge.settings import progress_enabled
+
+LossFn = Callable[[nn.Module, dict[str, Any], int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    final_terms: dict[str, float]
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_accelerator(cfg: TrainingConfig, project_dir: Path) -> Accelerator:
+    """A fresh Accelerator; earlier ones in this process (another phase) are forgotten."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    for tracker in cfg.trackers:
+        if importlib.util.find_spec(tracker) is None:
+            raise KDForgeError(f"training.trackers: {tracker} is not installed; pip install {tracker}")
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise KDForgeError("training.device: cuda was asked for but no GPU is visible; use auto or cpu")
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    if precision == "fp16" and cpu:
+        raise KDForgeError("training.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    try:
+        return Accelerator(
+            cpu=cpu,
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation,
+            log_with=list(cfg.trackers) or None,
+            project_dir=str(project_dir),
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise KDForgeError(f"training: Accelerate cannot start with these settings ({exc})") from None
+
+
+def total_optimizer_steps(cfg: TrainingConfig, batches_per_epoch: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    assert cfg.epochs is not None
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.gradient_accumulation))
+
+
+@contextmanager
+def _sigterm_flag() -> Iterator[dict[str, bool]]:
+    """Turn SIGTERM into a flag the loop checks after each optimizer step."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: no handler, nothing to restore
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[terms]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    loss_fn: LossFn,
+    cfg: TrainingConfig,
+    *,
+    phase: str,
+    run_dir: Path,
+    evaluate: EvalFn | None = None,
+    resume: bool = False,
+    state_hooks: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; checkpoints go to ``run_dir/checkpoints/<phase>``."""
+    accelerator = make_accelerator(cfg, run_dir)
+    set_seed(cfg.seed)
+    main = accelerator.is_main_process
+    sampler = EpochShuffleSampler(len(dataset), seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    batches_per_epoch = len(loader)
+    total = total_optimizer_steps(cfg, batches_per_epoch)
+    # The scheduler is stepped by hand once per optimizer step, so its count is the
+    # same on any number of processes (a prepared scheduler steps once per process).
+    scheduler = build_lr_scheduler(optimizer.optimizer, cfg, total)
+
+    ckpt_dir = run_dir / "checkpoints" / phase
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    state = TrainState()
+    resumed_from = None
+    if resume and list_checkpoints(ckpt_dir):
+        latest = list_checkpoints(ckpt_dir)[-1]
+        state = load_checkpoint(
+            latest, model=accelerator.unwrap_model(model), optimizer=optimizer.optimizer, scheduler=scheduler
+        )
+        if state_hooks:
+            state_hooks[1](state.extra.get("objective", {}))
+        resumed_from = state.step
+        log.truncate_after(phase, state.step)
+    elif not resume:
+        log.truncate_after(phase, -1)
+
+    if cfg.trackers:
+        accelerator.init_trackers(f"kdforge-{run_dir.name}")
+
+    def checkpoint() -> Path:
+        state.extra = {
+            "objective": state_hooks[0]() if state_hooks else {},
+            "log_interval": [interval_loss, interval_terms, interval_count],
+        }
+        path = ckpt_dir / "pending"
+        if main:
+            path = save_checkpoint(
+                ckpt_dir,
+                model=accelerator.unwrap_model(model),
+                optimizer=optimizer.optimizer,
+                scheduler=scheduler,
+                state=state,
+                keep=cfg.keep_checkpoints,
+            )
+        accelerator.wait_for_everyone()
+        return path
+
+    interval_loss, interval_terms, interval_count = state.extra.get("log_interval", [0.0, {}, 0])
+    step_loss, step_terms, step_micro = 0.0, {}, 0
+    last_loss, last_terms = float("nan"), {}
+    history: list[dict[str, Any]] = []
+    model.train()
+    with _sigterm_flag() as flag, _progress(main and progress_enabled()) as progress:
+        bar = progress.add_task(phase, total=total, completed=state.step, terms="")
+        while state.step < total:
+            sampler.set_epoch(state.epoch)
+            batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss, terms = loss_fn(model, batch, state.step)
+                    if not torch.isfinite(loss):
+                        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                        raise KDForgeError(
+                            f"non-finite loss at step {state.step} of {phase} (terms: {', '.join(bad) or 'total'});"
+                            " lower training.lr or check the inputs"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                step_loss += loss.item()
+                for k, v in terms.items():
+                    step_terms[k] = step_terms.get(k, 0.0) + v.item()
+                step_micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.step += 1
+                last_loss = step_loss / step_micro
+                last_terms = {k: v / step_micro for k, v in step_terms.items()}
+                interval_loss += last_loss
+                for k, v in last_terms.items():
+                    interval_terms[k] = interval_terms.get(k, 0.0) + v
+                interval_count += 1
+                step_loss, step_terms, step_micro = 0.0, {}, 0
+                progress.update(
+                    bar, completed=state.step, terms=" ".join(f"{k}={v:.4f}" for k, v in last_terms.items())
+                )
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    record = {
+                        "phase": phase,
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "lr": scheduler.get_last_lr()[0],
+                        "loss": interval_loss / interval_count,
+                        "terms": {k: v / interval_count for k, v in interval_terms.items()},
+                    }
+                    log.write(record)
+                    history.append(record)
+                    if cfg.trackers:
+                        accelerator.log({f"{phase}/loss": record["loss"], **{f"{phase}/{k}": v for k, v in record["terms"].items()}}, step=state.step)
+                    interval_loss, interval_terms, interval_count = 0.0, {}, 0
+                if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
+                    model.eval()
+                    metrics = evaluate(accelerator.unwrap_model(model))
+                    model.train()
+                    log.write({"phase": phase, "step": state.step, "eval": metrics})
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
+                    checkpoint()
+                if flag["stop"]:
+                    path = checkpoint()
+                    raise Interrupted(
+                        f"stopped by SIGTERM at step {state.step} of {phase}; checkpoint saved in {path};"
+                        " continue with --resume"
+                    )
+                if state.step >= total:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+    if cfg.trackers:
+        accelerator.end_training()
+    model.eval()
+    return TrainResult(steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from, history=history)
+
+
+def find_resume_point(run_dir: Path, phase: str) -> Path | None:
+    ckpts = list_checkpoints(run_dir / "checkpoints" / phase)
+    return ckpts[-1] if ckpts else None
+
+
+__all__ = ["train", "TrainResult", "find_resume_point", "CheckpointError"]

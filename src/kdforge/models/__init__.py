@@ -1,0 +1,1 @@
+"""Model adapters, builders and references."""

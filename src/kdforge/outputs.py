@@ -1,0 +1,32 @@
+"""Named model outputs shared by teachers and students.
+
+A loss term in a recipe names one of these fields; adapters fill only the fields
+the objective asks for, so a run that needs no hidden states never keeps them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+OUTPUT_FIELDS = ("logits", "hidden_states", "attentions", "qkv", "embeddings", "scores")
+
+
+@dataclass
+class ModelOutputs:
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None
+    embeddings: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+    def get(self, name: str):
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"output field {name!r} was not produced; the adapter was not asked for it")
+        return value
+
+    def present(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]

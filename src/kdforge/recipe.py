@@ -1,0 +1,319 @@
+"""The schema of a run: one YAML file, validated before anything starts.
+
+A recipe has the sections ``task``, ``teacher``, ``student``, ``data``,
+``objective``, ``training``, ``evaluation`` and ``output``. ``student`` and
+``data`` are specific to the task, whose registered schemas validate them, so a
+new task never edits this file. Every error names the field path
+(``objective[1].weight: must be >= 0``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdforge.errors import RecipeError
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="SGD only")
+
+
+class LRScheduleConfig(Strict):
+    name: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainingConfig(Strict):
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr: float = Field(1e-3, gt=0)
+    schedule: LRScheduleConfig = LRScheduleConfig()
+    batch_size: int = Field(32, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; or give epochs")
+    epochs: float | None = Field(None, gt=0)
+    gradient_accumulation: int = Field(1, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trackers: list[Literal["tensorboard", "mlflow"]] = []
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainingConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of training.steps or training.epochs")
+        return self
+
+
+class TermSchedule(Strict):
+    """Multiplies a term's weight: ``start`` at step 0 to ``end`` after ``steps``."""
+
+    shape: Literal["linear", "cosine", "constant"] = "linear"
+    start: float = Field(0.0, ge=0)
+    end: float = Field(1.0, ge=0)
+    steps: int | None = Field(None, ge=1, description="default: the whole run")
+
+
+class ObjectiveTerm(Strict):
+    loss: str
+    field: str = "logits"
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = {}
+    schedule: TermSchedule | None = None
+    name: str | None = Field(None, description="label in logs; default: the loss name")
+
+
+class TeacherConfig(Strict):
+    model: str = Field(description="local folder, hub id, or package:NAME")
+    signal: Literal["online"] = "online"
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    trust_remote_code: bool = False
+
+
+class EvaluationConfig(Strict):
+    baseline: bool = Field(True, description="also train the student on labels only")
+    batch_size: int = Field(256, ge=1)
+    throughput_batches: int = Field(10, ge=1)
+    throughput_repeats: int = Field(5, ge=1)
+
+
+class OutputConfig(Strict):
+    dir: str = "runs"
+    name: str | None = Field(None, description="default: the recipe name")
+    overwrite: bool = False
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: str
+    description: str = ""
+    teacher: TeacherConfig | None = None
+    student: dict[str, Any]
+    data: dict[str, Any]
+    objective: list[ObjectiveTerm] = Field(min_length=1)
+    training: TrainingConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / (self.output.name or self.name)
+
+    def term_names(self) -> list[str]:
+        """Unique display names of the objective terms, in order."""
+        names: list[str] = []
+        for term in self.objective:
+            base = term.name or term.loss
+            name, i = base, 2
+            while name in names:
+                name, i = f"{base}_{i}", i + 1
+            names.append(name)
+        return names
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----- loading ---------------------------------------------------------------------
+
+
+def format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "recipe"
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "unknown field (check the spelling; see `kdforge validate --help`)"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound}, got {err.get('input')!r}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {err.get('input')!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
+
+
+def validation_error(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> RecipeError:
+    """One line naming the first wrong field (and how many more there are)."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = prefix + tuple(first["loc"])
+    if first["type"] == "value_error" and not first["loc"]:
+        text = _message(first)  # a cross-field rule names its own fields
+        if prefix:
+            text = f"{format_location(prefix)}: {text}"
+    else:
+        text = f"{format_location(loc)}: {_message(first)}"
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more)"
+    return RecipeError(text)
+
+
+_INDEXED = re.compile(r"^([^\[\]]+)((?:\[\d+\])*)$")
+
+
+def _split_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for piece in path.split("."):
+        match = _INDEXED.match(piece)
+        if not match:
+            raise RecipeError(f"--set {path}: cannot read the path; use dots and [i], e.g. objective[1].weight")
+        parts.append(match.group(1))
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
+    return parts
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.path=value`` (the value read as YAML) to a raw recipe."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment}: expected KEY=VALUE, e.g. training.lr=3e-4")
+    path, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = _split_path(path.strip())
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise RecipeError(f"--set {path}: {format_location(tuple(parts[: i + 1]))} does not exist")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {path}: {format_location(tuple(parts[:i]))} is not a section")
+            if node.get(part) is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"--set {path}: index {last} does not exist")
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {path}: {format_location(tuple(parts[:-1]))} is not a section")
+        node[last] = value
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Recipes shipped inside the package, by name (file stem)."""
+    folder = resources.files("kdforge") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def find_recipe(ref: str | Path) -> Path:
+    """A recipe path, or the name of a bundled recipe (``kdforge list`` shows them)."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    bundled = bundled_recipes()
+    if str(ref) in bundled:
+        return bundled[str(ref)]
+    if path.exists():
+        raise RecipeError(f"{ref}: is a folder, not a recipe file")
+    raise RecipeError(
+        f"{ref}: no such recipe file; give a path to a YAML file or one of the bundled recipes: "
+        + ", ".join(sorted(bundled))
+    )
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with task, student, data, objective, training")
+    return data
+
+
+def parse_recipe(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate a raw recipe mapping (after ``--set`` overrides) against every schema."""
+    if not isinstance(data, dict):
+        raise RecipeError("recipe: a recipe is a mapping with task, student, data, objective, training")
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    _check_against_registries(recipe)
+    return recipe
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = find_recipe(ref)
+    return parse_recipe(read_raw(path), overrides)
+
+
+def _check_against_registries(recipe: Recipe) -> None:
+    """Names in the recipe must be registered components that fit together."""
+    from kdforge.losses import LOSSES
+    from kdforge.tasks import TASKS
+
+    task_cls = TASKS.get(recipe.task, field="task")
+    for section in ("student", "data"):
+        schema = getattr(task_cls, f"{section}_schema")
+        try:
+            schema.model_validate(getattr(recipe, section))
+        except ValidationError as exc:
+            raise validation_error(exc, (section,)) from None
+
+    for i, term in enumerate(recipe.objective):
+        where = f"objective[{i}]"
+        spec = LOSSES.get(term.loss, field=f"{where}.loss")
+        if term.field not in task_cls.output_fields:
+            raise RecipeError(
+                f"{where}.field: task {recipe.task!r} has no output {term.field!r};"
+                f" it offers {', '.join(task_cls.output_fields)}"
+            )
+        unknown = set(term.params) - spec.param_names()
+        if unknown:
+            name = sorted(unknown)[0]
+            known = ", ".join(sorted(spec.param_names())) or "none"
+            raise RecipeError(f"{where}.params.{name}: {term.loss!r} has no parameter {name!r}; known: {known}")
+        if spec.target == "teacher" and recipe.teacher is None:
+            raise RecipeError(
+                f"{where}.loss: {term.loss!r} compares with the teacher, but the recipe has no teacher;"
+                " set teacher.model or use a labels-only loss such as cross_entropy"
+            )

@@ -1,0 +1,1 @@
+"""Reports: report.json, a self-contained report.html with plots, and model cards."""

@@ -1,0 +1,76 @@
+"""report.html: one self-contained page (plots embedded) from report.json and the metrics logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from kdforge.engine.metrics_log import read_metrics
+from kdforge.errors import RunDirError
+from kdforge.report import plots
+
+
+def _data_uri(png: bytes | None) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(png).decode() if png else None
+
+
+def _fmt(value: dict[str, Any] | float | None, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        if value["n"] > 1:
+            return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+        return f"{value['mean']:.{digits}f}"
+    return f"{value:.{digits}f}"
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no report.json; is this a finished kdforge run folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise RunDirError(f"{path}: not valid JSON; run the recipe again to rewrite it") from None
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    report = load_report(run_dir)
+    curves: dict[str, list] = {"student": [], "baseline": []}
+    evals: dict[str, list] = {"student": [], "baseline": []}
+    for i, run in enumerate(report["runs"]):
+        records = read_metrics(run_dir / run["dir"] / "metrics.jsonl")
+        for phase in curves:
+            curves[phase].append([r for r in records if r.get("phase") == phase and "loss" in r])
+            if i == 0:
+                evals[phase] = [r for r in records if r.get("phase") == phase and "eval" in r]
+    summary = report["summary"]
+    figures = [
+        ("Training loss per term", _data_uri(plots.loss_curves(curves)) if any(curves.values()) else None),
+        ("Task metrics on the test split", _data_uri(plots.metric_bars(summary, "metrics", "task metrics (mean ± std over seeds)"))),
+        ("Fidelity to the teacher", _data_uri(plots.metric_bars(summary, "fidelity", "fidelity (top-1 agreement, mean KL)"))),
+        ("Speed and size", _data_uri(plots.speed_size(summary))),
+        ("Periodic evaluation (first seed)", _data_uri(plots.eval_curves(evals))),
+    ]
+    if "comparison" in report and len(report["runs"]) > 1:
+        figures.append(("Distilled student vs baseline, per seed", _data_uri(plots.seed_pairs(report["runs"], report["primary_metric"]))))
+    env = Environment(loader=PackageLoader("kdforge", "report/templates"), autoescape=select_autoescape())
+    env.filters["fmt"] = _fmt
+    html = env.get_template("report.html").render(
+        report=report,
+        summary=summary,
+        roles=[r for r in ("teacher", "student", "baseline") if r in summary],
+        figures=[(title, uri) for title, uri in figures if uri],
+        recipe_yaml=yaml.safe_dump(report["recipe"], sort_keys=False),
+    )
+    out = run_dir / "report.html"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    return out

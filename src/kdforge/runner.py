@@ -1,0 +1,251 @@
+"""One recipe, end to end: train the student (and the baseline), evaluate all, report.
+
+The runner is the only place that knows the order of things; the engine trains
+whatever model and loss it is given, the task supplies everything task-specific.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate.state import PartialState
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from kdforge.engine.checkpoint import list_checkpoints
+from kdforge.engine.metrics_log import read_metrics
+from kdforge.engine.trainer import total_optimizer_steps, train
+from kdforge.errors import RunDirError
+from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
+from kdforge.objective import Objective
+from kdforge.recipe import Recipe, parse_recipe
+from kdforge.report import card as model_card
+from kdforge.report.builder import aggregate
+from kdforge.report.html import write_report
+from kdforge.signals import SIGNALS, TeacherSignal
+from kdforge.tasks import TASKS, Evaluation, Task
+
+console = Console(stderr=True)
+MODEL_DIR = "model"
+BASELINE_DIR = "baseline"
+
+
+def _is_main() -> bool:
+    return PartialState().is_main_process
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml: str) -> Path | None:
+    """Refuse to clobber an earlier run; returns the folder the old run was moved to, if any."""
+    saved = run_dir / "recipe.yaml"
+    if resume:
+        if not saved.exists():
+            raise RunDirError(f"{run_dir}: nothing to resume (no recipe.yaml there); run without --resume")
+        if saved.read_text() != recipe_yaml:
+            raise RunDirError(
+                f"{run_dir}/recipe.yaml differs from this recipe; resume with the same recipe and --set values,"
+                " or start a new run with output.name"
+            )
+        return None
+    moved = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"{run_dir} already holds a run; continue it with --resume, choose another output.name,"
+                " or --set output.overwrite=true"
+            )
+        moved = run_dir.with_name(run_dir.name + ".previous")
+        if moved.exists():
+            shutil.rmtree(moved)
+        run_dir.rename(moved)  # deleted only once the new run has finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(recipe_yaml)
+    return moved
+
+
+@dataclass
+class TeacherView:
+    """The teacher, loaded once per run: its signal, and its results on the test split."""
+
+    signal: TeacherSignal
+    evaluation: Evaluation
+    summary: dict[str, Any]
+
+
+def _speed_and_size(task: Task, model: torch.nn.Module, test, files: list[Path]) -> dict[str, Any]:
+    ev = task.recipe.evaluation
+    batch = task.throughput_batch(test, ev.batch_size)
+    return {
+        "params": count_parameters(model),
+        "size_bytes": size_on_disk(files),
+        "throughput": throughput(
+            task.forward_for_speed(model), batch, batches=ev.throughput_batches, repeats=ev.throughput_repeats
+        ),
+    }
+
+
+def load_teacher(task: Task, test) -> TeacherView | None:
+    recipe = task.recipe
+    if recipe.teacher is None:
+        return None
+    model = task.load_teacher()
+    signal_cls = SIGNALS.get(recipe.teacher.signal, field="teacher.signal")
+    signal = signal_cls(model, task.adapter, device=recipe.teacher.device, dtype=recipe.teacher.dtype)
+    evaluation = task.evaluate(model, test)
+    summary = {"metrics": evaluation.metrics, **_speed_and_size(task, model, test, task.teacher_weight_files())}
+    return TeacherView(signal, evaluation, summary)
+
+
+def _planned_steps(recipe: Recipe, train_size: int) -> int:
+    per_rank = recipe.training.batch_size * PartialState().num_processes
+    return total_optimizer_steps(recipe.training, math.ceil(train_size / per_rank))
+
+
+def _train_phase(
+    task: Task,
+    phase: str,
+    objective: Objective,
+    teacher: TeacherView | None,
+    splits,
+    seed_dir: Path,
+    resume: bool,
+    folder_name: str,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train (or, on resume, reload a finished) model for one phase."""
+    folder = seed_dir / folder_name
+    records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
+    if resume and (folder / "config.json").exists():
+        console.print(f"[dim]{phase}: finished earlier, loading {folder}")
+        last = records[-1] if records else {}
+        return task.load_saved(folder), {"steps": last.get("step"), "final_loss": last.get("loss"), "resumed": True}
+
+    recipe = task.recipe
+    set_seed(recipe.training.seed)
+    model = task.build_student()
+
+    fidelity_ref = teacher.evaluation.logits if teacher else None
+
+    def evaluate(m):
+        result = task.evaluate(m, splits.eval)
+        metrics = dict(result.metrics)
+        if fidelity_ref is not None and splits.eval is splits.test and result.logits is not None:
+            metrics.update(fidelity(fidelity_ref, result.logits))
+        return metrics
+
+    def loss_fn(m, batch, step):
+        student_out = task.adapter(m, batch, objective.student_fields)
+        teacher_out = teacher.signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        return objective(student_out, teacher_out, batch, step)
+
+    started = time.perf_counter()
+    result = train(
+        model,
+        splits.train,
+        task.collate,
+        loss_fn,
+        recipe.training,
+        phase=phase,
+        run_dir=seed_dir,
+        evaluate=evaluate,
+        resume=resume,
+        state_hooks=(objective.state_dict, objective.load_state_dict),
+    )
+    info = {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "final_terms": result.final_terms,
+        "train_seconds": time.perf_counter() - started,
+        "resumed_from": result.resumed_from,
+    }
+    if _is_main():
+        task.save_model(model, folder, card="")
+        shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
+    return model, info
+
+
+def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:
+    recipe = task.recipe
+    steps = _planned_steps(recipe, len(splits.train))
+    objective = Objective(recipe.objective, steps, names=recipe.term_names())
+    student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
+
+    roles: dict[str, Any] = {}
+    if teacher is not None:
+        roles["teacher"] = teacher.summary
+    student_eval = task.evaluate(student, splits.test)
+    roles["student"] = {
+        "metrics": student_eval.metrics,
+        "train": student_train,
+        **_speed_and_size(task, student, splits.test, [seed_dir / MODEL_DIR / "model.safetensors"]),
+    }
+    if teacher is not None:
+        roles["student"]["fidelity"] = fidelity(teacher.evaluation.logits, student_eval.logits)
+
+    if teacher is not None and recipe.evaluation.baseline and objective.needs_teacher:
+        baseline_obj = Objective(task.baseline_objective(), steps)
+        baseline, baseline_train = _train_phase(
+            task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR
+        )
+        baseline_eval = task.evaluate(baseline, splits.test)
+        roles["baseline"] = {
+            "metrics": baseline_eval.metrics,
+            "train": baseline_train,
+            "fidelity": fidelity(teacher.evaluation.logits, baseline_eval.logits),
+            **_speed_and_size(task, baseline, splits.test, [seed_dir / BASELINE_DIR / "model.safetensors"]),
+        }
+    return {"seed": recipe.training.seed, "dir": str(seed_dir), "models": roles}
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    seeds: list[int] | None = None,
+    on_seed_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run a validated recipe; returns the report (also written to the run folder)."""
+    run_dir = recipe.run_dir
+    recipe_yaml = recipe.to_yaml() + (f"# seeds: {seeds}\n" if seeds else "")
+    moved = prepare_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml) if _is_main() else None
+    PartialState().wait_for_everyone()
+
+    seeds = seeds or [recipe.training.seed]
+    task = TASKS.get(recipe.task, field="task")(recipe)
+    splits = task.splits()
+    teacher = load_teacher(task, splits.test)
+    runs = []
+    for seed in seeds:
+        seeded = parse_recipe(recipe.model_dump(mode="json"), [f"training.seed={seed}"])
+        seed_task = TASKS.get(recipe.task)(seeded)
+        seed_dir = run_dir if len(seeds) == 1 else run_dir / f"seed-{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        result = run_seed(seed_task, seed_dir, teacher, splits, resume)
+        if _is_main():
+            write_cards(seed_task, seed_dir, result)
+        runs.append(result)
+        if on_seed_done:
+            on_seed_done(seed)
+
+    report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
+    if _is_main():
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        write_report(run_dir)
+        if moved is not None:
+            shutil.rmtree(moved, ignore_errors=True)
+    return report
+
+
+def write_cards(task: Task, seed_dir: Path, result: dict[str, Any]) -> None:
+    for role, folder in (("student", MODEL_DIR), ("baseline", BASELINE_DIR)):
+        if role in result["models"] and (seed_dir / folder).exists():
+            text = model_card.render(task.recipe, result["models"], role=role)
+            (seed_dir / folder / "README.md").write_text(text)
+
+
+__all__ = ["run_recipe", "prepare_run_dir", "list_checkpoints"]

@@ -1,0 +1,16 @@
+"""Locations kdforge reads from, each set by one environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """Where shared datasets live: ``KDFORGE_DATA_DIR``, default ``../shared/data``."""
+    return Path(os.environ.get("KDFORGE_DATA_DIR", "../shared/data")).expanduser()
+
+
+def progress_enabled() -> bool:
+    """Progress bars, unless ``KDFORGE_PROGRESS=0`` (useful in logs and CI)."""
+    return os.environ.get("KDFORGE_PROGRESS", "1") not in ("0", "false", "no")

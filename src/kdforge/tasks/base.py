@@ -1,0 +1,100 @@
+"""The task interface: everything that differs between kinds of distillation.
+
+A task turns a recipe into datasets, a student, a teacher, adapters that expose
+named outputs, an evaluator and a labels-only objective for the baseline. The
+runner and the engine call only this interface, so a new task is one new module
+registered in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdforge.outputs import ModelOutputs
+from kdforge.recipe import ObjectiveTerm, Recipe
+from kdforge.registry import Registry
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    eval: Dataset  # periodic evaluation during training
+    test: Dataset  # the final, reported evaluation
+    eval_name: str = "validation"
+
+
+@dataclass
+class Evaluation:
+    """Task metrics of one model on one split, plus the outputs fidelity is measured on."""
+
+    metrics: dict[str, float]
+    logits: torch.Tensor | None = None
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    student_schema: ClassVar[type[BaseModel]]
+    data_schema: ClassVar[type[BaseModel]]
+    output_fields: ClassVar[tuple[str, ...]]
+    #: metric that decides "better" in reports, and whether higher is better
+    primary_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.student_cfg = self.student_schema.model_validate(recipe.student)
+        self.data_cfg = self.data_schema.model_validate(recipe.data)
+
+    @abstractmethod
+    def splits(self) -> Splits: ...
+
+    @abstractmethod
+    def collate(self, items: list[Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def build_student(self) -> nn.Module:
+        """A freshly initialised student (the RNG is seeded before the call)."""
+
+    @abstractmethod
+    def load_teacher(self) -> nn.Module: ...
+
+    @abstractmethod
+    def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        """Run ``model`` on ``batch`` and fill exactly ``fields``."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation: ...
+
+    @abstractmethod
+    def save_model(self, model: nn.Module, folder: Path, card: str) -> Path:
+        """Save in the model's own ecosystem format, with ``card`` as README.md."""
+
+    @abstractmethod
+    def load_saved(self, folder: Path) -> nn.Module:
+        """Load what :meth:`save_model` wrote (used by ``--resume`` of finished phases)."""
+
+    def baseline_objective(self) -> list[ObjectiveTerm]:
+        """The no-distillation objective: labels only."""
+        return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0)]
+
+    def teacher_weight_files(self) -> list[Path]:
+        return []
+
+    def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:
+        """A batch used to time inference."""
+        items = [dataset[i % len(dataset)] for i in range(batch_size)]
+        return self.collate(items)
+
+    def forward_for_speed(self, model: nn.Module) -> Callable[[dict[str, Any]], Any]:
+        return lambda batch: self.adapter(model, batch, frozenset({"logits"}))
+
+
+TASKS: Registry[type[Task]] = Registry("task")

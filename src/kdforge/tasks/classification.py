@@ -1,0 +1,157 @@
+"""Classification of feature vectors with MLPs (scikit-learn's digits, or your .npz).
+
+Outputs: ``logits`` [B, C] and ``hidden_states`` (one [B, H] per hidden layer).
+Metrics: accuracy and macro-F1 (scikit-learn). A recipe with no teacher trains on
+labels only, which is how a teacher for a later distillation run is made.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from kdforge.data.features import FeatureDataset, load_arrays, split_indices
+from kdforge.errors import ModelRefError, RecipeError
+from kdforge.models.mlp import MLPClassifier
+from kdforge.models.refs import resolve_model_ref
+from kdforge.models.store import is_kdforge_folder, load_kdforge_model, save_kdforge_model
+from kdforge.outputs import ModelOutputs
+from kdforge.recipe import Strict
+from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
+
+
+class MLPStudent(Strict):
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [32], description="hidden layer widths")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    init: str | None = Field(None, description="a saved model to start from instead of random weights")
+
+
+class FeatureData(Strict):
+    dataset: Literal["digits", "npz"] = "digits"
+    path: str | None = Field(None, description="the .npz file (X, y) when dataset is npz")
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    split_seed: int = 0
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
+
+
+@TASKS.register("classification")
+class ClassificationTask(Task):
+    name = "classification"
+    student_schema = MLPStudent
+    data_schema = FeatureData
+    output_fields = ("logits", "hidden_states")
+    primary_metric = "accuracy"
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return load_arrays(self.data_cfg.dataset, self.data_cfg.path)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self._arrays[1].max()) + 1
+
+    @property
+    def in_features(self) -> int:
+        return int(self._arrays[0].shape[1])
+
+    def splits(self) -> Splits:
+        features, labels = self._arrays
+        cfg = self.data_cfg
+        train_idx, val_idx, test_idx = split_indices(
+            len(labels), labels, cfg.test_fraction, cfg.validation_fraction, cfg.split_seed
+        )
+        if cfg.train_limit is not None:
+            train_idx = train_idx[: cfg.train_limit]
+        full = FeatureDataset(features, labels)
+        test = Subset(full, test_idx.tolist())
+        if len(val_idx):
+            return Splits(Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist()), test, "validation")
+        return Splits(Subset(full, train_idx.tolist()), test, test, "test")
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {
+            "inputs": torch.stack([it["inputs"] for it in items]),
+            "labels": torch.stack([it["labels"] for it in items]),
+        }
+
+    def build_student(self) -> nn.Module:
+        cfg = self.student_cfg
+        if cfg.init:
+            model = self._load(cfg.init, "student.init")
+        else:
+            model = MLPClassifier(
+                self.in_features, cfg.hidden, self.num_classes, dropout=cfg.dropout, activation=cfg.activation
+            )
+        self._check_shape(model, "student")
+        return model
+
+    def load_teacher(self) -> nn.Module:
+        assert self.recipe.teacher is not None
+        model = self._load(self.recipe.teacher.model, "teacher.model")
+        self._check_shape(model, "teacher")
+        return model
+
+    def teacher_weight_files(self) -> list[Path]:
+        assert self.recipe.teacher is not None
+        return resolve_model_ref(self.recipe.teacher.model, field="teacher.model").weight_files()
+
+    def _load(self, ref: str, field: str) -> nn.Module:
+        location = resolve_model_ref(ref, field=field)
+        if location.path is None or not is_kdforge_folder(location.path):
+            raise ModelRefError(
+                f"{field}: {ref} is not a kdforge classifier folder; feature-vector classification distills"
+                " MLPs saved by kdforge (train one with a recipe that has no teacher)"
+            )
+        return load_kdforge_model(location.path, field=field)
+
+    def _check_shape(self, model: nn.Module, who: str) -> None:
+        config = getattr(model, "config", {})
+        if config.get("in_features") != self.in_features or config.get("num_classes") != self.num_classes:
+            raise RecipeError(
+                f"{who}: the model takes {config.get('in_features')} features and predicts"
+                f" {config.get('num_classes')} classes, but the data has {self.in_features} features and"
+                f" {self.num_classes} classes"
+            )
+
+    def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        if "hidden_states" in fields:
+            logits, hidden = model(batch["inputs"], output_hidden_states=True)
+            return ModelOutputs(logits=logits if "logits" in fields else None, hidden_states=hidden)
+        return ModelOutputs(logits=model(batch["inputs"]))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
+        model.eval()
+        device = next(model.parameters()).device
+        logits = []
+        labels = []
+        for start in range(0, len(dataset), self.recipe.evaluation.batch_size):
+            items = [dataset[i] for i in range(start, min(start + self.recipe.evaluation.batch_size, len(dataset)))]
+            batch = self.collate(items)
+            logits.append(model(batch["inputs"].to(device)).float().cpu())
+            labels.append(batch["labels"])
+        all_logits = torch.cat(logits)
+        y_true = torch.cat(labels).numpy()
+        y_pred = all_logits.argmax(-1).numpy()
+        metrics = {
+            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        }
+        return Evaluation(metrics=metrics, logits=all_logits)
+
+    def save_model(self, model: nn.Module, folder: Path, card: str) -> Path:
+        return save_kdforge_model(model, folder, extra_files={"README.md": card})
+
+    def load_saved(self, folder: Path) -> nn.Module:
+        return load_kdforge_model(folder)

@@ -1,0 +1,99 @@
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdforge.errors import KDForgeError, RecipeError
+from kdforge.recipe import Recipe, apply_override, load_recipe, parse_recipe, read_raw
+
+
+def raw(name="digits_kd"):
+    return read_raw(load_recipe.__globals__["find_recipe"](name))
+
+
+def test_bundled_recipes_validate(recipes):
+    assert {"digits_teacher", "digits_kd"} <= set(recipes)
+    for name in recipes:
+        assert isinstance(load_recipe(name), Recipe)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective[1].weight=-1", "objective[1].weight: must be >= 0"),
+        ("training.lr=0", "training.lr: must be > 0"),
+        ("training.batch_sise=3", "training.batch_sise: unknown field"),
+        ("objective[0].loss=nope", "objective[0].loss: unknown loss 'nope'"),
+        ("objective[1].params.tempreture=2", "objective[1].params.tempreture: 'hinton_kd' has no parameter"),
+        ("objective[1].field=embeddings", "objective[1].field: task 'classification' has no output 'embeddings'"),
+        ("task=translation", "task: unknown task 'translation'"),
+        ("student.hidden=wide", "student.hidden:"),
+        ("data.test_fraction=1.5", "data.test_fraction: must be < 1"),
+        ("training.precision=fp8", "training.precision: must be one of"),
+        ("training.steps=100", "give exactly one of training.steps or training.epochs"),
+        ("teacher=null", "objective[1].loss: 'hinton_kd' compares with the teacher"),
+    ],
+)
+def test_errors_name_the_field(override, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("digits_kd", [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_set_overrides_values_of_any_type():
+    recipe = load_recipe("digits_kd", ["training.lr=3e-4", "student.hidden=[8, 8]", "objective[1].params.temperature=2"])
+    assert recipe.training.lr == 3e-4
+    assert recipe.student["hidden"] == [8, 8]
+    assert recipe.objective[1].params == {"temperature": 2}
+
+
+@pytest.mark.parametrize("bad", ["training.lr", "objective[9].weight=1", "a..b=1", "training.lr.x=1"])
+def test_bad_overrides_are_recipe_errors(bad):
+    with pytest.raises(RecipeError):
+        load_recipe("digits_kd", [bad])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntask: [classification\n")
+    with pytest.raises(RecipeError, match="not valid YAML at line"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file_lists_bundled_ones():
+    with pytest.raises(RecipeError, match="digits_kd"):
+        load_recipe("no/such/file.yaml")
+
+
+def test_run_dir_and_term_names():
+    recipe = load_recipe("digits_kd", ["output.dir=/tmp/x", "objective[1].loss=cross_entropy", "objective[1].params={}"])
+    assert str(recipe.run_dir) == "/tmp/x/digits-kd"
+    assert recipe.term_names() == ["cross_entropy", "cross_entropy_2"]
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(["name", "task", "student", "data", "objective", "training", "teacher", "x"]), yaml_values))
+def test_any_mapping_gives_a_recipe_or_a_kdforge_error(doc):
+    try:
+        parse_recipe(doc)
+    except KDForgeError:
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(path=st.text(max_size=20), value=st.text(max_size=10))
+def test_any_override_gives_a_recipe_or_a_kdforge_error(path, value):
+    data = yaml.safe_load(yaml.safe_dump(raw()))
+    try:
+        apply_override(data, f"{path}={value}")
+        parse_recipe(data)
+    except KDForgeError:
+        pass
