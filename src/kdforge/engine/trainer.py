@@ -181,8 +181,11 @@ def train(
     with _sigterm_flag() as flag, _progress(main and progress_enabled()) as progress:
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
         while state.step < total:
-            sampler.set_epoch(state.epoch)
             batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+            # Accelerate's loaders re-seed the sampler from their own count of passes made in
+            # this process; a resumed process must start that count at the saved epoch.
+            batches.set_epoch(state.epoch)
+            sampler.set_epoch(state.epoch)
             for batch in batches:
                 with accelerator.accumulate(model):
                     loss, terms = loss_fn(model, batch, state.step)
