@@ -151,27 +151,14 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, prog_name="kdforge", standalone_mode=False)
+        # standalone mode: usage errors print click's message and exit 2; ours arrive here
+        app(args=argv, prog_name="kdforge")
     except Interrupted as exc:
         err.print(f"[yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(143)
     except KDForgeError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors when not in standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def write_report(run_dir: Path) -> Path:
                 evals[phase] = [r for r in records if r.get("phase") == phase and "eval" in r]
     summary = report["summary"]
     figures = [
-        ("Training loss per term", _data_uri(plots.loss_curves(curves)) if any(curves.values()) else None),
+        ("Training loss per term", _data_uri(plots.loss_curves(curves)) if any(any(c) for c in curves.values()) else None),
         ("Task metrics on the test split", _data_uri(plots.metric_bars(summary, "metrics", "task metrics (mean ± std over seeds)"))),
         ("Fidelity to the teacher", _data_uri(plots.metric_bars(summary, "fidelity", "fidelity (top-1 agreement, mean KL)"))),
         ("Speed and size", _data_uri(plots.speed_size(summary))),

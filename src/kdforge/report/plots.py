@@ -23,7 +23,7 @@ def _png(fig) -> bytes:
 
 def loss_curves(curves: dict[str, list[list[dict[str, Any]]]]) -> bytes:
     """One panel per phase; one line per loss term (and the total), one faint line per extra seed."""
-    phases = [p for p in ("student", "baseline") if curves.get(p)]
+    phases = [p for p in ("student", "baseline") if any(curves.get(p, []))]
     fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6), squeeze=False)
     for ax, phase in zip(axes[0], phases):
         cmap = plt.get_cmap("tab10")
