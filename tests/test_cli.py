@@ -14,7 +14,9 @@ runner = CliRunner()
 def cli(*args, cwd=None):
     """Run the real entry point in a subprocess: exit codes and stderr as a user sees them."""
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "kdforge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "kdforge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_validate_wrong_field_prints_one_line_and_exits_2(tmp_path):
@@ -76,9 +78,22 @@ def test_list_shows_every_registered_component():
 
 def test_run_with_seeds_then_report(tmp_path, digits_teacher):
     args = [
-        "run", "digits_kd", "--seeds", "0,1", "--set", f"teacher.model={digits_teacher}",
-        "--set", "output.dir=out", "--set", "training.epochs=null", "--set", "training.steps=10",
-        "--set", "evaluation.throughput_batches=1", "--set", "evaluation.throughput_repeats=1",
+        "run",
+        "digits_kd",
+        "--seeds",
+        "0,1",
+        "--set",
+        f"teacher.model={digits_teacher}",
+        "--set",
+        "output.dir=out",
+        "--set",
+        "training.epochs=null",
+        "--set",
+        "training.steps=10",
+        "--set",
+        "evaluation.throughput_batches=1",
+        "--set",
+        "evaluation.throughput_repeats=1",
     ]
     result = cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

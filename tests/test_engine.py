@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from conftest import tiny
 from kdforge.engine.checkpoint import list_checkpoints
@@ -60,14 +59,27 @@ def test_crash_then_resume_matches_an_uninterrupted_run(tmp_path, digits_teacher
     assert resumed["runs"][0]["models"]["student"]["train"]["resumed_from"] == 10
     assert metrics_of(resumed) == metrics_of(reference)
     # the metrics log has each step once, as an uninterrupted run would
-    steps = [r["step"] for r in map(json.loads, (recipe.run_dir / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "student" and "loss" in r]
+    steps = [
+        r["step"]
+        for r in map(json.loads, (recipe.run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["phase"] == "student" and "loss" in r
+    ]
     assert steps == sorted(set(steps))
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, digits_teacher):
-    common = ["training.optimizer.name=sgd", "training.optimizer.momentum=0", "training.max_grad_norm=null", "data.train_limit=64"]
+    common = [
+        "training.optimizer.name=sgd",
+        "training.optimizer.momentum=0",
+        "training.max_grad_norm=null",
+        "data.train_limit=64",
+    ]
     big = run_recipe(kd_recipe(tmp_path / "big", digits_teacher, "training.batch_size=16", *common))
-    acc = run_recipe(kd_recipe(tmp_path / "acc", digits_teacher, "training.batch_size=8", "training.gradient_accumulation=2", *common))
+    acc = run_recipe(
+        kd_recipe(
+            tmp_path / "acc", digits_teacher, "training.batch_size=8", "training.gradient_accumulation=2", *common
+        )
+    )
     for role in ("student", "baseline"):
         a, b = metrics_of(big)[role], metrics_of(acc)[role]
         assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-4)
@@ -119,16 +131,37 @@ def test_lr_schedules():
 
 def _kdforge(*args, cwd):
     env = {**os.environ, "KDFORGE_PROGRESS": "0"}
-    return subprocess.Popen([sys.executable, "-m", "kdforge", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdforge", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_process_resumes_to_the_same_metrics(tmp_path, digits_teacher, sig):
     args = [
-        "run", "digits_kd", "--set", f"teacher.model={digits_teacher}", "--set", "training.epochs=null",
-        "--set", "training.steps=1500", "--set", "training.checkpoint_every=100",
-        "--set", "evaluation.throughput_batches=1", "--set", "evaluation.throughput_repeats=1",
-        "--set", "evaluation.baseline=false", "--set", "data.train_limit=200",
+        "run",
+        "digits_kd",
+        "--set",
+        f"teacher.model={digits_teacher}",
+        "--set",
+        "training.epochs=null",
+        "--set",
+        "training.steps=1500",
+        "--set",
+        "training.checkpoint_every=100",
+        "--set",
+        "evaluation.throughput_batches=1",
+        "--set",
+        "evaluation.throughput_repeats=1",
+        "--set",
+        "evaluation.baseline=false",
+        "--set",
+        "data.train_limit=200",
     ]
     ref = _kdforge(*args, "--set", "output.dir=ref", cwd=tmp_path)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()

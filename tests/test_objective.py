@@ -17,7 +17,9 @@ def test_weighted_sum_and_each_term_reported():
     labels = torch.randint(0, 4, (6,), generator=g)
     loss, values = objective(ModelOutputs(logits=s), ModelOutputs(logits=t), {"labels": labels}, step=0)
     assert set(values) == {"cross_entropy", "hinton_kd"}
-    assert loss.item() == pytest.approx(0.25 * values["cross_entropy"].item() + 0.75 * values["hinton_kd"].item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        0.25 * values["cross_entropy"].item() + 0.75 * values["hinton_kd"].item(), rel=1e-6
+    )
     assert objective.teacher_fields == {"logits"} and objective.needs_teacher
 
 
@@ -27,7 +29,8 @@ def test_labels_only_objective_needs_no_teacher():
 
 
 @pytest.mark.parametrize(
-    "shape, step, expected", [("linear", 0, 0.0), ("linear", 50, 0.5), ("linear", 500, 1.0), ("cosine", 50, 0.5), ("constant", 70, 0.0)]
+    "shape, step, expected",
+    [("linear", 0, 0.0), ("linear", 50, 0.5), ("linear", 500, 1.0), ("cosine", 50, 0.5), ("constant", 70, 0.0)],
 )
 def test_term_schedules(shape, step, expected):
     sched = TermSchedule(shape=shape, start=0.0, end=1.0, steps=100)

@@ -42,7 +42,9 @@ def test_errors_name_the_field(override, message):
 
 
 def test_set_overrides_values_of_any_type():
-    recipe = load_recipe("digits_kd", ["training.lr=3e-4", "student.hidden=[8, 8]", "objective[1].params.temperature=2"])
+    recipe = load_recipe(
+        "digits_kd", ["training.lr=3e-4", "student.hidden=[8, 8]", "objective[1].params.temperature=2"]
+    )
     assert recipe.training.lr == 3e-4
     assert recipe.student["hidden"] == [8, 8]
     assert recipe.objective[1].params == {"temperature": 2}
@@ -67,7 +69,9 @@ def test_missing_recipe_file_lists_bundled_ones():
 
 
 def test_run_dir_and_term_names():
-    recipe = load_recipe("digits_kd", ["output.dir=/tmp/x", "objective[1].loss=cross_entropy", "objective[1].params={}"])
+    recipe = load_recipe(
+        "digits_kd", ["output.dir=/tmp/x", "objective[1].loss=cross_entropy", "objective[1].params={}"]
+    )
     assert str(recipe.run_dir) == "/tmp/x/digits-kd"
     assert recipe.term_names() == ["cross_entropy", "cross_entropy_2"]
 
@@ -80,7 +84,11 @@ yaml_values = st.recursive(
 
 
 @settings(max_examples=150, deadline=None)
-@given(doc=st.dictionaries(st.sampled_from(["name", "task", "student", "data", "objective", "training", "teacher", "x"]), yaml_values))
+@given(
+    doc=st.dictionaries(
+        st.sampled_from(["name", "task", "student", "data", "objective", "training", "teacher", "x"]), yaml_values
+    )
+)
 def test_any_mapping_gives_a_recipe_or_a_kdforge_error(doc):
     try:
         parse_recipe(doc)

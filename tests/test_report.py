@@ -20,7 +20,9 @@ def test_report_puts_teacher_student_and_baseline_side_by_side(tmp_path, digits_
     # the baseline trained on labels only: its log has no distillation term
     log = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {tuple(r["terms"]) for r in log if r["phase"] == "baseline" and "terms" in r} == {("cross_entropy",)}
-    assert {tuple(r["terms"]) for r in log if r["phase"] == "student" and "terms" in r} == {("cross_entropy", "hinton_kd")}
+    assert {tuple(r["terms"]) for r in log if r["phase"] == "student" and "terms" in r} == {
+        ("cross_entropy", "hinton_kd")
+    }
     assert any("eval" in r for r in log)
 
     html = (recipe.run_dir / "report.html").read_text()

@@ -22,6 +22,12 @@ def test_tensorboard_tracker_writes_events(tmp_path, digits_teacher):
     from conftest import tiny
     from kdforge.runner import run_recipe
 
-    recipe = tiny("digits_kd", tmp_path, f"teacher.model={digits_teacher}", "training.trackers=[tensorboard]", "evaluation.baseline=false")
+    recipe = tiny(
+        "digits_kd",
+        tmp_path,
+        f"teacher.model={digits_teacher}",
+        "training.trackers=[tensorboard]",
+        "evaluation.baseline=false",
+    )
     run_recipe(recipe)
     assert list(recipe.run_dir.rglob("events.out.tfevents.*"))

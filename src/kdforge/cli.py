@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -72,7 +72,7 @@ def run(
     recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
     set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set training.lr=3e-4"),
     resume: bool = typer.Option(False, "--resume", help="continue a stopped run from its last checkpoint"),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="repeat with these seeds, e.g. 0,1,2; report mean ± std"),
+    seeds: str | None = typer.Option(None, "--seeds", help="repeat with these seeds, e.g. 0,1,2; report mean ± std"),
 ) -> None:
     """Train the student (and the baseline), evaluate teacher, student and baseline, write the report."""
     from kdforge.recipe import load_recipe

@@ -58,7 +58,7 @@ class TrainingConfig(Strict):
     trackers: list[Literal["tensorboard", "mlflow"]] = []
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "TrainingConfig":
+    def _steps_or_epochs(self) -> TrainingConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of training.steps or training.epochs")
         return self

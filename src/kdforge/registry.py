@@ -6,7 +6,8 @@ decorating itself, so adding one never means editing an if-chain elsewhere.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from kdforge.errors import RecipeError
 

@@ -10,9 +10,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate.state import PartialState
@@ -212,7 +213,11 @@ def run_recipe(
     """Run a validated recipe; returns the report (also written to the run folder)."""
     run_dir = recipe.run_dir
     recipe_yaml = recipe.to_yaml() + (f"# seeds: {seeds}\n" if seeds else "")
-    moved = prepare_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml) if _is_main() else None
+    moved = (
+        prepare_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
+        if _is_main()
+        else None
+    )
     PartialState().wait_for_everyone()
 
     seeds = seeds or [recipe.training.seed]

@@ -106,7 +106,9 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an unsafe or corrupt file: refuse, never unpickle
-        raise CheckpointError(f"{path}: cannot be loaded safely ({exc.__class__.__name__}); delete this checkpoint") from None
+        raise CheckpointError(
+            f"{path}: cannot be loaded safely ({exc.__class__.__name__}); delete this checkpoint"
+        ) from None
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:

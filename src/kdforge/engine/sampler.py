@@ -6,7 +6,7 @@ seen, so a resumed run sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -181,7 +182,9 @@ def train(
     with _sigterm_flag() as flag, _progress(main and progress_enabled()) as progress:
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
         while state.step < total:
-            batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+            batches = (
+                accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+            )
             # Accelerate's loaders re-seed the sampler from their own count of passes made in
             # this process; a resumed process must start that count at the saved epoch.
             batches.set_epoch(state.epoch)
@@ -231,7 +234,13 @@ def train(
                     log.write(record)
                     history.append(record)
                     if cfg.trackers:
-                        accelerator.log({f"{phase}/loss": record["loss"], **{f"{phase}/{k}": v for k, v in record["terms"].items()}}, step=state.step)
+                        accelerator.log(
+                            {
+                                f"{phase}/loss": record["loss"],
+                                **{f"{phase}/{k}": v for k, v in record["terms"].items()},
+                            },
+                            step=state.step,
+                        )
                     interval_loss, interval_terms, interval_count = 0.0, {}, 0
                 if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
                     model.eval()
@@ -254,7 +263,9 @@ def train(
     if cfg.trackers:
         accelerator.end_training()
     model.eval()
-    return TrainResult(steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from, history=history)
+    return TrainResult(
+        steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from, history=history
+    )
 
 
 def find_resume_point(run_dir: Path, phase: str) -> Path | None:

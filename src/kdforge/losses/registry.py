@@ -10,8 +10,9 @@ what to pass without knowing the loss.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from kdforge.registry import Registry
 
@@ -29,9 +30,7 @@ class LossSpec:
         """Keyword parameters a recipe may set in ``params``."""
         sig = inspect.signature(self.fn)
         return {
-            p.name
-            for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "mask"
+            p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "mask"
         }
 
 

@@ -40,7 +40,7 @@ class MLPClassifier(nn.Module):
         self.head = nn.Linear(sizes[-1], num_classes)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "MLPClassifier":
+    def from_config(cls, config: dict[str, Any]) -> MLPClassifier:
         kwargs = dict(config)
         return cls(kwargs.pop("in_features"), kwargs.pop("hidden"), kwargs.pop("num_classes"), **kwargs)
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from kdforge.errors import ModelRefError
 
@@ -100,7 +101,9 @@ def resolve_model_ref(ref: str, *, field: str = "model") -> ModelLocation:
         raise ModelRefError(f"{field}: {ref} is a file; point at the model's folder (or a .gguf file)")
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
     if looks_local or not _HUB_ID.match(ref):
-        raise ModelRefError(f"{field}: folder {ref} does not exist; check the path (relative paths start where kdforge runs)")
+        raise ModelRefError(
+            f"{field}: folder {ref} does not exist; check the path (relative paths start where kdforge runs)"
+        )
     return ModelLocation(ref=ref, kind="hub", hub_id=ref)
 
 

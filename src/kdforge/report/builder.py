@@ -49,7 +49,7 @@ def aggregate(recipe: Recipe, runs: list[dict[str, Any]], primary: str, higher_i
     report: dict[str, Any] = {
         "format": 1,
         "kdforge_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "name": recipe.name,
         "task": recipe.task,
         "teacher": recipe.teacher.model if recipe.teacher else None,
@@ -66,7 +66,9 @@ def aggregate(recipe: Recipe, runs: list[dict[str, Any]], primary: str, higher_i
     }
     if "student" in summary and "baseline" in summary:
         sign = 1.0 if higher_is_better else -1.0
-        deltas = [r["models"]["student"]["metrics"][primary] - r["models"]["baseline"]["metrics"][primary] for r in runs]
+        deltas = [
+            r["models"]["student"]["metrics"][primary] - r["models"]["baseline"]["metrics"][primary] for r in runs
+        ]
         report["comparison"] = {
             "metric": primary,
             "student_minus_baseline": stats(deltas),

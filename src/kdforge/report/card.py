@@ -38,10 +38,15 @@ def render(recipe: Recipe, models: dict[str, Any], *, role: str) -> str:
     lines.append("|---" * (len(metric_names) + 2) + "|")
     for r in roles:
         m = models[r]
-        lines.append(f"| {r} | " + " | ".join(_fmt(m["metrics"].get(k)) for k in metric_names) + f" | {m['params']:,} |")
+        lines.append(
+            f"| {r} | " + " | ".join(_fmt(m["metrics"].get(k)) for k in metric_names) + f" | {m['params']:,} |"
+        )
     if "fidelity" in models[role]:
         fid = models[role]["fidelity"]
-        lines += ["", f"Fidelity to the teacher: top-1 agreement {fid['top1_agreement']:.4f}, mean KL {fid['mean_kl']:.4f}."]
+        lines += [
+            "",
+            f"Fidelity to the teacher: top-1 agreement {fid['top1_agreement']:.4f}, mean KL {fid['mean_kl']:.4f}.",
+        ]
     lines += ["", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     lines += [
         "## Load",

@@ -52,14 +52,28 @@ def write_report(run_dir: Path) -> Path:
                 evals[phase] = [r for r in records if r.get("phase") == phase and "eval" in r]
     summary = report["summary"]
     figures = [
-        ("Training loss per term", _data_uri(plots.loss_curves(curves)) if any(any(c) for c in curves.values()) else None),
-        ("Task metrics on the test split", _data_uri(plots.metric_bars(summary, "metrics", "task metrics (mean ± std over seeds)"))),
-        ("Fidelity to the teacher", _data_uri(plots.metric_bars(summary, "fidelity", "fidelity (top-1 agreement, mean KL)"))),
+        (
+            "Training loss per term",
+            _data_uri(plots.loss_curves(curves)) if any(any(c) for c in curves.values()) else None,
+        ),
+        (
+            "Task metrics on the test split",
+            _data_uri(plots.metric_bars(summary, "metrics", "task metrics (mean ± std over seeds)")),
+        ),
+        (
+            "Fidelity to the teacher",
+            _data_uri(plots.metric_bars(summary, "fidelity", "fidelity (top-1 agreement, mean KL)")),
+        ),
         ("Speed and size", _data_uri(plots.speed_size(summary))),
         ("Periodic evaluation (first seed)", _data_uri(plots.eval_curves(evals))),
     ]
     if "comparison" in report and len(report["runs"]) > 1:
-        figures.append(("Distilled student vs baseline, per seed", _data_uri(plots.seed_pairs(report["runs"], report["primary_metric"]))))
+        figures.append(
+            (
+                "Distilled student vs baseline, per seed",
+                _data_uri(plots.seed_pairs(report["runs"], report["primary_metric"])),
+            )
+        )
     env = Environment(loader=PackageLoader("kdforge", "report/templates"), autoescape=select_autoescape())
     env.filters["fmt"] = _fmt
     html = env.get_template("report.html").render(

@@ -35,7 +35,9 @@ def loss_curves(curves: dict[str, list[list[dict[str, Any]]]]) -> bytes:
             for i, name in enumerate(names):
                 values = [r["loss"] if name == "loss" else r["terms"].get(name) for r in records]
                 label = ("total" if name == "loss" else name) if s == 0 else None
-                ax.plot(steps, values, color=cmap(i), alpha=1.0 if s == 0 else 0.3, lw=1.6 if s == 0 else 0.8, label=label)
+                ax.plot(
+                    steps, values, color=cmap(i), alpha=1.0 if s == 0 else 0.3, lw=1.6 if s == 0 else 0.8, label=label
+                )
         ax.set_title(f"{phase}: training loss per term")
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
@@ -57,7 +59,13 @@ def metric_bars(summary: dict[str, Any], section: str, title: str) -> bytes | No
         xs = [i + (j - (len(roles) - 1) / 2) * width for i in range(len(names))]
         bars = ax.bar(xs, means, width, yerr=stds, capsize=3, color=COLORS[role], label=role)
         for bar, mean in zip(bars, means):
-            ax.annotate(f"{mean:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                f"{mean:.3f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.set_xticks(range(len(names)), names)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -71,7 +79,11 @@ def speed_size(summary: dict[str, Any]) -> bytes:
     panels = [
         ("parameters", [summary[r]["params"] for r in roles], None),
         ("size on disk (KiB)", [summary[r]["size_bytes"] / 1024 for r in roles], None),
-        ("throughput (examples/s)", [summary[r]["throughput"]["mean"] for r in roles], [summary[r]["throughput"]["std"] for r in roles]),
+        (
+            "throughput (examples/s)",
+            [summary[r]["throughput"]["mean"] for r in roles],
+            [summary[r]["throughput"]["std"] for r in roles],
+        ),
     ]
     for ax, (title, values, err) in zip(axes, panels):
         ax.bar(roles, values, yerr=err, capsize=3, color=[COLORS[r] for r in roles])
@@ -109,8 +121,14 @@ def eval_curves(evals: dict[str, list[dict[str, Any]]]) -> bytes | None:
     for ax, name in zip(axes[0], names):
         for phase in phases:
             recs = [r for r in evals[phase] if name in r["eval"]]
-            ax.plot([r["step"] for r in recs], [r["eval"][name] for r in recs], marker="o", ms=3,
-                    color=COLORS.get(phase, None), label=phase)
+            ax.plot(
+                [r["step"] for r in recs],
+                [r["eval"][name] for r in recs],
+                marker="o",
+                ms=3,
+                color=COLORS.get(phase, None),
+                label=phase,
+            )
         ax.set_title(name)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)

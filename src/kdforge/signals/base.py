@@ -8,7 +8,8 @@ the recipe (``teacher.signal``) and registered here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kdforge.outputs import ModelOutputs
 from kdforge.registry import Registry
