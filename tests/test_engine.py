@@ -187,3 +187,9 @@ def test_killed_process_resumes_to_the_same_metrics(tmp_path, digits_teacher, si
     b = json.loads((tmp_path / "killed" / "digits-kd" / "report.json").read_text())
     assert b["runs"][0]["models"]["student"]["train"]["resumed_from"] > 0
     assert metrics_of(a) == metrics_of(b)
+
+
+def test_bf16_training_with_a_bfloat16_teacher(tmp_path, digits_teacher):
+    recipe = kd_recipe(tmp_path, digits_teacher, "training.precision=bf16", "teacher.dtype=bfloat16")
+    report = run_recipe(recipe)
+    assert report["summary"]["student"]["metrics"]["accuracy"]["mean"] > 0

@@ -24,5 +24,5 @@ def test_online_teacher_is_frozen_and_fills_the_fields():
 def test_online_teacher_in_its_own_dtype_returns_to_the_batch_device():
     model = MLPClassifier(8, [16], 3)
     signal = OnlineTeacher(model, adapter, device="cpu", dtype="bfloat16")
-    out = signal.outputs({"inputs": torch.randn(4, 8).bfloat16()}, frozenset({"logits"}))
+    out = signal.outputs({"inputs": torch.randn(4, 8)}, frozenset({"logits"}))
     assert out.logits.dtype == torch.bfloat16 and out.logits.device.type == "cpu"

@@ -11,13 +11,16 @@ from kdforge.signals.base import SIGNALS, Adapter, Batch, TeacherSignal
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _to(value, device: torch.device):
+def _to(value, device: torch.device, dtype: torch.dtype | None = None):
+    """Move tensors to ``device``; cast floating ones to ``dtype`` (ids and masks keep theirs)."""
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(_to(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, dtype) for k, v in value.items()}
     return value
 
 
@@ -30,9 +33,10 @@ class OnlineTeacher(TeacherSignal):
 
     def __init__(self, model: nn.Module, adapter: Adapter, *, device: str | None = None, dtype: str | None = None):
         self.device = torch.device(device) if device else None
+        self.dtype = DTYPES[dtype] if dtype else None
         self.model = model.eval()
-        if dtype:
-            self.model = self.model.to(DTYPES[dtype])
+        if self.dtype:
+            self.model = self.model.to(self.dtype)
         if self.device is not None:
             self.model = self.model.to(self.device)
         for p in self.model.parameters():
@@ -43,8 +47,8 @@ class OnlineTeacher(TeacherSignal):
     def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
         home = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
         device = self.device or next(self.model.parameters()).device
-        if device != home:
-            batch = _to(batch, device)
+        if device != home or self.dtype is not None:
+            batch = _to(batch, device, self.dtype)
         out = self.adapter(self.model, batch, fields)
         if device == home:
             return out

@@ -125,21 +125,22 @@ class ClassificationTask(Task):
             )
 
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        weight = next(model.parameters())
+        inputs = batch["inputs"].to(device=weight.device, dtype=weight.dtype)
         if "hidden_states" in fields:
-            logits, hidden = model(batch["inputs"], output_hidden_states=True)
+            logits, hidden = model(inputs, output_hidden_states=True)
             return ModelOutputs(logits=logits if "logits" in fields else None, hidden_states=hidden)
-        return ModelOutputs(logits=model(batch["inputs"]))
+        return ModelOutputs(logits=model(inputs))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
         model.eval()
-        device = next(model.parameters()).device
         logits = []
         labels = []
-        for start in range(0, len(dataset), self.recipe.evaluation.batch_size):
-            items = [dataset[i] for i in range(start, min(start + self.recipe.evaluation.batch_size, len(dataset)))]
-            batch = self.collate(items)
-            logits.append(model(batch["inputs"].to(device)).float().cpu())
+        size = self.recipe.evaluation.batch_size
+        for start in range(0, len(dataset), size):
+            batch = self.collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+            logits.append(self.adapter(model, batch, frozenset({"logits"})).logits.float().cpu())
             labels.append(batch["labels"])
         all_logits = torch.cat(logits)
         y_true = torch.cat(labels).numpy()
