@@ -25,6 +25,7 @@ from kdforge.engine.metrics_log import read_metrics
 from kdforge.engine.trainer import total_optimizer_steps, train
 from kdforge.errors import RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
+from kdforge.fsutil import atomic_write_text
 from kdforge.objective import Objective
 from kdforge.recipe import Recipe, parse_recipe
 from kdforge.report import card as model_card
@@ -66,7 +67,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml
             shutil.rmtree(moved)
         run_dir.rename(moved)  # deleted only once the new run has finished
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(recipe_yaml)
+    atomic_write_text(saved, recipe_yaml)
     return moved
 
 
@@ -239,7 +240,7 @@ def run_recipe(
 
     report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
     if _is_main():
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
         write_report(run_dir)
         if moved is not None:
             shutil.rmtree(moved, ignore_errors=True)
@@ -250,7 +251,7 @@ def write_cards(task: Task, seed_dir: Path, result: dict[str, Any]) -> None:
     for role, folder in (("student", MODEL_DIR), ("baseline", BASELINE_DIR)):
         if role in result["models"] and (seed_dir / folder).exists():
             text = model_card.render(task.recipe, result["models"], role=role)
-            (seed_dir / folder / "README.md").write_text(text)
+            atomic_write_text(seed_dir / folder / "README.md", text)
 
 
 __all__ = ["run_recipe", "prepare_run_dir", "list_checkpoints"]

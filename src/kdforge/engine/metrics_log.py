@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdforge.fsutil import atomic_write_text
+
 
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
@@ -17,9 +19,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("phase") != phase or r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -12,6 +12,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from kdforge.engine.metrics_log import read_metrics
 from kdforge.errors import RunDirError
+from kdforge.fsutil import atomic_write_text
 from kdforge.report import plots
 
 
@@ -83,8 +84,4 @@ def write_report(run_dir: Path) -> Path:
         figures=[(title, uri) for title, uri in figures if uri],
         recipe_yaml=yaml.safe_dump(report["recipe"], sort_keys=False),
     )
-    out = run_dir / "report.html"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write_text(run_dir / "report.html", html)
