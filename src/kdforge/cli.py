@@ -62,7 +62,7 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
         c = report["comparison"]
         out.print(
             f"student − baseline ({c['metric']}): {fmt(c['student_minus_baseline'])};"
-            f" better in {c['student_better_in']} of {c['runs']} seeds"
+            f" better in {c['student_better_in']} of {c['runs']} seeds, tied in {c['ties']}"
         )
     out.print(f"report: {run_dir / 'report.html'}")
 

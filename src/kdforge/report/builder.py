@@ -73,6 +73,7 @@ def aggregate(recipe: Recipe, runs: list[dict[str, Any]], primary: str, higher_i
             "metric": primary,
             "student_minus_baseline": stats(deltas),
             "student_better_in": sum(1 for d in deltas if sign * d > 0),
+            "ties": sum(1 for d in deltas if d == 0),
             "runs": len(deltas),
         }
     return report
