@@ -20,7 +20,6 @@ from accelerate.state import PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from kdforge.engine.checkpoint import list_checkpoints
 from kdforge.engine.metrics_log import read_metrics
 from kdforge.engine.trainer import total_optimizer_steps, train
 from kdforge.errors import RunDirError
@@ -250,8 +249,5 @@ def run_recipe(
 def write_cards(task: Task, seed_dir: Path, result: dict[str, Any]) -> None:
     for role, folder in (("student", MODEL_DIR), ("baseline", BASELINE_DIR)):
         if role in result["models"] and (seed_dir / folder).exists():
-            text = model_card.render(task.recipe, result["models"], role=role)
+            text = model_card.render(task.recipe, result["models"], role=role, load_hint=task.load_hint)
             atomic_write_text(seed_dir / folder / "README.md", text)
-
-
-__all__ = ["run_recipe", "prepare_run_dir", "list_checkpoints"]

@@ -13,7 +13,7 @@ import math
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpo
 from kdforge.engine.metrics_log import MetricsLog
 from kdforge.engine.optim import build_lr_scheduler, build_optimizer
 from kdforge.engine.sampler import EpochShuffleSampler
-from kdforge.errors import CheckpointError, Interrupted, KDForgeError
+from kdforge.errors import Interrupted, KDForgeError
 from kdforge.recipe import TrainingConfig
 from kdforge.settings import progress_enabled
 
@@ -43,7 +43,6 @@ class TrainResult:
     final_loss: float
     final_terms: dict[str, float]
     resumed_from: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_accelerator(cfg: TrainingConfig, project_dir: Path) -> Accelerator:
@@ -177,7 +176,6 @@ def train(
     interval_loss, interval_terms, interval_count = state.extra.get("log_interval", [0.0, {}, 0])
     step_loss, step_terms, step_micro = 0.0, {}, 0
     last_loss, last_terms = float("nan"), {}
-    history: list[dict[str, Any]] = []
     model.train()
     with _sigterm_flag() as flag, _progress(main and progress_enabled()) as progress:
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
@@ -232,7 +230,6 @@ def train(
                         "terms": {k: v / interval_count for k, v in interval_terms.items()},
                     }
                     log.write(record)
-                    history.append(record)
                     if cfg.trackers:
                         accelerator.log(
                             {
@@ -263,14 +260,4 @@ def train(
     if cfg.trackers:
         accelerator.end_training()
     model.eval()
-    return TrainResult(
-        steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from, history=history
-    )
-
-
-def find_resume_point(run_dir: Path, phase: str) -> Path | None:
-    ckpts = list_checkpoints(run_dir / "checkpoints" / phase)
-    return ckpts[-1] if ckpts else None
-
-
-__all__ = ["train", "TrainResult", "find_resume_point", "CheckpointError"]
+    return TrainResult(steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from)

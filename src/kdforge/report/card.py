@@ -11,7 +11,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def render(recipe: Recipe, models: dict[str, Any], *, role: str) -> str:
+def render(recipe: Recipe, models: dict[str, Any], *, role: str, load_hint: str) -> str:
     teacher = recipe.teacher.model if recipe.teacher else None
     what = "no-distillation baseline (labels only)" if role == "baseline" else "student"
     lines = [
@@ -52,8 +52,7 @@ def render(recipe: Recipe, models: dict[str, Any], *, role: str) -> str:
         "## Load",
         "",
         "```python",
-        "from kdforge.models.store import load_kdforge_model",
-        "model = load_kdforge_model('path/to/this/folder')",
+        load_hint.format(folder="path/to/this/folder"),
         "```",
         "",
     ]

@@ -48,6 +48,8 @@ class Task(ABC):
     #: metric that decides "better" in reports, and whether higher is better
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
+    #: Python that loads a saved model, for its model card ("{folder}" is filled in)
+    load_hint: ClassVar[str]
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

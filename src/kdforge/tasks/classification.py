@@ -52,6 +52,7 @@ class ClassificationTask(Task):
     data_schema = FeatureData
     output_fields = ("logits", "hidden_states")
     primary_metric = "accuracy"
+    load_hint = "from kdforge.models.store import load_kdforge_model\nmodel = load_kdforge_model({folder!r})"
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
