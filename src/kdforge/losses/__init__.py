@@ -1,7 +1,16 @@
-"""Pure loss functions and their registry (see DESIGN.md, "Loss contract")."""
+"""Pure loss functions and their registry (see DESIGN.md, "Loss contract").
 
-from kdforge.losses import logits as _logits  # noqa: F401  (registers the losses)
+Every module in this package registers its losses when imported; importing the
+package imports them all, so adding a loss family is adding one file.
+"""
+
+import importlib
+import pkgutil
+
 from kdforge.losses.logits import cross_entropy, forward_kl, hinton_kd
 from kdforge.losses.registry import LOSSES, LossSpec, register_loss
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["LOSSES", "LossSpec", "register_loss", "cross_entropy", "forward_kl", "hinton_kd"]

@@ -4,7 +4,8 @@ Every loss follows one contract (DESIGN.md):
 ``fn(student, teacher, *, mask=None, temperature=1.0, **params) -> scalar tensor``.
 ``target`` says what the second argument is: the teacher's output of the same
 field (``"teacher"``) or the batch's labels (``"labels"``), so the objective knows
-what to pass without knowing the loss.
+what to pass without knowing the loss. A teacher loss that also needs the labels
+(decoupled KD) sets ``needs_labels`` and receives them as ``labels=``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class LossSpec:
     fn: LossFn
     target: Literal["teacher", "labels"]
     summary: str
+    needs_labels: bool = False
 
     def param_names(self) -> set[str]:
         """Keyword parameters a recipe may set in ``params``."""
