@@ -90,8 +90,9 @@ class Objective:
             else:
                 assert teacher is not None, "the engine runs the teacher when a term needs it"
                 target = teacher.get(term.field)
+            extra = {"labels": batch["labels"]} if bound.spec.needs_labels else {}
             try:
-                value = bound.spec.fn(student.get(term.field), target, mask=mask, **term.params)
+                value = bound.spec.fn(student.get(term.field), target, mask=mask, **extra, **term.params)
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"objective[{bound.index}] ({term.loss}): {exc}") from None
             values[bound.name] = value.detach()

@@ -32,19 +32,21 @@ class LossSpec:
         """Keyword parameters a recipe may set in ``params``."""
         sig = inspect.signature(self.fn)
         return {
-            p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "mask"
+            p.name
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("mask", "labels")
         }
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
 
 
-def register_loss(name: str, *, target: Literal["teacher", "labels"] = "teacher"):
+def register_loss(name: str, *, target: Literal["teacher", "labels"] = "teacher", needs_labels: bool = False):
     """Register ``fn`` under ``name``; its docstring's first line is its summary."""
 
     def decorate(fn: LossFn) -> LossFn:
         summary = (inspect.getdoc(fn) or "").strip().splitlines()[0] if fn.__doc__ else name
-        LOSSES.add(name, LossSpec(name=name, fn=fn, target=target, summary=summary))
+        LOSSES.add(name, LossSpec(name=name, fn=fn, target=target, summary=summary, needs_labels=needs_labels))
         return fn
 
     return decorate
