@@ -8,13 +8,14 @@ outputs; it only routes fields (and labels, for label losses) to loss functions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kdforge.errors import RecipeError
 from kdforge.losses import LOSSES, LossSpec
+from kdforge.losses.registry import TermState
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import ObjectiveTerm, TermSchedule
 
@@ -32,12 +33,42 @@ def schedule_factor(schedule: TermSchedule | None, step: int, total_steps: int) 
     return schedule.start + (schedule.end - schedule.start) * progress
 
 
-@dataclass(frozen=True)
+@dataclass
 class BoundTerm:
+    """A recipe term tied to its loss, its own parameters and, if the loss has one, its state."""
+
     name: str
     index: int
     spec: LossSpec
     term: ObjectiveTerm
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    state: TermState | None = None
+    # the optimizer step whose loss values are being summed, and that sum, for state.update
+    pending_step: int | None = None
+    pending: list[float] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, name: str, index: int, term: ObjectiveTerm, total_steps: int) -> BoundTerm:
+        spec = LOSSES.get(term.loss, field=f"objective[{index}].loss")
+        state_keys = spec.state_param_names()
+        state = None
+        if spec.state is not None:
+            try:
+                state = spec.state(total_steps=total_steps, **{k: v for k, v in term.params.items() if k in state_keys})
+            except (ValueError, TypeError) as exc:
+                raise RecipeError(f"objective[{index}].params: {exc}") from None
+        params = {k: v for k, v in term.params.items() if k not in state_keys}
+        return cls(name, index, spec, term, params, state)
+
+    def observe(self, step: int, value: float) -> None:
+        """Feed the state one mean loss per optimizer step, once that step is over."""
+        if self.state is None:
+            return
+        if self.pending_step is not None and step != self.pending_step and self.pending:
+            self.state.update(sum(self.pending) / len(self.pending))
+            self.pending = []
+        self.pending_step = step
+        self.pending.append(value)
 
 
 class Objective:
@@ -47,10 +78,7 @@ class Objective:
         if not terms:
             raise RecipeError("objective: needs at least one term")
         names = names or [t.name or t.loss for t in terms]
-        self.terms = [
-            BoundTerm(name, i, LOSSES.get(t.loss, field=f"objective[{i}].loss"), t)
-            for i, (name, t) in enumerate(zip(names, terms))
-        ]
+        self.terms = [BoundTerm.build(name, i, t, total_steps) for i, (name, t) in enumerate(zip(names, terms))]
         self.total_steps = total_steps
 
     @property
@@ -91,19 +119,38 @@ class Objective:
                 assert teacher is not None, "the engine runs the teacher when a term needs it"
                 target = teacher.get(term.field)
             extra = {"labels": batch["labels"]} if bound.spec.needs_labels else {}
+            if bound.state is not None:
+                extra.update(bound.state.loss_params())
             try:
-                value = bound.spec.fn(student.get(term.field), target, mask=mask, **extra, **term.params)
+                value = bound.spec.fn(student.get(term.field), target, mask=mask, **extra, **bound.loss_params)
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"objective[{bound.index}] ({term.loss}): {exc}") from None
             values[bound.name] = value.detach()
+            bound.observe(step, float(value.detach()))
             contribution = weights[bound.name] * value
             total = contribution if total is None else total + contribution
         assert total is not None
         return total, values
 
-    # Schedules with state (TAID's t, adaptive temperatures) keep it here, so it is checkpointed.
+    def scalars(self) -> dict[str, float]:
+        """Values of the terms' states worth logging (e.g. TAID's t), by ``term/param``."""
+        out = {}
+        for t in self.terms:
+            if t.state is not None:
+                out.update({f"{t.name}/{k}": float(v) for k, v in t.state.loss_params().items()})
+        return out
+
+    # Term states (TAID's t, adaptive temperatures) are checkpointed through these.
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {
+            t.name: {"state": t.state.state_dict(), "pending_step": t.pending_step, "pending": list(t.pending)}
+            for t in self.terms
+            if t.state is not None
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        for t in self.terms:
+            if t.state is not None and t.name in state:
+                saved = state[t.name]
+                t.state.load_state_dict(saved["state"])
+                t.pending_step, t.pending = saved["pending_step"], list(saved["pending"])

@@ -4,16 +4,30 @@ Shapes: logits are ``[B, C]`` (classification) or ``[B, L, V]`` (sequences);
 ``mask`` is ``[B]`` or ``[B, L]`` booleans, True where a position counts. Each
 divergence sums over the last axis per position, then averages over the counted
 positions of the whole batch (not a mean of per-sequence means). Arithmetic is in
-float32 whatever the input dtype, and ``-inf`` logits (a masked vocabulary) never
-produce NaN.
+float32 whatever the input dtype (float64 inputs stay float64, for references),
+and ``-inf`` logits (a masked vocabulary) never produce NaN.
+
+Large vocabularies: positions are processed in chunks of about ``CHUNK_ELEMENTS``
+logits, each under activation checkpointing, so that the float32 copies, softmaxes
+and their gradients exist for one chunk at a time instead of for the whole
+``[B, L, V]`` tensor (the backward pass recomputes each chunk's forward).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kdforge.losses.registry import register_loss
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision inputs; float64 stays float64 (references, gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -33,6 +47,64 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ;"
             " nothing is broadcast"
         )
+
+
+#: logits per chunk (64 MiB in float32); inputs up to this size are not chunked
+CHUNK_ELEMENTS = 1 << 24
+
+#: ``(log_q_student, log_p_teacher) -> per-position value`` over the last axis
+PositionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_position(student: torch.Tensor, teacher: torch.Tensor, fn: PositionFn, temperature: float) -> torch.Tensor:
+    """``fn`` of the float32 log-softmaxes at ``temperature``, per position, chunk by chunk."""
+
+    def run(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(_upcast(s) / temperature, dim=-1)
+        log_p = F.log_softmax(_upcast(t) / temperature, dim=-1)
+        return fn(log_q, log_p)
+
+    vocab = student.shape[-1]
+    positions = student.shape[:-1]
+    flat_s, flat_t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    if flat_s.shape[0] <= rows:
+        return run(flat_s, flat_t).reshape(positions)
+    grad = torch.is_grad_enabled() and (flat_s.requires_grad or flat_t.requires_grad)
+    pieces = []
+    for start in range(0, flat_s.shape[0], rows):
+        s, t = flat_s[start : start + rows], flat_t[start : start + rows]
+        pieces.append(checkpoint(run, s, t, use_reentrant=False) if grad else run(s, t))
+    return torch.cat(pieces).reshape(positions)
+
+
+def _divergence(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    fn: PositionFn,
+    *,
+    temperature: float,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The shared reduction: per-position ``fn``, masked mean over positions, times T^2."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_pair(student, teacher)
+    return _masked_mean(_per_position(student, teacher, fn, temperature), mask) * temperature**2
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w*a + (1-w)*b) from log a and log b, stable in log space; w in [0, 1]."""
+    if weight_a <= 0:
+        return log_b
+    if weight_a >= 1:
+        return log_a
+    # where both sides are -inf (a masked vocabulary entry) logaddexp's gradient is NaN;
+    # those entries are set aside and come back as -inf with no gradient
+    both = torch.isneginf(log_a) & torch.isneginf(log_b)
+    log_a, log_b = log_a.masked_fill(both, 0.0), log_b.masked_fill(both, 0.0)
+    mixed = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    return mixed.masked_fill(both, -math.inf)
 
 
 def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -66,12 +138,7 @@ def forward_kl(
     Returns:
         Scalar: per-position KL summed over classes, averaged over counted positions.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_pair(student, teacher)
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return _masked_mean(_kl_per_position(log_p, log_q), mask) * temperature**2
+    return _divergence(student, teacher, lambda lq, lp: _kl_per_position(lp, lq), temperature=temperature, mask=mask)
 
 
 @register_loss("hinton_kd")
@@ -91,6 +158,190 @@ def hinton_kd(
     Args / returns: as :func:`forward_kl`.
     """
     return forward_kl(student, teacher, temperature=temperature, mask=mask)
+
+
+@register_loss("reverse_kl")
+def reverse_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reverse KL(q_student || p_teacher) at temperature T, times T^2.
+
+    Mode-seeking: the student puts its mass where the teacher is confident and may
+    ignore minor modes (token-level form of MiniLLM's objective, Gu et al. 2024).
+    Shapes, mask and reduction as :func:`forward_kl`.
+    """
+    return _divergence(student, teacher, lambda lq, lp: _kl_per_position(lq, lp), temperature=temperature, mask=mask)
+
+
+@register_loss("generalized_jsd")
+def generalized_jsd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD: beta*KL(p||M) + (1-beta)*KL(q||M), times T^2.
+
+    M = beta*p_teacher + (1-beta)*q_student, computed in log space (Agarwal et al.
+    2024, "On-Policy Distillation of Language Models"; the convention of TRL's
+    GKD trainer). It interpolates between forward-KL-like (small beta) and
+    reverse-KL-like (large beta) behaviour, but JSD_beta -> 0 as beta -> 0 (it is
+    about beta*KL(p||q)), so the end points are not the KLs themselves: use
+    :func:`forward_kl` or :func:`reverse_kl` for those.
+
+    Args:
+        beta: 0 < beta < 1.
+        Others as :func:`forward_kl`.
+    """
+    if not 0 < beta < 1:
+        raise ValueError(
+            f"beta must be strictly between 0 and 1, got {beta}; for beta = 0 use forward_kl, for beta = 1 reverse_kl"
+        )
+
+    def jsd(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        log_m = _log_mixture(log_p, log_q, beta)
+        return beta * _kl_per_position(log_p, log_m) + (1 - beta) * _kl_per_position(log_q, log_m)
+
+    return _divergence(student, teacher, jsd, temperature=temperature, mask=mask)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+
+
+@register_loss("skew_kl")
+def skew_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Skew KL of DistiLLM: KL(p_teacher || alpha*p_teacher + (1-alpha)*q_student), times T^2.
+
+    Mixing some teacher into the student's side keeps the divergence finite and its
+    gradients bounded where the student gives a token almost no mass (Ko et al.
+    2024, "DistiLLM"). alpha = 0 is the forward KL. DistiLLM's code drops the
+    constant H(p); this is the true KL (same gradient). Shapes as :func:`forward_kl`.
+    """
+    _check_alpha(alpha)
+    return _divergence(
+        student,
+        teacher,
+        lambda lq, lp: _kl_per_position(lp, _log_mixture(lp, lq, alpha)),
+        temperature=temperature,
+        mask=mask,
+    )
+
+
+@register_loss("skew_reverse_kl")
+def skew_reverse_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Skew reverse KL of DistiLLM: KL(q_student || (1-alpha)*p_teacher + alpha*q_student), times T^2.
+
+    alpha = 0 is the reverse KL (Ko et al. 2024). Shapes as :func:`forward_kl`.
+    """
+    _check_alpha(alpha)
+    return _divergence(
+        student,
+        teacher,
+        lambda lq, lp: _kl_per_position(lq, _log_mixture(lq, lp, alpha)),
+        temperature=temperature,
+        mask=mask,
+    )
+
+
+@register_loss("total_variation")
+def total_variation(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Total variation distance 0.5 * sum |p_teacher - q_student|, times T^2.
+
+    Bounded in [0, 1] per position (before T^2); its gradient does not vanish
+    where the student is confidently wrong. Shapes as :func:`forward_kl`.
+    """
+    return _divergence(
+        student,
+        teacher,
+        lambda lq, lp: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1),
+        temperature=temperature,
+        mask=mask,
+    )
+
+
+@register_loss("dkd", needs_labels=True)
+def dkd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Decoupled KD: alpha*TCKD + beta*NCKD, each times T^2 (Zhao et al. 2022, mdistiller's convention).
+
+    KL(p||q) = TCKD + (1 - p_gt) * NCKD, where TCKD is the KL between the binary
+    distributions [p_gt, 1 - p_gt] of teacher and student, and NCKD the KL between
+    their distributions renormalised over the non-target classes. DKD weighs the two
+    separately, removing the (1 - p_gt) coupling that suppresses NCKD when the
+    teacher is confident.
+
+    Args:
+        student, teacher: logits ``[B, C]`` or ``[B, L, V]``.
+        labels: ``[B]`` or ``[B, L]`` target classes; ``ignore_index`` does not count.
+        alpha, beta: weights of TCKD and NCKD (CIFAR-100 defaults 1 and 8).
+        temperature: T (default 4).
+        mask: optional extra ``[B]`` / ``[B, L]`` booleans, True = counted.
+
+    Returns:
+        Scalar: mean over counted positions of (alpha*TCKD + beta*NCKD) * T^2.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_pair(student, teacher)
+    if student.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(student.shape)} do not fit labels {tuple(labels.shape)}")
+    counted = labels != ignore_index
+    if mask is not None:
+        counted = counted & mask.bool()
+    target = torch.where(counted, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    gt = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, target, True)
+
+    def split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log of the binary [p_gt, 1 - p_gt] ([..., 2]) and log of the non-target distribution."""
+        scaled = _upcast(logits) / temperature
+        log_all = F.log_softmax(scaled, dim=-1)
+        log_gt = log_all.gather(-1, target)
+        log_rest = torch.logsumexp(log_all.masked_fill(gt, -math.inf), dim=-1, keepdim=True)
+        log_non_target = F.log_softmax(scaled.masked_fill(gt, -math.inf), dim=-1)
+        return torch.cat([log_gt, log_rest], dim=-1), log_non_target
+
+    log_b_s, log_nt_s = split(student)
+    log_b_t, log_nt_t = split(teacher)
+    tckd = _kl_per_position(log_b_t, log_b_s)
+    nckd = _kl_per_position(log_nt_t, log_nt_s)
+    return _masked_mean(alpha * tckd + beta * nckd, counted) * temperature**2
 
 
 @register_loss("cross_entropy", target="labels")
@@ -117,6 +368,6 @@ def cross_entropy(
     if mask is not None:
         counted = counted & mask.bool()
     safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
-    log_q = F.log_softmax(student.float(), dim=-1)
+    log_q = F.log_softmax(_upcast(student), dim=-1)
     nll = -log_q.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return _masked_mean(nll, counted)

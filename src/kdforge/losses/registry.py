@@ -13,11 +13,40 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from kdforge.registry import Registry
 
 LossFn = Callable[..., "object"]
+
+
+@runtime_checkable
+class TermState(Protocol):
+    """State a loss term carries across steps (TAID's t, an adaptive temperature).
+
+    The objective builds one per term from ``total_steps`` and the recipe params
+    that name the class's constructor arguments, passes ``loss_params()`` to the
+    loss on every call, reports each optimizer step's mean loss to ``update``, and
+    checkpoints ``state_dict()``. ``provides`` names the loss parameters it sets.
+    """
+
+    provides: tuple[str, ...]
+
+    def loss_params(self) -> dict[str, Any]: ...
+
+    def update(self, loss_value: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _keyword_params(fn: Callable, *, exclude: set[str]) -> set[str]:
+    return {
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and p.name not in exclude
+    }
 
 
 @dataclass(frozen=True)
@@ -27,26 +56,45 @@ class LossSpec:
     target: Literal["teacher", "labels"]
     summary: str
     needs_labels: bool = False
+    state: type[TermState] | None = None
 
-    def param_names(self) -> set[str]:
-        """Keyword parameters a recipe may set in ``params``."""
+    def loss_param_names(self) -> set[str]:
+        """Keyword-only parameters of the loss function a recipe may set."""
         sig = inspect.signature(self.fn)
+        provided = set(self.state.provides) if self.state else set()
         return {
             p.name
             for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("mask", "labels")
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {"mask", "labels", *provided}
         }
+
+    def state_param_names(self) -> set[str]:
+        """Constructor arguments of the term's state a recipe may set."""
+        if self.state is None:
+            return set()
+        return _keyword_params(self.state.__init__, exclude={"self", "total_steps"})
+
+    def param_names(self) -> set[str]:
+        """Every name a recipe may set in a term's ``params``."""
+        return self.loss_param_names() | self.state_param_names()
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
 
 
-def register_loss(name: str, *, target: Literal["teacher", "labels"] = "teacher", needs_labels: bool = False):
+def register_loss(
+    name: str,
+    *,
+    target: Literal["teacher", "labels"] = "teacher",
+    needs_labels: bool = False,
+    state: type[TermState] | None = None,
+):
     """Register ``fn`` under ``name``; its docstring's first line is its summary."""
 
     def decorate(fn: LossFn) -> LossFn:
         summary = (inspect.getdoc(fn) or "").strip().splitlines()[0] if fn.__doc__ else name
-        LOSSES.add(name, LossSpec(name=name, fn=fn, target=target, summary=summary, needs_labels=needs_labels))
+        spec = LossSpec(name=name, fn=fn, target=target, summary=summary, needs_labels=needs_labels, state=state)
+        LOSSES.add(name, spec)
         return fn
 
     return decorate

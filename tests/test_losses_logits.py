@@ -1,0 +1,309 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdforge.losses import LOSSES, cross_entropy, forward_kl, hinton_kd
+
+
+def reference_kl(student, teacher, temperature, mask=None):
+    """KL(p_t || q_s) from the formula, in float64, position by position."""
+    s = student.double() / temperature
+    t = teacher.double() / temperature
+    p = torch.exp(t - torch.logsumexp(t, -1, keepdim=True))
+    log_p = t - torch.logsumexp(t, -1, keepdim=True)
+    log_q = s - torch.logsumexp(s, -1, keepdim=True)
+    per = (p * (log_p - log_q)).sum(-1)
+    if mask is None:
+        return per.mean() * temperature**2
+    m = mask.double()
+    return (per * m).sum() / m.sum() * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 20.0])
+@pytest.mark.parametrize("shape", [(7, 10), (3, 5, 50)])
+def test_forward_kl_matches_float64_reference(temperature, shape):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g) * 3
+    got = forward_kl(s, t, temperature=temperature)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(reference_kl(s, t, temperature).item(), rel=1e-5, abs=1e-6)
+
+
+def test_mask_is_a_mean_over_counted_positions_of_the_whole_batch():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    got = forward_kl(s, t, mask=mask)
+    assert got.item() == pytest.approx(reference_kl(s, t, 1.0, mask).item(), rel=1e-6)
+    # not the mean of per-sequence means
+    per_seq = torch.stack([reference_kl(s[i : i + 1], t[i : i + 1], 1.0, mask[i : i + 1]) for i in range(2)]).mean()
+    assert got.item() != pytest.approx(per_seq.item(), rel=1e-3)
+
+
+def test_temperature_squared_applied_exactly_once():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    T = 4.0
+    plain = forward_kl(s / T, t / T, temperature=1.0)
+    assert forward_kl(s, t, temperature=T).item() == pytest.approx(plain.item() * T**2, rel=1e-5)
+    assert hinton_kd(s, t, temperature=T).item() == pytest.approx(forward_kl(s, t, temperature=T).item())
+
+
+def test_kl_and_soft_cross_entropy_have_the_same_gradient():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 9, generator=g, requires_grad=True)
+    t = torch.randn(4, 9, generator=g)
+    T = 3.0
+    (grad_kl,) = torch.autograd.grad(forward_kl(s, t, temperature=T), s)
+    soft_ce = -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean() * T**2
+    (grad_ce,) = torch.autograd.grad(soft_ce, s)
+    torch.testing.assert_close(grad_kl, grad_ce)
+
+
+def test_minus_inf_logits_never_give_nan():
+    s = torch.tensor([[0.0, 1.0, -math.inf], [2.0, -math.inf, -math.inf]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0, -math.inf], [0.5, -math.inf, -math.inf]])
+    value = forward_kl(s, t, temperature=2.0)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+def test_identical_logits_give_zero_and_bfloat16_inputs_compute_in_float32():
+    x = torch.randn(3, 7).bfloat16()
+    assert forward_kl(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert forward_kl(x, x).dtype == torch.float32
+
+
+def test_shape_mismatch_is_an_error_not_a_broadcast():
+    with pytest.raises(ValueError, match="nothing is broadcast"):
+        forward_kl(torch.zeros(2, 3), torch.zeros(1, 3))
+
+
+def test_cross_entropy_matches_torch_and_ignores_minus_100():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, 1] = -100
+    expected = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    assert cross_entropy(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_registry_knows_targets():
+    assert LOSSES.get("cross_entropy").target == "labels"
+    assert LOSSES.get("hinton_kd").target == "teacher"
+    assert LOSSES.get("hinton_kd").param_names() == {"temperature"}
+
+
+# ----- the divergence family -------------------------------------------------------
+
+from kdforge.losses import logits as logits_module  # noqa: E402
+from kdforge.losses.logits import (  # noqa: E402
+    dkd,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+
+
+def _probs(logits, T):
+    z = logits.double() / T
+    z = z - z.max(-1, keepdim=True).values
+    e = torch.exp(z)
+    return e / e.sum(-1, keepdim=True)
+
+
+def _kl(a, b):
+    """sum a log(a/b) with 0 log 0 = 0, float64."""
+    terms = torch.where(a > 0, a * (torch.log(a) - torch.log(b)), torch.zeros_like(a))
+    return terms.sum(-1)
+
+
+def _reduce(per, mask, T):
+    if mask is None:
+        return per.mean() * T**2
+    m = mask.double()
+    return (per * m).sum() / m.sum() * T**2
+
+
+REFERENCES = {
+    "forward_kl": lambda p, q, kw: _kl(p, q),
+    "reverse_kl": lambda p, q, kw: _kl(q, p),
+    "generalized_jsd": lambda p, q, kw: (
+        kw["beta"] * _kl(p, kw["beta"] * p + (1 - kw["beta"]) * q)
+        + (1 - kw["beta"]) * _kl(q, kw["beta"] * p + (1 - kw["beta"]) * q)
+    ),
+    "skew_kl": lambda p, q, kw: _kl(p, kw["alpha"] * p + (1 - kw["alpha"]) * q),
+    "skew_reverse_kl": lambda p, q, kw: _kl(q, (1 - kw["alpha"]) * p + kw["alpha"] * q),
+    "total_variation": lambda p, q, kw: 0.5 * (p - q).abs().sum(-1),
+}
+FUNCTIONS = {
+    "forward_kl": (forward_kl, {}),
+    "reverse_kl": (reverse_kl, {}),
+    "generalized_jsd": (generalized_jsd, {"beta": 0.3}),
+    "skew_kl": (skew_kl, {"alpha": 0.1}),
+    "skew_reverse_kl": (skew_reverse_kl, {"alpha": 0.2}),
+    "total_variation": (total_variation, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_divergences_match_float64_references(name, temperature, masked):
+    fn, kw = FUNCTIONS[name]
+    g = torch.Generator().manual_seed(10)
+    s, t = torch.randn(3, 4, 13, generator=g) * 2, torch.randn(3, 4, 13, generator=g) * 2
+    mask = (torch.rand(3, 4, generator=g) > 0.4) if masked else None
+    if mask is not None:
+        mask[0, 0] = True
+    p, q = _probs(t, temperature), _probs(s, temperature)
+    expected = _reduce(REFERENCES[name](p, q, kw), mask, temperature)
+    got = fn(s, t, temperature=temperature, mask=mask, **kw)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_divergences_bf16_inputs_compute_in_float32(name):
+    fn, kw = FUNCTIONS[name]
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(5, 9, generator=g).bfloat16(), torch.randn(5, 9, generator=g).bfloat16()
+    got = fn(s, t, **kw)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(fn(s.float(), t.float(), **kw).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_divergences_gradcheck(name):
+    fn, kw = FUNCTIONS[name]
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    torch.autograd.gradcheck(lambda x: fn(x, t, temperature=1.5, mask=mask, **kw), (s,))
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_masked_vocabulary_gives_finite_values_and_gradients(name):
+    fn, kw = FUNCTIONS[name]
+    s = torch.tensor([[0.0, 1.0, -math.inf, 2.0], [2.0, -math.inf, -math.inf, 0.5]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0, -math.inf, 0.3], [0.5, -math.inf, -math.inf, 1.5]])
+    value = fn(s, t, temperature=2.0, **kw)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+def test_limits():
+    g = torch.Generator().manual_seed(14)
+    s, t = torch.randn(6, 10, generator=g) * 2, torch.randn(6, 10, generator=g) * 2
+    fkl = forward_kl(s, t).item()
+    assert skew_kl(s, t, alpha=0.0).item() == pytest.approx(fkl, rel=1e-6)
+    assert skew_reverse_kl(s, t, alpha=0.0).item() == pytest.approx(reverse_kl(s, t).item(), rel=1e-6)
+    # JSD_beta / beta -> KL(p || q) as beta -> 0 (JSD itself -> 0)
+    ratios = [generalized_jsd(s.double(), t.double(), beta=b).item() / b for b in (1e-2, 1e-4)]
+    assert abs(ratios[1] - fkl) < abs(ratios[0] - fkl)
+    assert ratios[1] == pytest.approx(fkl, rel=1e-2)
+    with pytest.raises(ValueError, match="forward_kl"):
+        generalized_jsd(s, t, beta=0.0)
+    with pytest.raises(ValueError, match="reverse_kl"):
+        generalized_jsd(s, t, beta=1.0)
+
+
+def test_chunked_equals_unchunked_in_value_and_gradient(monkeypatch):
+    g = torch.Generator().manual_seed(15)
+    s0, t = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    results = []
+    for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions under checkpointing
+        monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
+        s = s0.clone().requires_grad_(True)
+        value = generalized_jsd(s, t, beta=0.4, temperature=2.0, mask=mask)
+        value.backward()
+        results.append((value.detach(), s.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+# ----- DKD ----------------------------------------------------------------------------
+
+
+def test_dkd_decomposes_the_kl():
+    """KL(p||q) = TCKD + (1 - p_gt) * NCKD, per example (Zhao et al. 2022, eq. 1)."""
+    g = torch.Generator().manual_seed(16)
+    for _ in range(5):
+        s, t = torch.randn(1, 8, generator=g, dtype=torch.float64), torch.randn(1, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 8, (1,), generator=g)
+        T = 3.0
+        p_gt = _probs(t, T)[0, y].item()
+        kl = forward_kl(s, t, temperature=T).item()
+        assert dkd(s, t, y, alpha=1.0, beta=1 - p_gt, temperature=T).item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_dkd_matches_a_float64_reference_and_ignores_minus_100():
+    g = torch.Generator().manual_seed(17)
+    s, t = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    y = torch.randint(0, 6, (2, 3), generator=g)
+    y[1, 2] = -100
+    T, a, b = 4.0, 1.0, 8.0
+    total, count = 0.0, 0
+    for i in range(2):
+        for j in range(3):
+            if y[i, j] == -100:
+                continue
+            ps, pt = _probs(s[i, j], T), _probs(t[i, j], T)
+            k = y[i, j].item()
+            bs, bt = torch.stack([ps[k], 1 - ps[k]]), torch.stack([pt[k], 1 - pt[k]])
+            keep = [c for c in range(6) if c != k]
+            ns, nt = ps[keep] / ps[keep].sum(), pt[keep] / pt[keep].sum()
+            total += a * _kl(bt, bs).item() + b * _kl(nt, ns).item()
+            count += 1
+    assert dkd(s, t, y, alpha=a, beta=b, temperature=T).item() == pytest.approx(total / count * T**2, rel=1e-5)
+
+
+def test_dkd_gradcheck():
+    g = torch.Generator().manual_seed(18)
+    s = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 4])
+    torch.autograd.gradcheck(lambda x: dkd(x, t, y, temperature=2.0), (s,))
+
+
+def test_dkd_in_an_objective_gets_the_labels():
+    from kdforge.objective import Objective
+    from kdforge.outputs import ModelOutputs
+    from kdforge.recipe import ObjectiveTerm
+
+    g = torch.Generator().manual_seed(19)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3])
+    objective = Objective([ObjectiveTerm(loss="dkd", params={"beta": 2.0})], total_steps=1)
+    loss, _ = objective(ModelOutputs(logits=s), ModelOutputs(logits=t), {"labels": y}, step=0)
+    assert loss.item() == pytest.approx(dkd(s, t, y, beta=2.0).item())
+
+
+# ----- oracle: TRL's generalized JSD ----------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_generalized_jsd_matches_trl(beta, temperature, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    gkd = pytest.importorskip("trl.experimental.gkd", reason="trl is a test-only dependency")
+    g = torch.Generator().manual_seed(20)
+    s, t = torch.randn(2, 5, 17, generator=g) * 2, torch.randn(2, 5, 17, generator=g) * 2
+    labels = torch.randint(0, 17, (2, 5), generator=g)
+    labels[0, :2] = -100
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=temperature)
+    mask = labels != -100
+    if beta == 0.0:
+        ours = forward_kl(s, t, temperature=temperature, mask=mask)
+    elif beta == 1.0:
+        ours = reverse_kl(s, t, temperature=temperature, mask=mask)
+    else:
+        ours = generalized_jsd(s, t, beta=beta, temperature=temperature, mask=mask)
+    # TRL applies no T^2 factor; kdforge applies it once
+    assert ours.item() / temperature**2 == pytest.approx(theirs.item(), rel=1e-5)
