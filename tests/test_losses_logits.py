@@ -307,3 +307,62 @@ def test_generalized_jsd_matches_trl(beta, temperature, monkeypatch):
         ours = generalized_jsd(s, t, beta=beta, temperature=temperature, mask=mask)
     # TRL applies no T^2 factor; kdforge applies it once
     assert ours.item() / temperature**2 == pytest.approx(theirs.item(), rel=1e-5)
+
+
+# ----- top-k teachers -----------------------------------------------------------------
+
+
+def _topk(t, k, T):
+    log_p = torch.log_softmax(t.double() / T, -1)
+    values, ids = log_p.topk(k, dim=-1)
+    return ids, values.float()
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_topk_teacher_with_k_equal_to_the_vocabulary_is_the_dense_loss(name):
+    fn, kw = FUNCTIONS[name]
+    g = torch.Generator().manual_seed(21)
+    s, t = torch.randn(2, 3, 9, generator=g), torch.randn(2, 3, 9, generator=g)
+    dense = fn(s, t, temperature=2.0, **kw)
+    assert fn(s, _topk(t, 9, 2.0), temperature=2.0, **kw).item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_topk_teacher_compares_k_plus_one_buckets(name):
+    fn, kw = FUNCTIONS[name]
+    g = torch.Generator().manual_seed(22)
+    s, t = torch.randn(4, 12, generator=g) * 2, torch.randn(4, 12, generator=g) * 2
+    T, k = 1.5, 3
+    ids, log_p = _topk(t, k, T)
+    q = _probs(s, T)
+    q_k = q.gather(-1, ids)
+    q_b = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    p_k = log_p.double().exp()
+    p_b = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+    expected = REFERENCES[name](p_b, q_b, kw).mean() * T**2
+    got = fn(s, (ids, log_p), temperature=T, **kw)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+def test_topk_teacher_chunked_and_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(23)
+    s0, t = torch.randn(3, 5, 20, generator=g), torch.randn(3, 5, 20, generator=g)
+    teacher = _topk(t, 4, 1.0)
+    results = []
+    for chunk in (1 << 24, 40):
+        monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
+        s = s0.clone().requires_grad_(True)
+        value = skew_kl(s, teacher)
+        value.backward()
+        assert torch.isfinite(s.grad).all()
+        results.append((value.detach(), s.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_topk_teacher_shape_errors():
+    s = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="top-k teacher"):
+        forward_kl(s, (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match="top-k teacher"):
+        forward_kl(s, (torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3)))

@@ -7,6 +7,13 @@ positions of the whole batch (not a mean of per-sequence means). Arithmetic is i
 float32 whatever the input dtype (float64 inputs stay float64, for references),
 and ``-inf`` logits (a masked vocabulary) never produce NaN.
 
+Top-k teachers: wherever a divergence takes ``teacher`` logits it also takes
+``(topk_ids, topk_logprobs)`` (both ``[..., k]``), as a cache stores them. Both sides
+are then compared over k + 1 buckets: the teacher's k tokens, and a tail bucket
+holding the teacher's residual mass 1 - sum(top-k) against the student's mass
+outside those tokens. The stored log-probs are taken as already at the run's
+temperature; only the student's logits are divided by it (``dkd`` needs dense logits).
+
 Large vocabularies: positions are processed in chunks of about ``CHUNK_ELEMENTS``
 logits, each under activation checkpointing, so that the float32 copies, softmaxes
 and their gradients exist for one chunk at a time instead of for the whole
@@ -41,7 +48,26 @@ def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch
     return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+#: logits per chunk (64 MiB in float32); inputs up to this size are not chunked
+CHUNK_ELEMENTS = 1 << 24
+
+#: ``(log_q_student, log_p_teacher) -> per-position value`` over the last axis
+PositionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: dense teacher logits, or a top-k teacher ``(topk_ids, topk_logprobs)``
+Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_pair(student: torch.Tensor, teacher: Teacher) -> None:
+    if isinstance(teacher, tuple):
+        ids, log_probs = teacher
+        if ids.shape != log_probs.shape or ids.shape[:-1] != student.shape[:-1] or ids.shape[-1] > student.shape[-1]:
+            raise ValueError(
+                "a top-k teacher needs ids and log-probs of the same shape [..., k] with the student's positions"
+                f" and k <= vocabulary; got ids {tuple(ids.shape)}, log-probs {tuple(log_probs.shape)},"
+                f" student {tuple(student.shape)}"
+            )
+        return
     if student.shape != teacher.shape:
         raise ValueError(
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ;"
@@ -49,38 +75,54 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
-#: logits per chunk (64 MiB in float32); inputs up to this size are not chunked
-CHUNK_ELEMENTS = 1 << 24
+def _topk_buckets(
+    log_q: torch.Tensor, ids: torch.Tensor, log_p_topk: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher as distributions over k + 1 buckets: the teacher's top-k tokens and the rest.
 
-#: ``(log_q_student, log_p_teacher) -> per-position value`` over the last axis
-PositionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    The teacher's tail bucket holds its residual mass 1 - sum(top-k) (clamped at 0,
+    since stored log-probs are rounded); the student's holds all its mass outside
+    those k tokens. Every divergence is then the same formula on the buckets.
+    """
+    log_q_topk = log_q.gather(-1, ids)
+    if ids.shape[-1] >= log_q.shape[-1]:
+        return log_q_topk, log_p_topk
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, -math.inf), dim=-1, keepdim=True)
+    log_p_tail = torch.log((1 - log_p_topk.exp().sum(-1, keepdim=True)).clamp_min(0))
+    return torch.cat([log_q_topk, log_q_tail], -1), torch.cat([log_p_topk, log_p_tail], -1)
 
 
-def _per_position(student: torch.Tensor, teacher: torch.Tensor, fn: PositionFn, temperature: float) -> torch.Tensor:
-    """``fn`` of the float32 log-softmaxes at ``temperature``, per position, chunk by chunk."""
+def _per_position(student: torch.Tensor, teacher: Teacher, fn: PositionFn, temperature: float) -> torch.Tensor:
+    """``fn`` of the log-softmaxes at ``temperature``, per position, chunk by chunk.
 
-    def run(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    A top-k teacher's log-probs are taken as already at ``temperature`` (a cache is
+    written at the run's temperature); only the student's logits are divided by it.
+    """
+
+    def run(s: torch.Tensor, *t: torch.Tensor) -> torch.Tensor:
         log_q = F.log_softmax(_upcast(s) / temperature, dim=-1)
-        log_p = F.log_softmax(_upcast(t) / temperature, dim=-1)
-        return fn(log_q, log_p)
+        if len(t) == 2:
+            return fn(*_topk_buckets(log_q, t[0], _upcast(t[1])))
+        return fn(log_q, F.log_softmax(_upcast(t[0]) / temperature, dim=-1))
 
     vocab = student.shape[-1]
     positions = student.shape[:-1]
-    flat_s, flat_t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    flat_s = student.reshape(-1, vocab)
+    flat_t = [x.reshape(-1, x.shape[-1]) for x in (teacher if isinstance(teacher, tuple) else (teacher,))]
     rows = max(1, CHUNK_ELEMENTS // vocab)
     if flat_s.shape[0] <= rows:
-        return run(flat_s, flat_t).reshape(positions)
-    grad = torch.is_grad_enabled() and (flat_s.requires_grad or flat_t.requires_grad)
+        return run(flat_s, *flat_t).reshape(positions)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (flat_s, *flat_t))
     pieces = []
     for start in range(0, flat_s.shape[0], rows):
-        s, t = flat_s[start : start + rows], flat_t[start : start + rows]
-        pieces.append(checkpoint(run, s, t, use_reentrant=False) if grad else run(s, t))
+        chunk = [x[start : start + rows] for x in (flat_s, *flat_t)]
+        pieces.append(checkpoint(run, *chunk, use_reentrant=False) if grad else run(*chunk))
     return torch.cat(pieces).reshape(positions)
 
 
 def _divergence(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     fn: PositionFn,
     *,
     temperature: float,
@@ -117,7 +159,7 @@ def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 @register_loss("forward_kl")
 def forward_kl(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -144,7 +186,7 @@ def forward_kl(
 @register_loss("hinton_kd")
 def hinton_kd(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     temperature: float = 4.0,
     mask: torch.Tensor | None = None,
@@ -163,7 +205,7 @@ def hinton_kd(
 @register_loss("reverse_kl")
 def reverse_kl(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -180,7 +222,7 @@ def reverse_kl(
 @register_loss("generalized_jsd")
 def generalized_jsd(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -219,7 +261,7 @@ def _check_alpha(alpha: float) -> None:
 @register_loss("skew_kl")
 def skew_kl(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     alpha: float = 0.1,
     temperature: float = 1.0,
@@ -245,7 +287,7 @@ def skew_kl(
 @register_loss("skew_reverse_kl")
 def skew_reverse_kl(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     alpha: float = 0.1,
     temperature: float = 1.0,
@@ -268,7 +310,7 @@ def skew_reverse_kl(
 @register_loss("total_variation")
 def total_variation(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
