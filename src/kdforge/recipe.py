@@ -313,6 +313,10 @@ def _check_against_registries(recipe: Recipe) -> None:
             name = sorted(unknown)[0]
             known = ", ".join(sorted(spec.param_names())) or "none"
             raise RecipeError(f"{where}.params.{name}: {term.loss!r} has no parameter {name!r}; known: {known}")
+        missing = spec.required_param_names() - set(term.params)
+        if missing:
+            name = sorted(missing)[0]
+            raise RecipeError(f"{where}.params.{name}: {term.loss!r} needs {name}; set it in the term's params")
         if spec.target == "teacher" and recipe.teacher is None:
             raise RecipeError(
                 f"{where}.loss: {term.loss!r} compares with the teacher, but the recipe has no teacher;"

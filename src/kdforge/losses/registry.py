@@ -68,6 +68,11 @@ class LossSpec:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {"mask", "labels", *provided}
         }
 
+    def required_param_names(self) -> set[str]:
+        """Loss parameters without a default: a recipe term must set them."""
+        sig = inspect.signature(self.fn)
+        return {name for name in self.loss_param_names() if sig.parameters[name].default is inspect.Parameter.empty}
+
     def state_param_names(self) -> set[str]:
         """Constructor arguments of the term's state a recipe may set."""
         if self.state is None:
