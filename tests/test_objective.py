@@ -30,7 +30,14 @@ def test_labels_only_objective_needs_no_teacher():
 
 @pytest.mark.parametrize(
     "shape, step, expected",
-    [("linear", 0, 0.0), ("linear", 50, 0.5), ("linear", 500, 1.0), ("cosine", 50, 0.5), ("constant", 70, 0.0)],
+    [
+        ("linear", 0, 0.0),
+        ("linear", 50, 0.5),
+        ("linear", 500, 1.0),
+        ("quadratic", 50, 0.25),
+        ("cosine", 50, 0.5),
+        ("constant", 70, 0.0),
+    ],
 )
 def test_term_schedules(shape, step, expected):
     sched = TermSchedule(shape=shape, start=0.0, end=1.0, steps=100)
@@ -48,3 +55,18 @@ def test_a_bad_loss_parameter_names_the_term():
 
     with pytest.raises(RecipeError, match=r"objective\[0\] \(hinton_kd\): temperature must be > 0"):
         objective(ModelOutputs(logits=x), ModelOutputs(logits=x), {}, step=0)
+
+
+def test_a_regulariser_term_runs_without_a_teacher():
+    objective = Objective([ObjectiveTerm(loss="flops", field="logits", weight=0.5)], total_steps=1)
+    assert not objective.needs_teacher
+    w = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    loss, values = objective(ModelOutputs(logits=w), None, {}, step=0)
+    # (mean_b |w|)^2 summed over the vocabulary: 2^2 + 0 + 1^2
+    assert loss.item() == pytest.approx(0.5 * 5.0)
+
+
+def test_code_only_parameters_are_not_recipe_parameters():
+    from kdforge.losses import LOSSES
+
+    assert "projection" not in LOSSES.get("hidden_mse").param_names()

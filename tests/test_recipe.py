@@ -105,3 +105,11 @@ def test_any_override_gives_a_recipe_or_a_kdforge_error(path, value):
         parse_recipe(data)
     except KDForgeError:
         pass
+
+
+def test_a_required_loss_parameter_is_named():
+    with pytest.raises(RecipeError, match=r"objective\[1\].params.num_heads: 'value_relation' needs num_heads"):
+        load_recipe(
+            "digits_kd",
+            ["objective[1].loss=value_relation", "objective[1].field=hidden_states", "objective[1].params={}"],
+        )

@@ -30,6 +30,8 @@ def schedule_factor(schedule: TermSchedule | None, step: int, total_steps: int) 
         return schedule.start
     if schedule.shape == "cosine":
         progress = 0.5 * (1 - math.cos(math.pi * progress))
+    elif schedule.shape == "quadratic":  # the FLOPS-weight warm-up of SPLADE and its successors
+        progress = progress**2
     return schedule.start + (schedule.end - schedule.start) * progress
 
 
@@ -60,15 +62,17 @@ class BoundTerm:
         params = {k: v for k, v in term.params.items() if k not in state_keys}
         return cls(name, index, spec, term, params, state)
 
-    def observe(self, step: int, value: float) -> None:
-        """Feed the state one mean loss per optimizer step, once that step is over."""
-        if self.state is None:
-            return
-        if self.pending_step is not None and step != self.pending_step and self.pending:
+    def begin(self, step: int) -> None:
+        """Before a step's first loss: feed the state the previous step's mean loss."""
+        if self.state is not None and step != self.pending_step and self.pending:
             self.state.update(sum(self.pending) / len(self.pending))
             self.pending = []
-        self.pending_step = step
-        self.pending.append(value)
+
+    def observe(self, step: int, value: float) -> None:
+        """Collect this step's loss values (one per micro-batch)."""
+        if self.state is not None:
+            self.pending_step = step
+            self.pending.append(value)
 
 
 class Objective:
@@ -115,10 +119,13 @@ class Objective:
             term = bound.term
             if bound.spec.target == "labels":
                 target = batch["labels"]
+            elif bound.spec.target == "none":
+                target = None
             else:
                 assert teacher is not None, "the engine runs the teacher when a term needs it"
                 target = teacher.get(term.field)
             extra = {"labels": batch["labels"]} if bound.spec.needs_labels else {}
+            bound.begin(step)
             if bound.state is not None:
                 extra.update(bound.state.loss_params())
             try:

@@ -67,7 +67,7 @@ class TrainingConfig(Strict):
 class TermSchedule(Strict):
     """Multiplies a term's weight: ``start`` at step 0 to ``end`` after ``steps``."""
 
-    shape: Literal["linear", "cosine", "constant"] = "linear"
+    shape: Literal["linear", "quadratic", "cosine", "constant"] = "linear"
     start: float = Field(0.0, ge=0)
     end: float = Field(1.0, ge=0)
     steps: int | None = Field(None, ge=1, description="default: the whole run")

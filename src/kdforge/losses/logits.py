@@ -29,24 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kdforge.losses.common import kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
 
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision inputs; float64 stays float64 (references, gradcheck)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``per_position`` ([B] or [B, L]) over the positions where mask is True."""
-    if mask is None:
-        return per_position.mean()
-    if mask.shape != per_position.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(per_position.shape)}")
-    weights = mask.to(per_position.dtype)
-    # clamp: an all-masked batch contributes 0 instead of 0/0 = NaN
-    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
-
+# transitional names for modules written before common.py; removed once they import common
+_masked_mean, _kl_per_position, _upcast = masked_mean, kl_per_position, upcast
 
 #: logits per chunk (64 MiB in float32); inputs up to this size are not chunked
 CHUNK_ELEMENTS = 1 << 24
@@ -100,10 +87,10 @@ def _per_position(student: torch.Tensor, teacher: Teacher, fn: PositionFn, tempe
     """
 
     def run(s: torch.Tensor, *t: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(_upcast(s) / temperature, dim=-1)
+        log_q = F.log_softmax(upcast(s) / temperature, dim=-1)
         if len(t) == 2:
-            return fn(*_topk_buckets(log_q, t[0], _upcast(t[1])))
-        return fn(log_q, F.log_softmax(_upcast(t[0]) / temperature, dim=-1))
+            return fn(*_topk_buckets(log_q, t[0], upcast(t[1])))
+        return fn(log_q, F.log_softmax(upcast(t[0]) / temperature, dim=-1))
 
     vocab = student.shape[-1]
     positions = student.shape[:-1]
@@ -132,7 +119,7 @@ def _divergence(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check_pair(student, teacher)
-    return _masked_mean(_per_position(student, teacher, fn, temperature), mask) * temperature**2
+    return masked_mean(_per_position(student, teacher, fn, temperature), mask) * temperature**2
 
 
 def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -147,13 +134,6 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
     log_a, log_b = log_a.masked_fill(both, 0.0), log_b.masked_fill(both, 0.0)
     mixed = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
     return mixed.masked_fill(both, -math.inf)
-
-
-def _kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """sum_i p_i (log p_i - log q_i) over the last axis; terms with p_i = 0 are 0."""
-    p = log_p.exp()
-    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
-    return (p * diff).sum(-1)
 
 
 @register_loss("forward_kl")
@@ -180,7 +160,7 @@ def forward_kl(
     Returns:
         Scalar: per-position KL summed over classes, averaged over counted positions.
     """
-    return _divergence(student, teacher, lambda lq, lp: _kl_per_position(lp, lq), temperature=temperature, mask=mask)
+    return _divergence(student, teacher, lambda lq, lp: kl_per_position(lp, lq), temperature=temperature, mask=mask)
 
 
 @register_loss("hinton_kd")
@@ -216,7 +196,7 @@ def reverse_kl(
     ignore minor modes (token-level form of MiniLLM's objective, Gu et al. 2024).
     Shapes, mask and reduction as :func:`forward_kl`.
     """
-    return _divergence(student, teacher, lambda lq, lp: _kl_per_position(lq, lp), temperature=temperature, mask=mask)
+    return _divergence(student, teacher, lambda lq, lp: kl_per_position(lq, lp), temperature=temperature, mask=mask)
 
 
 @register_loss("generalized_jsd")
@@ -248,7 +228,7 @@ def generalized_jsd(
 
     def jsd(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         log_m = _log_mixture(log_p, log_q, beta)
-        return beta * _kl_per_position(log_p, log_m) + (1 - beta) * _kl_per_position(log_q, log_m)
+        return beta * kl_per_position(log_p, log_m) + (1 - beta) * kl_per_position(log_q, log_m)
 
     return _divergence(student, teacher, jsd, temperature=temperature, mask=mask)
 
@@ -278,7 +258,7 @@ def skew_kl(
     return _divergence(
         student,
         teacher,
-        lambda lq, lp: _kl_per_position(lp, _log_mixture(lp, lq, alpha)),
+        lambda lq, lp: kl_per_position(lp, _log_mixture(lp, lq, alpha)),
         temperature=temperature,
         mask=mask,
     )
@@ -301,7 +281,7 @@ def skew_reverse_kl(
     return _divergence(
         student,
         teacher,
-        lambda lq, lp: _kl_per_position(lq, _log_mixture(lq, lp, alpha)),
+        lambda lq, lp: kl_per_position(lq, _log_mixture(lq, lp, alpha)),
         temperature=temperature,
         mask=mask,
     )
@@ -372,7 +352,7 @@ def dkd(
 
     def split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log of the binary [p_gt, 1 - p_gt] ([..., 2]) and log of the non-target distribution."""
-        scaled = _upcast(logits) / temperature
+        scaled = upcast(logits) / temperature
         log_all = F.log_softmax(scaled, dim=-1)
         log_gt = log_all.gather(-1, target)
         log_rest = torch.logsumexp(log_all.masked_fill(gt, -math.inf), dim=-1, keepdim=True)
@@ -381,9 +361,9 @@ def dkd(
 
     log_b_s, log_nt_s = split(student)
     log_b_t, log_nt_t = split(teacher)
-    tckd = _kl_per_position(log_b_t, log_b_s)
-    nckd = _kl_per_position(log_nt_t, log_nt_s)
-    return _masked_mean(alpha * tckd + beta * nckd, counted) * temperature**2
+    tckd = kl_per_position(log_b_t, log_b_s)
+    nckd = kl_per_position(log_nt_t, log_nt_s)
+    return masked_mean(alpha * tckd + beta * nckd, counted) * temperature**2
 
 
 @register_loss("cross_entropy", target="labels")
@@ -410,6 +390,6 @@ def cross_entropy(
     if mask is not None:
         counted = counted & mask.bool()
     safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
-    log_q = F.log_softmax(_upcast(student), dim=-1)
+    log_q = F.log_softmax(upcast(student), dim=-1)
     nll = -log_q.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return _masked_mean(nll, counted)
+    return masked_mean(nll, counted)

@@ -3,8 +3,9 @@
 Every loss follows one contract (DESIGN.md):
 ``fn(student, teacher, *, mask=None, temperature=1.0, **params) -> scalar tensor``.
 ``target`` says what the second argument is: the teacher's output of the same
-field (``"teacher"``) or the batch's labels (``"labels"``), so the objective knows
-what to pass without knowing the loss. A teacher loss that also needs the labels
+field (``"teacher"``), the batch's labels (``"labels"``), or nothing (``"none"``: a
+regulariser on the student's output, such as FLOPS), so the objective knows what
+to pass, and whether to run the teacher, without knowing the loss. A teacher loss that also needs the labels
 (decoupled KD) sets ``needs_labels`` and receives them as ``labels=``.
 """
 
@@ -53,10 +54,12 @@ def _keyword_params(fn: Callable, *, exclude: set[str]) -> set[str]:
 class LossSpec:
     name: str
     fn: LossFn
-    target: Literal["teacher", "labels"]
+    target: Literal["teacher", "labels", "none"]
     summary: str
     needs_labels: bool = False
     state: type[TermState] | None = None
+    #: parameters only code can pass (a projection module), not a recipe
+    code_only: tuple[str, ...] = ()
 
     def loss_param_names(self) -> set[str]:
         """Keyword-only parameters of the loss function a recipe may set."""
@@ -65,7 +68,7 @@ class LossSpec:
         return {
             p.name
             for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {"mask", "labels", *provided}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {"mask", "labels", *provided, *self.code_only}
         }
 
     def required_param_names(self) -> set[str]:
@@ -90,15 +93,24 @@ LOSSES: Registry[LossSpec] = Registry("loss")
 def register_loss(
     name: str,
     *,
-    target: Literal["teacher", "labels"] = "teacher",
+    target: Literal["teacher", "labels", "none"] = "teacher",
     needs_labels: bool = False,
     state: type[TermState] | None = None,
+    code_only: tuple[str, ...] = (),
 ):
     """Register ``fn`` under ``name``; its docstring's first line is its summary."""
 
     def decorate(fn: LossFn) -> LossFn:
         summary = (inspect.getdoc(fn) or "").strip().splitlines()[0] if fn.__doc__ else name
-        spec = LossSpec(name=name, fn=fn, target=target, summary=summary, needs_labels=needs_labels, state=state)
+        spec = LossSpec(
+            name=name,
+            fn=fn,
+            target=target,
+            summary=summary,
+            needs_labels=needs_labels,
+            state=state,
+            code_only=code_only,
+        )
         LOSSES.add(name, spec)
         return fn
 

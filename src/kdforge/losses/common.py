@@ -1,0 +1,33 @@
+"""Pieces every loss family shares: dtype policy, the masked mean, the KL of log-probabilities.
+
+Not a loss module: it registers nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision inputs; float64 stays float64 (references, gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the positions where ``mask`` (same shape) is True."""
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(values.shape)}")
+    weights = mask.to(values.dtype)
+    # clamp: an all-masked batch contributes 0 instead of 0/0 = NaN
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i (log p_i - log q_i) over the last axis; terms with p_i = 0 are 0.
+
+    The ``where`` sits inside the product, so no 0 * inf reaches the backward pass.
+    """
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))).sum(-1)
