@@ -32,9 +32,6 @@ from torch.utils.checkpoint import checkpoint
 from kdforge.losses.common import kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
 
-# transitional names for modules written before common.py; removed once they import common
-_masked_mean, _kl_per_position, _upcast = masked_mean, kl_per_position, upcast
-
 #: logits per chunk (64 MiB in float32); inputs up to this size are not chunked
 CHUNK_ELEMENTS = 1 << 24
 
