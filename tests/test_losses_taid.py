@@ -353,3 +353,23 @@ def test_objective_state_round_trip_reproduces_the_t_sequence():
 def test_objective_turns_bad_schedule_settings_into_recipe_errors():
     with pytest.raises(RecipeError, match=r"objective\[0\]\.params: need 0 <= t_start"):
         Objective([ObjectiveTerm(loss="taid", params={"t_start": 2.0})], total_steps=10)
+
+
+def test_taid_t_is_logged_during_a_run(tmp_path, digits_teacher):
+    import json
+
+    from conftest import tiny
+    from kdforge.runner import run_recipe
+
+    recipe = tiny(
+        "digits_kd",
+        tmp_path,
+        f"teacher.model={digits_teacher}",
+        "objective[1].loss=taid",
+        "objective[1].params={t_start: 0.4}",
+        "evaluation.baseline=false",
+    )
+    run_recipe(recipe)
+    records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ts = [r["scalars"]["taid/t"] for r in records if "scalars" in r]
+    assert len(ts) >= 3 and ts == sorted(ts) and 0.4 <= ts[0] < ts[-1] <= 1.0

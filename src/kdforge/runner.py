@@ -142,7 +142,8 @@ def _train_phase(
     def loss_fn(m, batch, step):
         student_out = task.adapter(m, batch, objective.student_fields)
         teacher_out = teacher.signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
-        return objective(student_out, teacher_out, batch, step)
+        loss, terms = objective(student_out, teacher_out, batch, step)
+        return loss, terms, objective.scalars()
 
     started = time.perf_counter()
     result = train(

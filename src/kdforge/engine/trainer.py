@@ -33,7 +33,9 @@ from kdforge.errors import Interrupted, KDForgeError
 from kdforge.recipe import TrainingConfig
 from kdforge.settings import progress_enabled
 
-LossFn = Callable[[nn.Module, dict[str, Any], int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+#: ``loss_fn(model, batch, step) -> (loss, {term: value})``, optionally with a third
+#: element ``{name: float}`` of scalars to log as they are (a schedule's t), not averaged
+LossFn = Callable[[nn.Module, dict[str, Any], int], tuple]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
@@ -189,7 +191,8 @@ def train(
             sampler.set_epoch(state.epoch)
             for batch in batches:
                 with accelerator.accumulate(model):
-                    loss, terms = loss_fn(model, batch, state.step)
+                    loss, terms, *extra = loss_fn(model, batch, state.step)
+                    scalars = extra[0] if extra else {}
                     if not torch.isfinite(loss):
                         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
                         raise KDForgeError(
@@ -228,6 +231,7 @@ def train(
                         "lr": scheduler.get_last_lr()[0],
                         "loss": interval_loss / interval_count,
                         "terms": {k: v / interval_count for k, v in interval_terms.items()},
+                        **({"scalars": scalars} if scalars else {}),
                     }
                     log.write(record)
                     if cfg.trackers:
