@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdforge.losses.common import masked_mean, upcast
+from kdforge.losses.common import kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
 
 
@@ -89,10 +89,8 @@ def listwise_kl(
     _check_temperature(temperature)
     mask = _check_scores(student_scores, teacher_scores, mask)
     log_q, log_p = _listwise_log_probs(student_scores, teacher_scores, temperature, mask)
-    p = log_p.exp()
-    # p = 0 (masked or -inf candidates) contributes 0, even where log q is -inf; the
-    # where sits inside the product so no 0 * inf reaches the backward pass either
-    per_query = (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))).sum(-1)
+    # p = 0 (masked or -inf candidates) contributes 0, even where log q is -inf
+    per_query = kl_per_position(log_p, log_q)
     return masked_mean(per_query, _query_weights(mask)) * temperature**2
 
 
