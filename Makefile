@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# torchdistill is a test oracle for Hinton KD; its own requirements name torchvision,
+	# which would replace the CPU torch with a CUDA build, and its losses do not need it
+	$(BIN)/pip install --quiet --no-deps torchdistill==1.1.5
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -366,3 +366,38 @@ def test_topk_teacher_shape_errors():
         forward_kl(s, (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4)))
     with pytest.raises(ValueError, match="top-k teacher"):
         forward_kl(s, (torch.zeros(3, 3, dtype=torch.long), torch.zeros(3, 3)))
+
+
+# ----- oracle: torchdistill's KDLoss ------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [None, 0.1, 0.5])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_hinton_kd_matches_torchdistill(alpha, temperature):
+    mid_level = pytest.importorskip("torchdistill.losses.mid_level", reason="torchdistill is a test-only oracle")
+    from kdforge.objective import Objective
+    from kdforge.outputs import ModelOutputs
+    from kdforge.recipe import ObjectiveTerm
+
+    g = torch.Generator().manual_seed(24)
+    s, t = torch.randn(6, 10, generator=g) * 2, torch.randn(6, 10, generator=g) * 2
+    y = torch.randint(0, 10, (6,), generator=g)
+    # beta only weighs the mixed form; torchdistill needs it when alpha is None
+    beta = 1.0 if alpha is None else None
+    oracle = mid_level.KDLoss("s", "out", "t", "out", temperature=temperature, alpha=alpha, beta=beta)
+    theirs = oracle({"s": {"out": s}}, {"t": {"out": t}}, y)
+    if alpha is None:
+        # without alpha torchdistill returns the bare soft loss: no T^2 factor
+        assert hinton_kd(s, t, temperature=temperature).item() / temperature**2 == pytest.approx(
+            theirs.item(), rel=1e-5
+        )
+        return
+    objective = Objective(
+        [
+            ObjectiveTerm(loss="cross_entropy", weight=alpha),
+            ObjectiveTerm(loss="hinton_kd", weight=1 - alpha, params={"temperature": temperature}),
+        ],
+        total_steps=1,
+    )
+    ours, _ = objective(ModelOutputs(logits=s), ModelOutputs(logits=t), {"labels": y}, step=0)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
