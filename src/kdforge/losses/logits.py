@@ -15,9 +15,9 @@ outside those tokens. The stored log-probs are taken as already at the run's
 temperature; only the student's logits are divided by it (``dkd`` needs dense logits).
 
 Large vocabularies: positions are processed in chunks of about ``CHUNK_ELEMENTS``
-logits, each under activation checkpointing, so that the float32 copies, softmaxes
-and their gradients exist for one chunk at a time instead of for the whole
-``[B, L, V]`` tensor (the backward pass recomputes each chunk's forward).
+logits, so that the float32 copies, softmaxes and their gradients exist for one
+chunk at a time instead of for the whole ``[B, L, V]`` tensor; the backward pass
+recomputes each chunk's forward and writes the student's gradient into one buffer.
 """
 
 from __future__ import annotations
@@ -96,12 +96,51 @@ def _per_position(student: torch.Tensor, teacher: Teacher, fn: PositionFn, tempe
     rows = max(1, CHUNK_ELEMENTS // vocab)
     if flat_s.shape[0] <= rows:
         return run(flat_s, *flat_t).reshape(positions)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (flat_s, *flat_t))
-    pieces = []
-    for start in range(0, flat_s.shape[0], rows):
-        chunk = [x[start : start + rows] for x in (flat_s, *flat_t)]
-        pieces.append(checkpoint(run, *chunk, use_reentrant=False) if grad else run(*chunk))
-    return torch.cat(pieces).reshape(positions)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (flat_s, *flat_t))):
+        return _chunks(run, rows, flat_s, *flat_t).reshape(positions)
+    if any(x.requires_grad for x in flat_t):  # a teacher with gradients: rare, keep it simple
+        pieces = [checkpoint(run, *chunk, use_reentrant=False) for chunk in _slices(rows, flat_s, *flat_t)]
+        return torch.cat(pieces).reshape(positions)
+    return _ChunkedStudent.apply(run, rows, flat_s, *flat_t).reshape(positions)
+
+
+def _slices(rows: int, *tensors: torch.Tensor):
+    for start in range(0, tensors[0].shape[0], rows):
+        yield [x[start : start + rows] for x in tensors]
+
+
+def _chunks(run: Callable[..., torch.Tensor], rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat([run(*chunk) for chunk in _slices(rows, *tensors)])
+
+
+class _ChunkedStudent(torch.autograd.Function):
+    """Per-position values chunk by chunk, with the student's gradient written in place.
+
+    Autograd through slices would materialise a full-size gradient per chunk before
+    summing them; here the backward pass recomputes one chunk at a time and writes
+    its gradient into a single buffer, so the extra memory is that buffer plus one
+    chunk's intermediates. The teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, run, rows, student, *teacher):  # noqa: ANN001
+        ctx.run, ctx.rows = run, rows
+        ctx.save_for_backward(student, *teacher)
+        with torch.no_grad():
+            return _chunks(run, rows, student, *teacher)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        student, *teacher = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        start = 0
+        for chunk in _slices(ctx.rows, student, *teacher):
+            piece = chunk[0].detach().requires_grad_(True)
+            end = start + piece.shape[0]
+            with torch.enable_grad():
+                (grad[start:end],) = torch.autograd.grad(ctx.run(piece, *chunk[1:]), piece, grad_out[start:end])
+            start = end
+        return None, None, grad, *([None] * len(teacher))
 
 
 def _divergence(
