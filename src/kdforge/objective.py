@@ -70,9 +70,8 @@ class BoundTerm:
 
     def observe(self, step: int, value: float) -> None:
         """Collect this step's loss values (one per micro-batch)."""
-        if self.state is not None:
-            self.pending_step = step
-            self.pending.append(value)
+        self.pending_step = step
+        self.pending.append(value)
 
 
 class Objective:
@@ -133,7 +132,8 @@ class Objective:
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"objective[{bound.index}] ({term.loss}): {exc}") from None
             values[bound.name] = value.detach()
-            bound.observe(step, float(value.detach()))
+            if bound.state is not None:
+                bound.observe(step, float(value.detach()))
             contribution = weights[bound.name] * value
             total = contribution if total is None else total + contribution
         assert total is not None
