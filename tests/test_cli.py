@@ -67,12 +67,12 @@ def test_usage_error_exits_2():
 
 
 def test_list_shows_every_registered_component():
-    from kdforge.losses import LOSSES
+    from kdforge.losses import LOSS_MODULES, LOSSES
     from kdforge.tasks import TASKS
 
     result = runner.invoke(app, ["list"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    for name in [*LOSSES, *TASKS, "online", "digits_kd"]:
+    for name in [*LOSSES, *LOSS_MODULES, *TASKS, "online", "digits_kd"]:
         assert name in result.stdout
 
 

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from kdforge.losses import LOSSES
+from kdforge.losses import LOSS_MODULES, LOSSES
 from kdforge.signals import SIGNALS
 from kdforge.tasks import TASKS
 
@@ -17,6 +17,7 @@ def table_names(kind: str) -> set[str]:
 
 def test_methods_table_matches_the_registries():
     assert table_names("loss") == set(LOSSES)
+    assert table_names("loss module") == set(LOSS_MODULES)
     assert table_names("task") == set(TASKS)
     assert table_names("teacher signal") == set(SIGNALS)
 

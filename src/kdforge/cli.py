@@ -100,7 +100,7 @@ def validate(
 @app.command("list")
 def list_components() -> None:
     """List the registered losses, tasks and teacher signals, and the bundled recipes."""
-    from kdforge.losses import LOSSES
+    from kdforge.losses import LOSS_MODULES, LOSSES
     from kdforge.recipe import bundled_recipes
     from kdforge.signals import SIGNALS
     from kdforge.tasks import TASKS
@@ -111,6 +111,13 @@ def list_components() -> None:
     for name, spec in LOSSES.items():
         losses.add_row(name, spec.target, ", ".join(sorted(spec.param_names())), spec.summary)
     out.print(losses)
+    modules = Table(title="loss modules (learnable; used from Python)")
+    for col in ("name", "class", "summary"):
+        modules.add_column(col)
+    for name, cls in LOSS_MODULES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        modules.add_row(name, f"{cls.__module__}.{cls.__qualname__}", doc[0] if doc else "")
+    out.print(modules)
     tasks = Table(title="tasks")
     for col in ("name", "outputs", "primary metric"):
         tasks.add_column(col)

@@ -8,9 +8,18 @@ import importlib
 import pkgutil
 
 from kdforge.losses.logits import cross_entropy, forward_kl, hinton_kd
-from kdforge.losses.registry import LOSSES, LossSpec, register_loss
+from kdforge.losses.registry import LOSS_MODULES, LOSSES, LossSpec, register_loss, register_loss_module
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["LOSSES", "LossSpec", "register_loss", "cross_entropy", "forward_kl", "hinton_kd"]
+__all__ = [
+    "LOSSES",
+    "LOSS_MODULES",
+    "LossSpec",
+    "register_loss",
+    "register_loss_module",
+    "cross_entropy",
+    "forward_kl",
+    "hinton_kd",
+]

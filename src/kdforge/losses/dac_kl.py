@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kdforge.losses.common import kl_per_position, masked_mean, upcast
 from kdforge.losses.logits import CHUNK_ELEMENTS
+from kdforge.losses.registry import register_loss_module
 
 __all__ = ["DACKL"]
 
@@ -31,6 +32,7 @@ __all__ = ["DACKL"]
 Limits = tuple[float | torch.Tensor, float | torch.Tensor]
 
 
+@register_loss_module("dac_kl")
 class DACKL(nn.Module):
     """Distribution-adaptive clipping KL: KL(clipped teacher || student), times T^2.
 

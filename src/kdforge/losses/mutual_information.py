@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdforge.losses.common import upcast
+from kdforge.losses.registry import register_loss_module
 
 __all__ = ["MIAlpha", "log_mean_exp_leave_one_out", "mi_alpha_bound"]
 
@@ -120,6 +121,7 @@ class _SeparableMLPCritic(nn.Module):
         )
 
 
+@register_loss_module("mi_alpha")
 class MIAlpha(nn.Module):
     """Loss = -I_alpha, the interpolated MI lower bound between student and teacher representations.
 

@@ -115,3 +115,13 @@ def register_loss(
         return fn
 
     return decorate
+
+
+#: Loss modules with learnable parameters (a critic, a clipping network). Code uses
+#: them directly; recipes cannot train loss parameters yet, so the objective does not.
+LOSS_MODULES: Registry[type] = Registry("loss module")
+
+
+def register_loss_module(name: str):
+    """Register a learnable loss ``nn.Module`` class under ``name``."""
+    return LOSS_MODULES.register(name)
