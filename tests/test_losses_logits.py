@@ -218,7 +218,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(monkeypatch):
     s0, t = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
     mask = torch.rand(3, 7, generator=g) > 0.3
     results = []
-    for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions under checkpointing
+    for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions
         monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
         s = s0.clone().requires_grad_(True)
         value = generalized_jsd(s, t, beta=0.4, temperature=2.0, mask=mask)

@@ -158,7 +158,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(monkeypatch):
     s0, z = _pair((3, 7, 11), 7)
     mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(0)) > 0.3
     results = []
-    for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions under checkpointing
+    for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions
         monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
         s = s0.clone().requires_grad_(True)
         value = taid(s, z, t=0.45, mask=mask)

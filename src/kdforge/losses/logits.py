@@ -32,8 +32,9 @@ from torch.utils.checkpoint import checkpoint
 from kdforge.losses.common import kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
 
-#: logits per chunk (64 MiB in float32); inputs up to this size are not chunked
-CHUNK_ELEMENTS = 1 << 24
+#: logits per chunk (16 MiB in float32: lower peaks than 64 MiB at no cost in time, see
+#: benchmarks/README.md); inputs up to this size are not chunked
+CHUNK_ELEMENTS = 1 << 22
 
 #: ``(log_q_student, log_p_teacher) -> per-position value`` over the last axis
 PositionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
