@@ -114,7 +114,8 @@ class TAIDSchedule:
     def linear(self, steps_done: int) -> float:
         """The linear schedule's ``t`` after ``steps_done`` optimizer steps."""
         progress = min(steps_done / self.total_steps, 1.0)
-        return self.t_start + (self.t_end - self.t_start) * progress
+        # min(): t_start + (t_end - t_start) * 1 can round above t_end
+        return min(self.t_end, self.t_start + (self.t_end - self.t_start) * progress)
 
     def loss_params(self) -> dict[str, Any]:
         return {"t": self.t}
