@@ -401,3 +401,9 @@ def test_hinton_kd_matches_torchdistill(alpha, temperature):
     )
     ours, _ = objective(ModelOutputs(logits=s), ModelOutputs(logits=t), {"labels": y}, step=0)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_dkd_refuses_a_topk_teacher():
+    s = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="dkd needs the teacher's dense logits"):
+        dkd(s, (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)), torch.tensor([0, 1]))

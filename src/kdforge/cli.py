@@ -35,6 +35,8 @@ def _seeds(text: str | None) -> list[int] | None:
 
 
 def print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    from kdforge.report.builder import format_stat
+
     summary = report["summary"]
     roles = [r for r in ("teacher", "student", "baseline") if r in summary]
     metric_names = list(summary[roles[0]]["metrics"])
@@ -43,17 +45,12 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
     for name in [*metric_names, "top1_agreement", "params", "examples/s"]:
         table.add_column(name, justify="right")
 
-    def fmt(v: dict[str, Any] | None) -> str:
-        if not v:
-            return "–"
-        return f"{v['mean']:.4f} ± {v['std']:.4f}" if v["n"] > 1 else f"{v['mean']:.4f}"
-
     for role in roles:
         m = summary[role]
         table.add_row(
             role,
-            *[fmt(m["metrics"].get(n)) for n in metric_names],
-            fmt(m["fidelity"].get("top1_agreement")),
+            *[format_stat(m["metrics"].get(n)) for n in metric_names],
+            format_stat(m["fidelity"].get("top1_agreement")),
             f"{m['params']:,}",
             f"{m['throughput']['mean']:,.0f}",
         )
@@ -61,7 +58,7 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
     if "comparison" in report:
         c = report["comparison"]
         out.print(
-            f"student − baseline ({c['metric']}): {fmt(c['student_minus_baseline'])};"
+            f"student − baseline ({c['metric']}): {format_stat(c['student_minus_baseline'])};"
             f" better in {c['student_better_in']} of {c['runs']} seeds, tied in {c['ties']}"
         )
     out.print(f"report: {run_dir / 'report.html'}")

@@ -5,6 +5,8 @@ Not a loss module: it registers nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -31,3 +33,8 @@ def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """
     p = log_p.exp()
     return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))).sum(-1)
+
+
+def check_temperature(temperature: float) -> None:
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kdforge.losses.common import kl_per_position, masked_mean, upcast
+from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
 from kdforge.losses.logits import CHUNK_ELEMENTS
 from kdforge.losses.registry import register_loss_module
 
@@ -204,8 +204,7 @@ class DACKL(nn.Module):
         limits: Limits | None = None,
     ) -> torch.Tensor:
         """The scalar loss; see the class docstring."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         if student.shape != teacher.shape:
             raise ValueError(
                 f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ;"

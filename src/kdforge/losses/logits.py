@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kdforge.losses.common import kl_per_position, masked_mean, upcast
+from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
 
 #: logits per chunk (16 MiB in float32: lower peaks than 64 MiB at no cost in time, see
@@ -41,6 +41,12 @@ PositionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: dense teacher logits, or a top-k teacher ``(topk_ids, topk_logprobs)``
 Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def require_dense_teacher(teacher: Teacher, loss: str, reason: str) -> None:
+    """Refuse a top-k teacher in a loss that needs every logit, saying why."""
+    if isinstance(teacher, tuple):
+        raise ValueError(f"{loss} needs the teacher's dense logits: {reason}, which a top-k teacher cannot give")
 
 
 def _check_pair(student: torch.Tensor, teacher: Teacher) -> None:
@@ -153,8 +159,7 @@ def _divergence(
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """The shared reduction: per-position ``fn``, masked mean over positions, times T^2."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     _check_pair(student, teacher)
     return masked_mean(_per_position(student, teacher, fn, temperature), mask) * temperature**2
 
@@ -376,8 +381,8 @@ def dkd(
     Returns:
         Scalar: mean over counted positions of (alpha*TCKD + beta*NCKD) * T^2.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
+    require_dense_teacher(teacher, "dkd", "it splits the teacher's distribution at the target class")
     _check_pair(student, teacher)
     if student.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(student.shape)} do not fit labels {tuple(labels.shape)}")

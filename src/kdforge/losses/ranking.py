@@ -10,18 +10,11 @@ caller excluded) never produce NaN.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from kdforge.losses.common import kl_per_position, masked_mean, upcast
+from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
-
-
-def _check_temperature(temperature: float) -> None:
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
 
 def _check_scores(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -86,7 +79,7 @@ def listwise_kl(
         Scalar: per-query KL summed over candidates, averaged over the queries with at
         least one real candidate, times T^2.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     mask = _check_scores(student_scores, teacher_scores, mask)
     log_q, log_p = _listwise_log_probs(student_scores, teacher_scores, temperature, mask)
     # p = 0 (masked or -inf candidates) contributes 0, even where log q is -inf
@@ -122,7 +115,7 @@ def listnet(
         Scalar: per-query cross-entropy summed over candidates, averaged over the
         queries with at least one real candidate.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     mask = _check_scores(student_scores, teacher_scores, mask)
     log_q, log_p = _listwise_log_probs(student_scores, teacher_scores, temperature, mask)
     p = log_p.exp()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.losses.common import kl_per_position, masked_mean
-from kdforge.losses.logits import _check_pair, _per_position
+from kdforge.losses.logits import _check_pair, _per_position, require_dense_teacher
 from kdforge.losses.registry import register_loss
 
 
@@ -188,11 +188,7 @@ def taid(
     t = float(t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
-    if isinstance(teacher, tuple):
-        raise ValueError(
-            "taid needs the teacher's dense logits: its target mixes them with the student's token by token,"
-            " which a top-k teacher (ids, log-probs) cannot give"
-        )
+    require_dense_teacher(teacher, "taid", "its target mixes them with the student's token by token")
     _check_pair(student, teacher)
 
     def kl_to_target(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:

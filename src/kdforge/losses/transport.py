@@ -14,8 +14,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from kdforge.losses.common import upcast
-from kdforge.losses.logits import _check_pair
+from kdforge.losses.common import check_temperature, upcast
+from kdforge.losses.logits import _check_pair, require_dense_teacher
 from kdforge.losses.registry import register_loss
 
 
@@ -89,17 +89,12 @@ def sinkhorn(
         Scalar sum_ij P_ij W_ij over the counted examples (0 when none counts); float32
         (float64 for float64 inputs). ``-inf`` logits give probability 0 and no NaN.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if isinstance(teacher, tuple):
-        raise ValueError(
-            "sinkhorn needs the teacher's dense logits: its cost compares whole distributions,"
-            " which a top-k teacher (ids, log-probs) does not give"
-        )
+    require_dense_teacher(teacher, "sinkhorn", "its cost compares whole distributions")
     _check_pair(student, teacher)
     if student.dim() < 2:
         raise ValueError(f"logits must be [B, C] or [B, L, V], got {tuple(student.shape)}")

@@ -23,6 +23,17 @@ def stats(values: list[float]) -> dict[str, Any]:
     }
 
 
+def format_stat(value: dict[str, Any] | float | None, digits: int = 4) -> str:
+    """``mean ± std`` of a :func:`stats` summary (just the mean for one run); ``–`` when absent."""
+    if value is None or value == {}:
+        return "–"
+    if isinstance(value, dict):
+        if value["n"] > 1:
+            return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+        return f"{value['mean']:.{digits}f}"
+    return f"{value:.{digits}f}"
+
+
 def _collect(runs: list[dict[str, Any]], role: str, section: str) -> dict[str, Any]:
     present = [r["models"][role][section] for r in runs if section in r["models"].get(role, {})]
     if not present:

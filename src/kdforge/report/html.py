@@ -14,20 +14,11 @@ from kdforge.engine.metrics_log import read_metrics
 from kdforge.errors import RunDirError
 from kdforge.fsutil import atomic_write_text
 from kdforge.report import plots
+from kdforge.report.builder import format_stat
 
 
 def _data_uri(png: bytes | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(png).decode() if png else None
-
-
-def _fmt(value: dict[str, Any] | float | None, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, dict):
-        if value["n"] > 1:
-            return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
-        return f"{value['mean']:.{digits}f}"
-    return f"{value:.{digits}f}"
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
@@ -76,7 +67,7 @@ def write_report(run_dir: Path) -> Path:
             )
         )
     env = Environment(loader=PackageLoader("kdforge", "report/templates"), autoescape=select_autoescape())
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = format_stat
     html = env.get_template("report.html").render(
         report=report,
         summary=summary,
