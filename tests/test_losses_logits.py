@@ -98,7 +98,7 @@ def test_registry_knows_targets():
 
 # ----- the divergence family -------------------------------------------------------
 
-from kdforge.losses import logits as logits_module  # noqa: E402
+from kdforge.losses import chunking as chunking_module  # noqa: E402
 from kdforge.losses.logits import (  # noqa: E402
     dkd,
     generalized_jsd,
@@ -219,7 +219,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(monkeypatch):
     mask = torch.rand(3, 7, generator=g) > 0.3
     results = []
     for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions
-        monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(chunking_module, "CHUNK_ELEMENTS", chunk)
         s = s0.clone().requires_grad_(True)
         value = generalized_jsd(s, t, beta=0.4, temperature=2.0, mask=mask)
         value.backward()
@@ -350,7 +350,7 @@ def test_topk_teacher_chunked_and_gradients(monkeypatch):
     teacher = _topk(t, 4, 1.0)
     results = []
     for chunk in (1 << 24, 40):
-        monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(chunking_module, "CHUNK_ELEMENTS", chunk)
         s = s0.clone().requires_grad_(True)
         value = skew_kl(s, teacher)
         value.backward()
@@ -403,7 +403,108 @@ def test_hinton_kd_matches_torchdistill(alpha, temperature):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
-def test_dkd_refuses_a_topk_teacher():
-    s = torch.randn(2, 6)
-    with pytest.raises(ValueError, match="dkd needs the teacher's dense logits"):
-        dkd(s, (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)), torch.tensor([0, 1]))
+def _dkd_reference(q, p, label, a, b):
+    """alpha*TCKD + beta*NCKD from the definition, on float64 probability vectors."""
+    keep = [c for c in range(q.shape[-1]) if c != label]
+    bs, bt = torch.stack([q[label], 1 - q[label]]), torch.stack([p[label], 1 - p[label]])
+    ns, nt = q[keep] / q[keep].sum(), p[keep] / p[keep].sum()
+    return a * _kl(bt, bs).item() + b * _kl(nt, ns).item()
+
+
+def test_dkd_with_a_topk_teacher_uses_a_label_bucket():
+    """Buckets: the teacher's k tokens, the label, the rest; a label outside the top-k gets r / (V - k)."""
+    g = torch.Generator().manual_seed(24)
+    V, k, T = 10, 3, 2.0
+    s, t = torch.randn(4, V, generator=g) * 2, torch.randn(4, V, generator=g) * 2
+    ids, log_p = _topk(t, k, T)
+    # rows 0, 1: label inside the top-k; rows 2, 3: outside
+    outside = [c for c in range(V) if c not in ids[2].tolist()][0], [c for c in range(V) if c not in ids[3].tolist()][1]
+    y = torch.tensor([ids[0, 0].item(), ids[1, 2].item(), *outside])
+    q = _probs(s, T)
+    total = 0.0
+    for i in range(4):
+        label = y[i].item()
+        q_k, p_k = q[i, ids[i]], log_p[i].double().exp()
+        r = 1 - p_k.sum()
+        if label in ids[i].tolist():
+            q_b = torch.cat([q_k, (1 - q_k.sum()).reshape(1)])
+            p_b = torch.cat([p_k, r.reshape(1)])
+            bucket = ids[i].tolist().index(label)
+        else:
+            q_b = torch.cat([q_k, q[i, label].reshape(1), (1 - q_k.sum() - q[i, label]).reshape(1)])
+            p_b = torch.cat([p_k, (r / (V - k)).reshape(1), (r * (V - k - 1) / (V - k)).reshape(1)])
+            bucket = k
+        total += _dkd_reference(q_b, p_b, bucket, 1.0, 8.0)
+    got = dkd(s, (ids, log_p), y, temperature=T)
+    assert got.item() == pytest.approx(total / 4 * T**2, rel=1e-4)
+
+
+def test_dkd_topk_with_k_equal_to_the_vocabulary_is_dense_and_chunks(monkeypatch):
+    g = torch.Generator().manual_seed(25)
+    s0, t = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    y = torch.randint(0, 8, (3, 4), generator=g)
+    y[0, 1] = -100
+    results = []
+    for chunk in (1 << 24, 16):
+        monkeypatch.setattr(chunking_module, "CHUNK_ELEMENTS", chunk)
+        for teacher in (t, _topk(t, 8, 4.0)):
+            s = s0.clone().requires_grad_(True)
+            value = dkd(s, teacher, y)
+            value.backward()
+            results.append((value.detach(), s.grad))
+    for value, grad in results[1:]:
+        torch.testing.assert_close(value, results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_dkd_topk_gradients_are_finite_with_labels_outside():
+    g = torch.Generator().manual_seed(26)
+    s = torch.randn(6, 12, generator=g, requires_grad=True)
+    ids, log_p = _topk(torch.randn(6, 12, generator=g), 2, 4.0)
+    y = torch.tensor([c for c in range(12) if c not in ids[0].tolist()][:1] * 6)
+    value = dkd(s, (ids, log_p), y)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+# ----- the fused path against autograd ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("topk", [None, 4])
+def test_closed_form_gradients_equal_autograd_of_the_formula(name, topk, monkeypatch):
+    """A teacher that needs gradients takes the autograd path: both paths give the same student gradient."""
+    fn, kw = FUNCTIONS[name]
+    g = torch.Generator().manual_seed(27)
+    s0, t = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
+    s0[0, 0, 2] = -math.inf  # a masked vocabulary entry
+    t[0, 0, 2] = -math.inf
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    monkeypatch.setattr(chunking_module, "CHUNK_ELEMENTS", 33)  # several chunks, a short last one
+    grads, values = [], []
+    for teacher_grad in (False, True):
+        s = s0.clone().requires_grad_(True)
+        teacher = t.clone().requires_grad_(teacher_grad) if topk is None else _topk(t, topk, 1.5)
+        if topk is not None and teacher_grad:
+            teacher = (teacher[0], teacher[1].clone().requires_grad_(True))
+        value = fn(s, teacher, temperature=1.5, mask=mask, **kw)
+        value.backward()
+        values.append(value.detach())
+        grads.append(s.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(grads[0]).all()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "skew_kl", "generalized_jsd"])
+def test_gradient_where_the_student_probability_underflows(name):
+    """q = 0 in float32 (logit -200 next to 0) while the teacher gives mass: the gradient is not dropped."""
+    fn, kw = FUNCTIONS[name]
+    s = torch.tensor([[0.0, -200.0, 1.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 0.0, 0.0]])
+    fn(s, t, **kw).backward()
+    s64 = s.detach().double().requires_grad_(True)
+    fn(s64, t.double(), **kw).backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    if name == "forward_kl":  # q - p: the missing token is pulled up (the skews damp it by q, by design)
+        assert s.grad[0, 1] < -0.1

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kdforge.errors import RecipeError
 from kdforge.losses import LOSSES, forward_kl
-from kdforge.losses import logits as logits_module
+from kdforge.losses import chunking as chunking_module
 from kdforge.losses.registry import TermState
 from kdforge.losses.taid import TAIDSchedule, taid
 from kdforge.objective import Objective
@@ -159,7 +159,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(monkeypatch):
     mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(0)) > 0.3
     results = []
     for chunk in (1 << 24, 23):  # one piece, then pieces of 2 positions
-        monkeypatch.setattr(logits_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(chunking_module, "CHUNK_ELEMENTS", chunk)
         s = s0.clone().requires_grad_(True)
         value = taid(s, z, t=0.45, mask=mask)
         value.backward()
@@ -168,10 +168,37 @@ def test_chunked_equals_unchunked_in_value_and_gradient(monkeypatch):
     torch.testing.assert_close(results[0][1], results[1][1])
 
 
-def test_a_top_k_teacher_is_refused():
-    ids = torch.zeros(2, 3, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="dense logits"):
-        taid(torch.zeros(2, 3, 5), (ids, torch.zeros(2, 3, 2)), t=0.5)
+def _topk(teacher, k):
+    values, ids = torch.log_softmax(teacher.double(), -1).topk(k, dim=-1)
+    return ids, values.float()
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.8, 1.0])
+def test_top_k_teacher_interpolates_over_k_plus_one_buckets(t):
+    """The target is softmax((1 - t) log q_b + t log p_b) over the k tokens and the tail bucket."""
+    student, teacher = _pair((3, 4, 11), seed=31)
+    ids, log_p = _topk(teacher, 3)
+    log_q = torch.log_softmax(student.double(), -1)
+    q_k = log_q.gather(-1, ids).exp()
+    q_b = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    p_k = log_p.double().exp()
+    p_b = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+    target = torch.softmax((1 - t) * q_b.log() + t * p_b.log(), -1)
+    expected = (target * (target.log() - q_b.log())).sum(-1).mean()
+    assert taid(student, (ids, log_p), t=t).item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+def test_top_k_teacher_with_k_equal_to_the_vocabulary_is_dense_and_differentiable(monkeypatch):
+    student, teacher = _pair((2, 5, 9), seed=32)
+    for chunk in (1 << 24, 18):
+        monkeypatch.setattr(chunking_module, "CHUNK_ELEMENTS", chunk)
+        s_dense, s_topk = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        dense = taid(s_dense, teacher, t=0.6)
+        topk = taid(s_topk, _topk(teacher, 9), t=0.6)
+        dense.backward()
+        topk.backward()
+        assert topk.item() == pytest.approx(dense.item(), rel=1e-5)
+        torch.testing.assert_close(s_topk.grad, s_dense.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_shape_and_mask_mismatches_are_errors():

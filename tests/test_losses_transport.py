@@ -213,10 +213,40 @@ def test_bad_arguments_are_errors(kwargs, match):
         sinkhorn(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), **kwargs)
 
 
-def test_a_top_k_teacher_is_refused():
-    ids = torch.zeros(2, 3, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="dense logits"):
-        sinkhorn(torch.zeros(2, 3, 5), (ids, torch.zeros(2, 3, 2)))
+def _topk(teacher, k, T):
+    values, ids = torch.log_softmax(teacher.double() / T, -1).topk(k, dim=-1)
+    return ids, values.float()
+
+
+def test_top_k_teacher_cost_is_l1_over_each_teacher_rows_buckets():
+    g = torch.Generator().manual_seed(41)
+    s, t = torch.randn(5, 12, generator=g) * 2, torch.randn(5, 12, generator=g) * 2
+    T, k = 2.0, 4
+    ids, log_p = _topk(t, k, T)
+    q = torch.softmax(s.double() / T, -1)
+    cost = torch.zeros(5, 5, dtype=torch.float64)
+    for i in range(5):
+        for j in range(5):
+            q_at, p_at = q[i, ids[j]], log_p[j].double().exp()
+            cost[i, j] = (q_at - p_at).abs().sum() + ((1 - q_at.sum()) - (1 - p_at.sum())).abs()
+    plan = torch.exp(-cost / 0.1)
+    for _ in range(20):
+        plan = plan / plan.sum(1, keepdim=True)
+        plan = plan / plan.sum(0, keepdim=True)
+    expected = (plan * cost).sum()
+    got = sinkhorn(s, (ids, log_p), temperature=T)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_top_k_teacher_with_k_equal_to_the_vocabulary_is_the_dense_loss():
+    g = torch.Generator().manual_seed(42)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    student = s.clone().requires_grad_(True)
+    value = sinkhorn(student, _topk(t, 7, 2.0), mask=mask)
+    value.backward()
+    assert value.item() == pytest.approx(sinkhorn(s, t, mask=mask).item(), rel=1e-4)
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
 def test_shape_mismatch_is_an_error_not_a_broadcast():

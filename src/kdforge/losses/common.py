@@ -35,6 +35,17 @@ def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))).sum(-1)
 
 
+def logsumexp_or_neginf(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis (keepdim), -inf for an all -inf row, with no NaN gradient there.
+
+    torch.logsumexp of an all -inf row is -inf, but its gradient is 0/0 = NaN; such rows
+    are computed on zeros instead and their result replaced.
+    """
+    empty = torch.isneginf(x).all(-1, keepdim=True)
+    result = torch.logsumexp(x.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    return result.masked_fill(empty, -math.inf)
+
+
 def check_temperature(temperature: float) -> None:
     if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite, got {temperature}")

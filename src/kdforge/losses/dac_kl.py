@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kdforge.losses import chunking
 from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
-from kdforge.losses.logits import CHUNK_ELEMENTS
 from kdforge.losses.registry import register_loss_module
 
 __all__ = ["DACKL"]
@@ -221,7 +221,7 @@ class DACKL(nn.Module):
             low, high = lim if lim else (None, None)
             return self._per_position(s, t, temperature, low, high)
 
-        rows = max(1, CHUNK_ELEMENTS // vocab)
+        rows = max(1, chunking.CHUNK_ELEMENTS // vocab)
         if flat[0].shape[0] <= rows:
             per_position = run(*flat)
         else:

@@ -12,35 +12,26 @@ Top-k teachers: wherever a divergence takes ``teacher`` logits it also takes
 are then compared over k + 1 buckets: the teacher's k tokens, and a tail bucket
 holding the teacher's residual mass 1 - sum(top-k) against the student's mass
 outside those tokens. The stored log-probs are taken as already at the run's
-temperature; only the student's logits are divided by it (``dkd`` needs dense logits).
+temperature; only the student's logits are divided by it. ``dkd`` adds a bucket for
+the label (see :func:`_dkd_buckets`).
 
-Large vocabularies: positions are processed in chunks of about ``CHUNK_ELEMENTS``
-logits, so that the float32 copies, softmaxes and their gradients exist for one
-chunk at a time instead of for the whole ``[B, L, V]`` tensor; the backward pass
-recomputes each chunk's forward and writes the student's gradient into one buffer.
+Large vocabularies: positions are processed in chunks of about
+:data:`kdforge.losses.chunking.CHUNK_ELEMENTS` logits. The six divergences compute
+their gradient in closed form on reused chunk buffers (a :class:`FusedKernel` each),
+so their extra memory is the student's gradient plus four chunk buffers;
+``dkd`` runs its formula under autograd one chunk at a time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
+from kdforge.losses.chunking import FusedKernel, Teacher, check_pair, fused_per_position, per_position, teacher_tail
+from kdforge.losses.common import check_temperature, kl_per_position, logsumexp_or_neginf, masked_mean, upcast
 from kdforge.losses.registry import register_loss
-
-#: logits per chunk (16 MiB in float32: lower peaks than 64 MiB at no cost in time, see
-#: benchmarks/README.md); inputs up to this size are not chunked
-CHUNK_ELEMENTS = 1 << 22
-
-#: ``(log_q_student, log_p_teacher) -> per-position value`` over the last axis
-PositionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: dense teacher logits, or a top-k teacher ``(topk_ids, topk_logprobs)``
-Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def require_dense_teacher(teacher: Teacher, loss: str, reason: str) -> None:
@@ -49,119 +40,18 @@ def require_dense_teacher(teacher: Teacher, loss: str, reason: str) -> None:
         raise ValueError(f"{loss} needs the teacher's dense logits: {reason}, which a top-k teacher cannot give")
 
 
-def _check_pair(student: torch.Tensor, teacher: Teacher) -> None:
-    if isinstance(teacher, tuple):
-        ids, log_probs = teacher
-        if ids.shape != log_probs.shape or ids.shape[:-1] != student.shape[:-1] or ids.shape[-1] > student.shape[-1]:
-            raise ValueError(
-                "a top-k teacher needs ids and log-probs of the same shape [..., k] with the student's positions"
-                f" and k <= vocabulary; got ids {tuple(ids.shape)}, log-probs {tuple(log_probs.shape)},"
-                f" student {tuple(student.shape)}"
-            )
-        return
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ;"
-            " nothing is broadcast"
-        )
-
-
-def _topk_buckets(
-    log_q: torch.Tensor, ids: torch.Tensor, log_p_topk: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher as distributions over k + 1 buckets: the teacher's top-k tokens and the rest.
-
-    The teacher's tail bucket holds its residual mass 1 - sum(top-k) (clamped at 0,
-    since stored log-probs are rounded); the student's holds all its mass outside
-    those k tokens. Every divergence is then the same formula on the buckets.
-    """
-    log_q_topk = log_q.gather(-1, ids)
-    if ids.shape[-1] >= log_q.shape[-1]:
-        return log_q_topk, log_p_topk
-    log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, -math.inf), dim=-1, keepdim=True)
-    log_p_tail = torch.log((1 - log_p_topk.exp().sum(-1, keepdim=True)).clamp_min(0))
-    return torch.cat([log_q_topk, log_q_tail], -1), torch.cat([log_p_topk, log_p_tail], -1)
-
-
-def _per_position(student: torch.Tensor, teacher: Teacher, fn: PositionFn, temperature: float) -> torch.Tensor:
-    """``fn`` of the log-softmaxes at ``temperature``, per position, chunk by chunk.
-
-    A top-k teacher's log-probs are taken as already at ``temperature`` (a cache is
-    written at the run's temperature); only the student's logits are divided by it.
-    """
-
-    def run(s: torch.Tensor, *t: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(upcast(s) / temperature, dim=-1)
-        if len(t) == 2:
-            return fn(*_topk_buckets(log_q, t[0], upcast(t[1])))
-        return fn(log_q, F.log_softmax(upcast(t[0]) / temperature, dim=-1))
-
-    vocab = student.shape[-1]
-    positions = student.shape[:-1]
-    flat_s = student.reshape(-1, vocab)
-    flat_t = [x.reshape(-1, x.shape[-1]) for x in (teacher if isinstance(teacher, tuple) else (teacher,))]
-    rows = max(1, CHUNK_ELEMENTS // vocab)
-    if flat_s.shape[0] <= rows:
-        return run(flat_s, *flat_t).reshape(positions)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (flat_s, *flat_t))):
-        return _chunks(run, rows, flat_s, *flat_t).reshape(positions)
-    if any(x.requires_grad for x in flat_t):  # a teacher with gradients: rare, keep it simple
-        pieces = [checkpoint(run, *chunk, use_reentrant=False) for chunk in _slices(rows, flat_s, *flat_t)]
-        return torch.cat(pieces).reshape(positions)
-    return _ChunkedStudent.apply(run, rows, flat_s, *flat_t).reshape(positions)
-
-
-def _slices(rows: int, *tensors: torch.Tensor):
-    for start in range(0, tensors[0].shape[0], rows):
-        yield [x[start : start + rows] for x in tensors]
-
-
-def _chunks(run: Callable[..., torch.Tensor], rows: int, *tensors: torch.Tensor) -> torch.Tensor:
-    return torch.cat([run(*chunk) for chunk in _slices(rows, *tensors)])
-
-
-class _ChunkedStudent(torch.autograd.Function):
-    """Per-position values chunk by chunk, with the student's gradient written in place.
-
-    Autograd through slices would materialise a full-size gradient per chunk before
-    summing them; here the backward pass recomputes one chunk at a time and writes
-    its gradient into a single buffer, so the extra memory is that buffer plus one
-    chunk's intermediates. The teacher gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, run, rows, student, *teacher):  # noqa: ANN001
-        ctx.run, ctx.rows = run, rows
-        ctx.save_for_backward(student, *teacher)
-        with torch.no_grad():
-            return _chunks(run, rows, student, *teacher)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001
-        student, *teacher = ctx.saved_tensors
-        grad = torch.empty_like(student)
-        start = 0
-        for chunk in _slices(ctx.rows, student, *teacher):
-            piece = chunk[0].detach().requires_grad_(True)
-            end = start + piece.shape[0]
-            with torch.enable_grad():
-                (grad[start:end],) = torch.autograd.grad(ctx.run(piece, *chunk[1:]), piece, grad_out[start:end])
-            start = end
-        return None, None, grad, *([None] * len(teacher))
-
-
 def _divergence(
     student: torch.Tensor,
     teacher: Teacher,
-    fn: PositionFn,
+    kernel: FusedKernel,
     *,
     temperature: float,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The shared reduction: per-position ``fn``, masked mean over positions, times T^2."""
+    """The shared reduction: per-position divergence, masked mean over positions, times T^2."""
     check_temperature(temperature)
-    _check_pair(student, teacher)
-    return masked_mean(_per_position(student, teacher, fn, temperature), mask) * temperature**2
+    check_pair(student, teacher)
+    return masked_mean(fused_per_position(student, teacher, kernel, temperature), mask) * temperature**2
 
 
 def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -176,6 +66,85 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
     log_a, log_b = log_a.masked_fill(both, 0.0), log_b.masked_fill(both, 0.0)
     mixed = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
     return mixed.masked_fill(both, -math.inf)
+
+
+def _log_mixture_into(dest: torch.Tensor, scratch: torch.Tensor, log_a, log_b, weight_a: float) -> torch.Tensor:
+    """``dest`` <- log(w*a + (1-w)*b), in place (0 < w < 1); ``scratch`` is overwritten."""
+    torch.add(log_a, math.log(weight_a), out=dest)
+    torch.add(log_b, math.log1p(-weight_a), out=scratch)
+    return torch.logaddexp(dest, scratch, out=dest)
+
+
+# Fused kernels (see chunking.FusedKernel): value per position, and q_j * df/dq_j left in
+# ``out``. Every product that could be 0 * inf (a token with no mass on one side) is
+# zeroed where the weighting probability is 0, as kl_per_position does.
+
+
+def _forward_kl_fused(log_q, log_p, out, tmp):
+    torch.exp(log_p, out=out)  # p
+    value = torch.sub(log_p, log_q, out=tmp).mul_(out).masked_fill_(out == 0, 0.0).sum(-1)
+    out.neg_()  # q * d/dq sum p log(p/q) = -p
+    return value
+
+
+def _reverse_kl_fused(log_q, log_p, out, tmp):
+    torch.exp(log_q, out=tmp)  # q
+    torch.sub(log_q, log_p, out=out).mul_(tmp).masked_fill_(tmp == 0, 0.0)  # q (log q - log p), the +q cancels
+    return out.sum(-1)
+
+
+def _total_variation_fused(log_q, log_p, out, tmp):
+    torch.exp(log_q, out=out)  # q
+    torch.exp(log_p, out=tmp).sub_(out)  # p - q
+    value = 0.5 * torch.linalg.vector_norm(tmp, ord=1, dim=-1)
+    out.mul_(tmp.sign_()).mul_(-0.5)  # q * 0.5 sign(q - p)
+    return value
+
+
+def _jsd_fused(beta: float):
+    def fused(log_q, log_p, out, tmp):
+        _log_mixture_into(tmp, out, log_p, log_q, beta)  # tmp = log m
+        torch.exp(log_p, out=out)
+        teacher_side = log_p.sub_(tmp).mul_(out).masked_fill_(out == 0, 0.0).sum(-1)
+        torch.sub(log_q, tmp, out=out)
+        torch.exp(log_q, out=tmp)
+        student_side = out.mul_(tmp).masked_fill_(tmp == 0, 0.0).sum(-1)
+        out.mul_(1 - beta)  # q * dJSD/dq = (1 - beta) q log(q / m)
+        return beta * teacher_side + (1 - beta) * student_side
+
+    return fused
+
+
+def _skew_kl_fused(alpha: float):
+    def fused(log_q, log_p, out, tmp):
+        _log_mixture_into(tmp, out, log_p, log_q, alpha)  # tmp = log m, m = alpha p + (1 - alpha) q
+        torch.sub(log_q, tmp, out=out).add_(log_p).exp_().mul_(alpha - 1)  # -(1 - alpha) p q / m
+        tmp.neg_().add_(log_p)  # log p - log m
+        log_p.exp_()
+        value = tmp.mul_(log_p).masked_fill_(log_p == 0, 0.0).sum(-1)
+        out.masked_fill_(log_p == 0, 0.0)
+        return value
+
+    return fused
+
+
+def _skew_reverse_kl_fused(alpha: float):
+    def fused(log_q, log_p, out, tmp):
+        _log_mixture_into(tmp, out, log_p, log_q, 1 - alpha)  # tmp = log m, m = (1 - alpha) p + alpha q
+        torch.sub(log_q, tmp, out=out)  # log q - log m
+        torch.exp(out, out=log_p)  # q / m
+        torch.exp(log_q, out=tmp)  # q
+        value = out.mul_(tmp).masked_fill_(tmp == 0, 0.0).sum(-1)
+        # q * d/dq sum q log(q/m) = q log(q/m) - alpha q^2 / m (+ q, which cancels)
+        out.sub_(log_p.mul_(tmp).mul_(alpha)).masked_fill_(tmp == 0, 0.0)
+        return value
+
+    return fused
+
+
+FORWARD_KL = FusedKernel(_forward_kl_fused, lambda lq, lp: kl_per_position(lp, lq))
+REVERSE_KL = FusedKernel(_reverse_kl_fused, lambda lq, lp: kl_per_position(lq, lp))
+TOTAL_VARIATION = FusedKernel(_total_variation_fused, lambda lq, lp: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1))
 
 
 @register_loss("forward_kl")
@@ -202,7 +171,7 @@ def forward_kl(
     Returns:
         Scalar: per-position KL summed over classes, averaged over counted positions.
     """
-    return _divergence(student, teacher, lambda lq, lp: kl_per_position(lp, lq), temperature=temperature, mask=mask)
+    return _divergence(student, teacher, FORWARD_KL, temperature=temperature, mask=mask)
 
 
 @register_loss("hinton_kd")
@@ -238,7 +207,7 @@ def reverse_kl(
     ignore minor modes (token-level form of MiniLLM's objective, Gu et al. 2024).
     Shapes, mask and reduction as :func:`forward_kl`.
     """
-    return _divergence(student, teacher, lambda lq, lp: kl_per_position(lq, lp), temperature=temperature, mask=mask)
+    return _divergence(student, teacher, REVERSE_KL, temperature=temperature, mask=mask)
 
 
 @register_loss("generalized_jsd")
@@ -272,7 +241,7 @@ def generalized_jsd(
         log_m = _log_mixture(log_p, log_q, beta)
         return beta * kl_per_position(log_p, log_m) + (1 - beta) * kl_per_position(log_q, log_m)
 
-    return _divergence(student, teacher, jsd, temperature=temperature, mask=mask)
+    return _divergence(student, teacher, FusedKernel(_jsd_fused(beta), jsd), temperature=temperature, mask=mask)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -297,13 +266,12 @@ def skew_kl(
     constant H(p); this is the true KL (same gradient). Shapes as :func:`forward_kl`.
     """
     _check_alpha(alpha)
-    return _divergence(
-        student,
-        teacher,
-        lambda lq, lp: kl_per_position(lp, _log_mixture(lp, lq, alpha)),
-        temperature=temperature,
-        mask=mask,
+    kernel = (
+        FusedKernel(_skew_kl_fused(alpha), lambda lq, lp: kl_per_position(lp, _log_mixture(lp, lq, alpha)))
+        if alpha > 0
+        else FORWARD_KL
     )
+    return _divergence(student, teacher, kernel, temperature=temperature, mask=mask)
 
 
 @register_loss("skew_reverse_kl")
@@ -320,13 +288,12 @@ def skew_reverse_kl(
     alpha = 0 is the reverse KL (Ko et al. 2024). Shapes as :func:`forward_kl`.
     """
     _check_alpha(alpha)
-    return _divergence(
-        student,
-        teacher,
-        lambda lq, lp: kl_per_position(lq, _log_mixture(lq, lp, alpha)),
-        temperature=temperature,
-        mask=mask,
+    kernel = (
+        FusedKernel(_skew_reverse_kl_fused(alpha), lambda lq, lp: kl_per_position(lq, _log_mixture(lq, lp, alpha)))
+        if alpha > 0
+        else REVERSE_KL
     )
+    return _divergence(student, teacher, kernel, temperature=temperature, mask=mask)
 
 
 @register_loss("total_variation")
@@ -342,13 +309,7 @@ def total_variation(
     Bounded in [0, 1] per position (before T^2); its gradient does not vanish
     where the student is confidently wrong. Shapes as :func:`forward_kl`.
     """
-    return _divergence(
-        student,
-        teacher,
-        lambda lq, lp: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1),
-        temperature=temperature,
-        mask=mask,
-    )
+    return _divergence(student, teacher, TOTAL_VARIATION, temperature=temperature, mask=mask)
 
 
 @register_loss("dkd", needs_labels=True)
@@ -382,30 +343,67 @@ def dkd(
         Scalar: mean over counted positions of (alpha*TCKD + beta*NCKD) * T^2.
     """
     check_temperature(temperature)
-    require_dense_teacher(teacher, "dkd", "it splits the teacher's distribution at the target class")
-    _check_pair(student, teacher)
+    check_pair(student, teacher)
     if student.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(student.shape)} do not fit labels {tuple(labels.shape)}")
     counted = labels != ignore_index
     if mask is not None:
         counted = counted & mask.bool()
-    target = torch.where(counted, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    gt = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, target, True)
+    target = torch.where(counted, labels, torch.zeros_like(labels))
 
-    def split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log of the binary [p_gt, 1 - p_gt] ([..., 2]) and log of the non-target distribution."""
-        scaled = upcast(logits) / temperature
-        log_all = F.log_softmax(scaled, dim=-1)
-        log_gt = log_all.gather(-1, target)
-        log_rest = torch.logsumexp(log_all.masked_fill(gt, -math.inf), dim=-1, keepdim=True)
-        log_non_target = F.log_softmax(scaled.masked_fill(gt, -math.inf), dim=-1)
-        return torch.cat([log_gt, log_rest], dim=-1), log_non_target
+    def per_position_dkd(log_q: torch.Tensor, teacher_side, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(teacher_side, tuple):
+            log_q, log_p, target = _dkd_buckets(log_q, *teacher_side, target)
+        else:
+            log_p = teacher_side
+        log_b_s, log_nt_s = _split_at_target(log_q, target)
+        log_b_t, log_nt_t = _split_at_target(log_p, target)
+        return alpha * kl_per_position(log_b_t, log_b_s) + beta * kl_per_position(log_nt_t, log_nt_s)
 
-    log_b_s, log_nt_s = split(student)
-    log_b_t, log_nt_t = split(teacher)
-    tckd = kl_per_position(log_b_t, log_b_s)
-    nckd = kl_per_position(log_nt_t, log_nt_s)
-    return masked_mean(alpha * tckd + beta * nckd, counted) * temperature**2
+    per_position_dkd.own_topk = True
+    values = per_position(student, teacher, per_position_dkd, temperature, target)
+    return masked_mean(values, counted) * temperature**2
+
+
+def _split_at_target(log_probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log of the binary [p_gt, 1 - p_gt] (``[rows, 2]``) and log of the distribution over the other classes."""
+    index = target.unsqueeze(-1)
+    log_gt = log_probs.gather(-1, index)
+    others = log_probs.scatter(-1, index, -math.inf)
+    log_rest = logsumexp_or_neginf(others)
+    return torch.cat([log_gt, log_rest], dim=-1), F.log_softmax(others, dim=-1)
+
+
+def _log_or_neginf(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _dkd_buckets(
+    log_q: torch.Tensor, ids: torch.Tensor, log_p_topk: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DKD's k + 2 buckets for a top-k teacher: its k tokens, the label, the rest; and the label's bucket.
+
+    Where the label is among the teacher's k tokens, the label bucket is empty on both
+    sides. Where it is not, the teacher's probability of it is unknown: it is taken as
+    an even share of the residual mass, r / (V - k), and the rest bucket holds the
+    remaining r (V - k - 1) / (V - k); the student's buckets hold its own masses.
+    """
+    vocab, k = log_q.shape[-1], ids.shape[-1]
+    hit = ids == target.unsqueeze(-1)
+    if k >= vocab:  # every token is its own bucket
+        return log_q.gather(-1, ids), log_p_topk, hit.int().argmax(-1)
+    inside = hit.any(-1, keepdim=True)
+    label = target.unsqueeze(-1)
+    log_q_label = torch.where(inside, -math.inf, log_q.gather(-1, label))
+    log_q_rest = logsumexp_or_neginf(log_q.scatter(-1, ids, -math.inf).scatter(-1, label, -math.inf))
+    log_r = teacher_tail(log_p_topk)
+    share = 1.0 / (vocab - k)
+    log_p_label = torch.where(inside, -math.inf, log_r + _log_or_neginf(share))
+    log_p_rest = torch.where(inside, log_r, log_r + _log_or_neginf(1.0 - share))
+    log_q_b = torch.cat([log_q.gather(-1, ids), log_q_label, log_q_rest], -1)
+    log_p_b = torch.cat([log_p_topk, log_p_label, log_p_rest], -1)
+    bucket = torch.where(inside.squeeze(-1), hit.int().argmax(-1), torch.full_like(target, k))
+    return log_q_b, log_p_b, bucket
 
 
 @register_loss("cross_entropy", target="labels")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdforge.losses.chunking import FusedKernel, check_pair, fused_per_position
 from kdforge.losses.common import kl_per_position, masked_mean
-from kdforge.losses.logits import _check_pair, _per_position, require_dense_teacher
 from kdforge.losses.registry import register_loss
 
 
@@ -175,7 +175,9 @@ def taid(
 
     Args:
         student: logits ``[B, C]`` or ``[B, L, V]`` (gradients flow here only through q).
-        teacher: logits of the same shape.
+        teacher: logits of the same shape, or a top-k teacher ``(ids, log_probs)``: the
+            interpolation then runs over the k + 1 buckets of :mod:`kdforge.losses.logits`
+            (the teacher's tokens and one tail bucket).
         t: interpolation coefficient, 0 <= t <= 1.
         mask: ``[B]`` or ``[B, L]`` booleans, True = counted; default all.
 
@@ -183,24 +185,34 @@ def taid(
         Scalar: per-position KL summed over the last axis, averaged over counted positions
         of the whole batch; float32 (float64 for float64 inputs). ``-inf`` logits (a masked
         vocabulary) give probability 0 and no NaN. Large inputs go through the chunked,
-        checkpointed path of :mod:`kdforge.losses.logits`.
+        fused path of :mod:`kdforge.losses.chunking` (gradient in closed form: q - p_t).
     """
     t = float(t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
-    require_dense_teacher(teacher, "taid", "its target mixes them with the student's token by token")
-    _check_pair(student, teacher)
+    check_pair(student, teacher)
+    return masked_mean(fused_per_position(student, teacher, _taid_kernel(t), 1.0), mask)
 
-    def kl_to_target(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-        # A log-softmax differs from its logits by one constant per position, which the
-        # softmax of the mixture cancels: mixing log-softmaxes is mixing logits. At t = 0
-        # or 1 the target is taken as it is, not as 0 * (-inf) = NaN plus the other side.
-        if t == 0.0:
-            log_target = log_q.detach()
-        elif t == 1.0:
-            log_target = log_p
+
+def _taid_kernel(t: float) -> FusedKernel:
+    # A log-softmax differs from its logits by one constant per position, which the
+    # softmax of the mixture cancels: mixing log-softmaxes is mixing logits. At t = 0 or 1
+    # the target is one side as it is, not 0 * (-inf) = NaN plus the other side.
+    def formula(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        if t in (0.0, 1.0):
+            log_target = log_p if t == 1.0 else log_q.detach()
         else:
             log_target = F.log_softmax((1.0 - t) * log_q.detach() + t * log_p, dim=-1)
         return kl_per_position(log_target, log_q)
 
-    return masked_mean(_per_position(student, teacher, kl_to_target, 1.0), mask)
+    def fused(log_q, log_p, out, tmp):
+        if t in (0.0, 1.0):
+            out.copy_(log_p if t == 1.0 else log_q)
+        else:
+            torch.mul(log_q, 1.0 - t, out=tmp).add_(log_p, alpha=t)
+            torch.log_softmax(tmp, -1, out=out)
+        value = torch.sub(out, log_q, out=tmp).mul_(out.exp_()).masked_fill_(out == 0, 0.0).sum(-1)
+        out.neg_()  # q * dKL(r || q)/dq = -r, the target being constant
+        return value
+
+    return FusedKernel(fused, formula)

@@ -14,8 +14,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from kdforge.losses.chunking import Teacher, check_pair, teacher_tail
 from kdforge.losses.common import check_temperature, upcast
-from kdforge.losses.logits import _check_pair, require_dense_teacher
 from kdforge.losses.registry import register_loss
 
 
@@ -44,10 +44,26 @@ def _counted_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows[mask.reshape(-1).bool()]
 
 
+def _topk_l1_cost(q: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """L1 cost [N, M] between student rows q [N, V] and top-k teacher rows over each teacher row's k + 1 buckets.
+
+    W_ij = sum over teacher j's k tokens of |q_i - p_j| + |q_i's mass outside them - p_j's residual|,
+    the same buckets as the logit divergences use (a lower bound of the full L1 distance).
+    """
+    n, m, k = q.shape[0], ids.shape[0], ids.shape[-1]
+    q_at = q[:, ids.reshape(-1)].reshape(n, m, k)  # q_i at teacher j's tokens
+    p = log_p.exp()
+    cost = (q_at - p.unsqueeze(0)).abs().sum(-1)
+    if k < q.shape[-1]:
+        tail_q = (1 - q_at.sum(-1)).clamp_min(0)
+        cost = cost + (tail_q - teacher_tail(log_p).exp().squeeze(-1).unsqueeze(0)).abs()
+    return cost
+
+
 @register_loss("sinkhorn")
 def sinkhorn(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    teacher: Teacher,
     *,
     temperature: float = 2.0,
     epsilon: float = 0.1,
@@ -79,8 +95,11 @@ def sinkhorn(
 
     Args:
         student: logits ``[B, C]`` or ``[B, L, V]`` (gradients flow here).
-        teacher: logits of the same shape.
-        temperature: T > 0, divides both sides.
+        teacher: logits of the same shape, or a top-k teacher ``(ids, log_probs)`` ``[..., k]``
+            (log-probs taken as already at ``temperature``): the cost of each pair is then the
+            L1 distance over that teacher row's k tokens plus one tail bucket, as in
+            :mod:`kdforge.losses.logits`.
+        temperature: T > 0, divides the student's logits (and dense teacher logits).
         epsilon: entropic regularisation > 0.
         iterations: Sinkhorn rounds >= 1.
         mask: ``[B]`` or ``[B, L]`` booleans, True = counted; default all.
@@ -94,13 +113,16 @@ def sinkhorn(
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    require_dense_teacher(teacher, "sinkhorn", "its cost compares whole distributions")
-    _check_pair(student, teacher)
+    check_pair(student, teacher)
     if student.dim() < 2:
         raise ValueError(f"logits must be [B, C] or [B, L, V], got {tuple(student.shape)}")
     # select before the softmax so that masked positions cost nothing
     q = F.softmax(upcast(_counted_rows(student, mask)) / temperature, dim=-1)
-    p = F.softmax(upcast(_counted_rows(teacher, mask)).to(q.dtype) / temperature, dim=-1)
-    cost = torch.cdist(q, p, p=1.0)
+    if isinstance(teacher, tuple):
+        ids, log_p = (_counted_rows(x, mask) for x in teacher)
+        cost = _topk_l1_cost(q, ids, upcast(log_p).to(q.dtype))
+    else:
+        p = F.softmax(upcast(_counted_rows(teacher, mask)).to(q.dtype) / temperature, dim=-1)
+        cost = torch.cdist(q, p, p=1.0)
     plan = _sinkhorn_plan(cost, epsilon=epsilon, iterations=iterations)
     return (plan * cost).sum()
