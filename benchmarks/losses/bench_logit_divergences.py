@@ -1,37 +1,31 @@
 """Peak memory and time of the logit divergences, forward + backward, on CPU.
 
-For each divergence of ``kdforge.losses.logits`` (forward_kl, reverse_kl,
-generalized_jsd, skew_kl, skew_reverse_kl, total_variation) and each
-implementation:
+For each divergence of ``kdforge.losses`` (forward_kl, reverse_kl, generalized_jsd,
+skew_kl, skew_reverse_kl, total_variation, and taid at t = 0.5) and each implementation:
 
-* ``chunked``: kdforge as shipped (positions in chunks of about ``CHUNK_ELEMENTS``
-  logits; whatever chunking ``_per_position`` does at the checked-out commit);
-* ``unchunked``: kdforge with ``CHUNK_ELEMENTS = 1 << 40`` (the same formulas on
-  the whole tensor at once);
+* ``fused``: kdforge as shipped: positions in chunks of ``CHUNK_ELEMENTS`` logits, the
+  gradient in closed form on four reused chunk buffers (``kdforge.losses.chunking``);
+* ``chunked-autograd``: the same chunks, but each chunk's formula differentiated by
+  autograd (recomputed in the backward pass, gradient written into one buffer): what
+  kdforge shipped before the fused kernels;
+* ``plain``: the same formula under autograd on the whole tensor at once (what one
+  writes without chunking);
 * ``trl``: for generalized_jsd only, ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss``;
-* ``chunked@N`` (extra rows, ``--extra-chunk N``): kdforge with ``CHUNK_ELEMENTS = N``;
-* ``probe-*`` (``--probe``): no divergence, only the gradient bookkeeping of the
-  chunking, with the trivial per-position ``(2 * x).sum(-1)`` of the student logits
-  (its gradient is one materialised tensor the size of its input): taken whole
-  (``probe-whole``), as checkpointed slices ``x[a:b]`` the way ``_per_position``
-  took them up to commit 31feee7 (``probe-slices``), as checkpointed pieces of ``x.split(rows)``
-  (``probe-split``), or with each chunk's gradient computed during the forward into
-  one preallocated buffer by a custom autograd Function (``probe-preallocated``);
-  shipped rows per chunk; memory only;
+* ``fused@N`` (extra rows, ``--extra-chunk N``): the fused path with ``CHUNK_ELEMENTS = N``;
 
 a fresh subprocess allocates the inputs (student logits with requires_grad, teacher
 logits without), records its resident set after a gc, runs one forward + backward,
 and reports the extra peak resident memory (peak - baseline, with the kernel's
 peak counter reset just before the run; the student's gradient, 1x, is part of
 it). The same subprocess then times ``--repeats`` more forward + backward passes
-(median). The parent prints a markdown table, the git commit and a hash of
-``logits.py``, and warns if that file changed between rows.
+(median). The parent prints a markdown table, the git commit and a hash of the
+loss sources, and warns if they changed between rows.
 
 Resident memory is what the process got from glibc malloc: allocations under its
 dynamic mmap threshold (at most 32 MiB) come from the heap and are not always given
-back when freed, which adds to the peak and saves page faults. Setting
-``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (the workers inherit it) maps
-every allocation of 64 KiB or more separately, so the peak tracks live tensors.
+back when freed. Setting ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (the
+workers inherit it) maps every allocation of 64 KiB or more separately, so the peak
+tracks live tensors.
 
     .venv/bin/python benchmarks/losses/bench_logit_divergences.py           # [8, 512, 49152]
     .venv/bin/python benchmarks/losses/bench_logit_divergences.py --quick   # [4, 128, 49152], smoke
@@ -49,8 +43,22 @@ import subprocess
 import sys
 import time
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "total_variation"]
-UNCHUNKED = 1 << 40
+DIVERGENCES = [
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "total_variation",
+    "taid",
+]
+WHOLE = 1 << 40  # CHUNK_ELEMENTS that makes every input one chunk
+PARAMS = {
+    "generalized_jsd": {"beta": 0.5},
+    "skew_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.1},
+    "taid": {"t": 0.5},
+}
 TARGET = 1.5  # the issue's target: extra peak < 1.5 x one float32 logits tensor
 
 
@@ -75,59 +83,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _probe_fn(kind: str):
-    """The gradient bookkeeping of chunking alone, with a trivial per-position function."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    import kdforge.losses.logits as logits
-
-    def run(s: torch.Tensor) -> torch.Tensor:
-        # per-position value whose gradient is one materialised chunk-sized tensor (2 * grad)
-        return (2.0 * s).sum(-1)
-
-    class Preallocated(torch.autograd.Function):
-        """Each chunk's gradient computed during the forward into one preallocated [N, V] buffer."""
-
-        @staticmethod
-        def forward(ctx, flat: torch.Tensor, rows: int) -> torch.Tensor:
-            grad = torch.empty_like(flat)
-            outs = []
-            for a in range(0, flat.shape[0], rows):
-                with torch.enable_grad():
-                    s = flat[a : a + rows].detach().requires_grad_(True)
-                    out = run(s)
-                    (grad[a : a + rows],) = torch.autograd.grad(out.sum(), s)
-                outs.append(out.detach())
-            ctx.save_for_backward(grad)
-            return torch.cat(outs)
-
-        @staticmethod
-        def backward(ctx, grad_out: torch.Tensor):
-            (grad,) = ctx.saved_tensors
-            return grad.mul_(grad_out.unsqueeze(-1)), None
-
-    def fn(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        flat = student.reshape(-1, student.shape[-1])
-        rows = max(1, logits.CHUNK_ELEMENTS // flat.shape[1])
-        if kind == "whole":
-            return run(flat).mean()
-        if kind == "preallocated":
-            return Preallocated.apply(flat, rows).mean()
-        if kind == "slices":
-            pieces = [flat[a : a + rows] for a in range(0, flat.shape[0], rows)]
-        elif kind == "split":
-            pieces = flat.split(rows)
-        else:
-            raise ValueError(f"unknown probe {kind!r}")
-        return torch.cat([checkpoint(run, p, use_reentrant=False) for p in pieces]).mean()
-
-    return fn
-
-
 def _loss_fn(divergence: str, impl: str):
-    if impl.startswith("probe-"):
-        return _probe_fn(impl.removeprefix("probe-"))
     if impl == "trl":
         if divergence != "generalized_jsd":
             raise ValueError("trl implements generalized_jsd only")
@@ -137,28 +93,40 @@ def _loss_fn(divergence: str, impl: str):
         # reduction "batchmean" divides by B, kdforge by B*L: a constant factor, same work
         return lambda s, t: GKDTrainer.generalized_jsd_loss(s, t, beta=0.5, temperature=1.0)
 
-    import kdforge.losses.logits as logits
+    import kdforge.losses as losses
+    from kdforge.losses import chunking
+    from kdforge.losses.common import masked_mean
+    from kdforge.losses.logits import KERNELS
+    from kdforge.losses.taid import taid_kernel
 
-    if impl == "chunked":
-        pass  # as shipped
-    elif impl == "unchunked":
-        logits.CHUNK_ELEMENTS = UNCHUNKED
-    elif impl.startswith("chunked@"):
-        logits.CHUNK_ELEMENTS = int(impl.split("@", 1)[1])
-    else:
+    params = PARAMS.get(divergence, {})
+    if impl == "fused":
+        fn = losses.LOSSES.get(divergence).fn
+        return lambda s, t: fn(s, t, **params)
+    if impl.startswith("fused@"):
+        chunking.CHUNK_ELEMENTS = int(impl.split("@", 1)[1])
+        fn = losses.LOSSES.get(divergence).fn
+        return lambda s, t: fn(s, t, **params)
+    if impl not in ("chunked-autograd", "plain"):
         raise ValueError(f"unknown implementation {impl!r}")
-    fn = getattr(logits, divergence)
-    if divergence == "generalized_jsd":
-        return lambda s, t: fn(s, t, beta=0.5, temperature=1.0)
-    return lambda s, t: fn(s, t, temperature=1.0)
+    if impl == "plain":
+        chunking.CHUNK_ELEMENTS = WHOLE
+    kernel = taid_kernel(params["t"]) if divergence == "taid" else KERNELS[divergence](*params.values())
+    # temperature 1 (the T^2 factor is 1), mean over positions: what the shipped functions compute
+    return lambda s, t: masked_mean(chunking.per_position(s, t, kernel.formula, 1.0), None)
 
 
 def _source_sha() -> str:
-    """sha256 (12 hex) of the logits.py this process imports: rows of one table must agree."""
+    """sha256 (12 hex) of the loss sources this process imports: rows of one table must agree."""
+    import kdforge.losses.chunking as chunking
     import kdforge.losses.logits as logits
+    import kdforge.losses.taid as taid
 
-    with open(logits.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
+    digest = hashlib.sha256()
+    for module in (chunking, logits, taid):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def _git_head() -> str:
@@ -246,25 +214,11 @@ def run_case(divergence: str, impl: str, shape: list[int], repeats: int, threads
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def probe_table(results: list[dict]) -> str:
-    lines = [
-        "| probe | extra peak fwd (MB) | extra peak fwd+bwd (MB) | x tensor |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['impl']} | error: {r['error'].splitlines()[-1]} | | |")
-        else:
-            multiple = r["extra_mb"] / r["tensor_mb"]
-            lines.append(f"| {r['impl']} | {r['extra_fwd_mb']:.0f} | {r['extra_mb']:.0f} | {multiple:.2f} |")
-    return "\n".join(lines)
-
-
 def table(results: list[dict], repeats: int) -> str:
-    ref = {r["divergence"]: r for r in results if r.get("impl") == "unchunked" and "error" not in r}
+    ref = {r["divergence"]: r for r in results if r.get("impl") == "plain" and "error" not in r}
     lines = [
         "| divergence | implementation | extra peak fwd (MB) | extra peak fwd+bwd (MB) | x tensor "
-        f"| < {TARGET}x | median fwd+bwd (s) | time / unchunked |",
+        f"| < {TARGET}x | median fwd+bwd (s) | time / plain |",
         "|---|---|---:|---:|---:|:-:|---:|---:|",
     ]
     for r in results:
@@ -305,15 +259,13 @@ def main() -> None:
     parser.add_argument(
         "--impls",
         nargs="*",
-        default=["chunked", "unchunked", "trl"],
-        help="implementations per divergence: chunked, unchunked, trl (generalized_jsd only), chunked@N",
+        default=["fused", "chunked-autograd", "plain", "trl"],
+        help="implementations per divergence: fused, chunked-autograd, plain, trl (generalized_jsd only), fused@N",
     )
     parser.add_argument(
         "--extra-for", nargs="*", default=["forward_kl"], help="divergences that get the extra rows ('all': every one)"
     )
     parser.add_argument("--extra-repeats", type=int, default=1, help="timed passes of the extra rows")
-    parser.add_argument("--probe", action="store_true", help="also run the memory-only chunking probes")
-    parser.add_argument("--probe-only", action="store_true", help="run the probes and nothing else")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--worker", nargs=2, metavar=("DIVERGENCE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,21 +279,19 @@ def main() -> None:
 
     import torch
 
-    import kdforge.losses.logits as logits
+    import kdforge.losses.chunking as chunking
 
     divergences = args.only or DIVERGENCES
     cases = []  # (divergence, implementation, timed repeats)
-    for d in [] if args.probe_only else divergences:
+    for d in divergences:
         cases += [(d, impl, args.repeats) for impl in args.impls if impl != "trl" or d == "generalized_jsd"]
         if d in args.extra_for or "all" in args.extra_for:
-            cases += [(d, f"chunked@{n}", args.extra_repeats) for n in args.extra_chunk]
-    if args.probe or args.probe_only:
-        cases += [("-", f"probe-{kind}", 0) for kind in ("whole", "slices", "split", "preallocated")]
+            cases += [(d, f"fused@{n}", args.extra_repeats) for n in args.extra_chunk]
 
     head, sha = _git_head(), _source_sha()
     print(
         f"# logits {shape} float32, {args.repeats} timed repeats; torch {torch.__version__}, "
-        f"nproc {os.cpu_count()}, shipped CHUNK_ELEMENTS = {logits.CHUNK_ELEMENTS}; git {head}, logits.py {sha}",
+        f"nproc {os.cpu_count()}, shipped CHUNK_ELEMENTS = {chunking.CHUNK_ELEMENTS}; git {head}, sources {sha}",
         file=sys.stderr,
     )
     results = []
@@ -365,14 +315,9 @@ def main() -> None:
     print(f"\nlogits {shape} float32; one tensor = {tensor_mb:.0f} MB; total {time.perf_counter() - start:.0f} s")
     shas = {r.get("logits_sha") for r in results if "error" not in r} | {sha, _source_sha()}
     if len(shas) > 1:
-        print(f"WARNING: src/kdforge/losses/logits.py changed during the run ({sorted(shas)}); rows differ in code")
-    print(f"git {head} at the start; logits.py sha256 {sha}; torch {torch.__version__}; nproc {os.cpu_count()}\n")
-    if not args.probe_only:
-        print(table([r for r in results if not r["impl"].startswith("probe-")], args.repeats))
-    probes = [r for r in results if r["impl"].startswith("probe-")]
-    if probes:
-        print()
-        print(probe_table(probes))
+        print(f"WARNING: the loss sources changed during the run ({sorted(shas)}); rows differ in code")
+    print(f"git {head} at the start; sources sha256 {sha}; torch {torch.__version__}; nproc {os.cpu_count()}\n")
+    print(table(results, args.repeats))
 
 
 if __name__ == "__main__":

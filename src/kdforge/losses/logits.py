@@ -147,6 +147,37 @@ REVERSE_KL = FusedKernel(_reverse_kl_fused, lambda lq, lp: kl_per_position(lq, l
 TOTAL_VARIATION = FusedKernel(_total_variation_fused, lambda lq, lp: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1))
 
 
+def jsd_kernel(beta: float) -> FusedKernel:
+    def formula(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        log_m = _log_mixture(log_p, log_q, beta)
+        return beta * kl_per_position(log_p, log_m) + (1 - beta) * kl_per_position(log_q, log_m)
+
+    return FusedKernel(_jsd_fused(beta), formula)
+
+
+def skew_kl_kernel(alpha: float) -> FusedKernel:
+    if alpha == 0:
+        return FORWARD_KL
+    return FusedKernel(_skew_kl_fused(alpha), lambda lq, lp: kl_per_position(lp, _log_mixture(lp, lq, alpha)))
+
+
+def skew_reverse_kl_kernel(alpha: float) -> FusedKernel:
+    if alpha == 0:
+        return REVERSE_KL
+    return FusedKernel(_skew_reverse_kl_fused(alpha), lambda lq, lp: kl_per_position(lq, _log_mixture(lq, lp, alpha)))
+
+
+#: each divergence's kernel from its parameters (benchmarks compare the fused and plain paths through these)
+KERNELS = {
+    "forward_kl": lambda: FORWARD_KL,
+    "reverse_kl": lambda: REVERSE_KL,
+    "total_variation": lambda: TOTAL_VARIATION,
+    "generalized_jsd": jsd_kernel,
+    "skew_kl": skew_kl_kernel,
+    "skew_reverse_kl": skew_reverse_kl_kernel,
+}
+
+
 @register_loss("forward_kl")
 def forward_kl(
     student: torch.Tensor,
@@ -237,11 +268,7 @@ def generalized_jsd(
             f"beta must be strictly between 0 and 1, got {beta}; for beta = 0 use forward_kl, for beta = 1 reverse_kl"
         )
 
-    def jsd(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-        log_m = _log_mixture(log_p, log_q, beta)
-        return beta * kl_per_position(log_p, log_m) + (1 - beta) * kl_per_position(log_q, log_m)
-
-    return _divergence(student, teacher, FusedKernel(_jsd_fused(beta), jsd), temperature=temperature, mask=mask)
+    return _divergence(student, teacher, jsd_kernel(beta), temperature=temperature, mask=mask)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -266,12 +293,7 @@ def skew_kl(
     constant H(p); this is the true KL (same gradient). Shapes as :func:`forward_kl`.
     """
     _check_alpha(alpha)
-    kernel = (
-        FusedKernel(_skew_kl_fused(alpha), lambda lq, lp: kl_per_position(lp, _log_mixture(lp, lq, alpha)))
-        if alpha > 0
-        else FORWARD_KL
-    )
-    return _divergence(student, teacher, kernel, temperature=temperature, mask=mask)
+    return _divergence(student, teacher, skew_kl_kernel(alpha), temperature=temperature, mask=mask)
 
 
 @register_loss("skew_reverse_kl")
@@ -288,12 +310,7 @@ def skew_reverse_kl(
     alpha = 0 is the reverse KL (Ko et al. 2024). Shapes as :func:`forward_kl`.
     """
     _check_alpha(alpha)
-    kernel = (
-        FusedKernel(_skew_reverse_kl_fused(alpha), lambda lq, lp: kl_per_position(lq, _log_mixture(lq, lp, alpha)))
-        if alpha > 0
-        else REVERSE_KL
-    )
-    return _divergence(student, teacher, kernel, temperature=temperature, mask=mask)
+    return _divergence(student, teacher, skew_reverse_kl_kernel(alpha), temperature=temperature, mask=mask)
 
 
 @register_loss("total_variation")

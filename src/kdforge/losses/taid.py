@@ -191,10 +191,10 @@ def taid(
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
     check_pair(student, teacher)
-    return masked_mean(fused_per_position(student, teacher, _taid_kernel(t), 1.0), mask)
+    return masked_mean(fused_per_position(student, teacher, taid_kernel(t), 1.0), mask)
 
 
-def _taid_kernel(t: float) -> FusedKernel:
+def taid_kernel(t: float) -> FusedKernel:
     # A log-softmax differs from its logits by one constant per position, which the
     # softmax of the mixture cancels: mixing log-softmaxes is mixing logits. At t = 0 or 1
     # the target is one side as it is, not 0 * (-inf) = NaN plus the other side.
