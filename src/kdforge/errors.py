@@ -29,3 +29,17 @@ class CheckpointError(KDForgeError):
 
 class Interrupted(KDForgeError):
     """The run was stopped by a signal after saving a checkpoint."""
+
+
+class CacheError(KDForgeError):
+    """A teacher cache is missing, corrupt, incomplete, or was made for another run."""
+
+
+class ServedTeacherError(KDForgeError):
+    """A served teacher cannot be reached or answered something unusable."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line, for a one-line error (torch's messages can run to several)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__

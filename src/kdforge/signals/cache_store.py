@@ -1,0 +1,423 @@
+"""The teacher cache on disk: a manifest and checksummed safetensors shards.
+
+Layout of a cache directory::
+
+    manifest.json            format version, fingerprint, fields, shards (see Manifest)
+    shard-00000.safetensors  examples [0, n) of the dataset, in dataset order
+    shard-00001.safetensors  ...
+
+Each shard holds, for every cached field, the outputs of its examples with their
+positions concatenated (``offsets[i]:offsets[i+1]`` are example i's positions: one
+for a classifier's logits or an embedding, one per token for a language model):
+
+* a **top-k** field ``F`` (logits over a vocabulary): ``F.ids`` ``[P, k]`` (uint16 when
+  the vocabulary fits, else int32), ``F.logprobs`` ``[P, k]`` (float16, bfloat16,
+  float32, or ``q8``: uint8 codes of -logprob in steps of 1/16 nat), and ``F.tail``
+  ``[P]`` float32, the teacher's probability mass outside its top-k;
+* a **dense** field ``F`` (embeddings, ranking scores, class logits): ``F`` ``[P, D]``
+  in the chosen float dtype, uncompressed.
+
+Writers write a shard to a temporary name, rename it, then rewrite the manifest
+(atomically); a writer that is killed resumes after its last complete shard. Readers
+open a shard only when an example in it is asked for, verify its checksum the first
+time, read only the rows asked for (safetensors slices of a memory map) and keep a
+few shards open, so the memory they hold does not grow with the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from kdforge.errors import CacheError
+from kdforge.fsutil import atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CacheDtype = Literal["float32", "float16", "bfloat16", "q8"]
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: q8 codes: -logprob in steps of 1/16 nat, so 255 is -15.9 (probability 1.2e-7); below is clamped
+Q8_STEP = 1.0 / 16.0
+#: the reader keeps this many shards open (each a memory map of one file)
+OPEN_SHARDS = 4
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldSpec(_Strict):
+    kind: Literal["topk", "dense"]
+    dtype: CacheDtype
+    k: int | None = None
+    vocab: int | None = None
+    width: int | None = None
+
+
+class ShardInfo(_Strict):
+    file: str
+    first: int = Field(ge=0, description="index of the shard's first example")
+    count: int = Field(ge=1)
+    positions: int = Field(ge=0)
+    sha256: str
+    bytes: int
+
+
+class Manifest(_Strict):
+    format_version: int
+    fingerprint: dict[str, Any]
+    fields: dict[str, FieldSpec]
+    examples: int = Field(ge=0, description="examples the cache will hold when complete")
+    shards: list[ShardInfo] = []
+    complete: bool = False
+    #: sum over cached positions of the teacher's top-k mass, per top-k field (for the report)
+    kept_mass_sum: dict[str, float] = {}
+
+    @property
+    def cached_examples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def positions(self) -> int:
+        return sum(s.positions for s in self.shards)
+
+    def kept_mass(self) -> dict[str, float]:
+        """Mean top-k mass per position of each top-k field (1.0 = nothing lost)."""
+        return {name: total / max(self.positions, 1) for name, total in self.kept_mass_sum.items()}
+
+
+def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """The fingerprint entries that differ, as ``name (cache X, run Y)`` phrases."""
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        if expected.get(key) != found.get(key):
+            out.append(f"{key} (cache {_short(found.get(key))}, this run {_short(expected.get(key))})")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:16] + "…"
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{directory}: no {MANIFEST}; write the cache with `kdforge cache RECIPE` first")
+    try:
+        manifest = Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except (ValidationError, ValueError) as exc:
+        raise CacheError(f"{path}: not a kdforge cache manifest ({str(exc).splitlines()[0]})") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format {manifest.format_version}, this kdforge reads {FORMAT_VERSION}; write it again"
+        )
+    return manifest
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def _ids_dtype(vocab: int) -> torch.dtype:
+    return torch.uint16 if vocab <= 1 << 16 else torch.int32
+
+
+def encode_logprobs(logprobs: torch.Tensor, dtype: CacheDtype) -> torch.Tensor:
+    if dtype == "q8":
+        codes = (-logprobs.float() / Q8_STEP).round().clamp(0, 255)
+        return codes.nan_to_num(255).to(torch.uint8)
+    return logprobs.to(FLOAT_DTYPES[dtype])
+
+
+def decode_topk(logprobs: torch.Tensor, tail: torch.Tensor, dtype: CacheDtype) -> torch.Tensor:
+    """float32 log-probs whose top-k mass is 1 - tail: rounding in storage never changes the kept mass."""
+    values = -logprobs.float() * Q8_STEP if dtype == "q8" else logprobs.float()
+    kept = (1.0 - tail.float()).clamp_min(1e-30).log().unsqueeze(-1)
+    return values - torch.logsumexp(values, dim=-1, keepdim=True) + kept
+
+
+def topk_of(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k ids, their log-probs at ``temperature`` and the tail mass, per position."""
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    k = min(k, log_p.shape[-1])
+    values, ids = log_p.topk(k, dim=-1)
+    tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
+    return ids, values, tail
+
+
+# ------------------------------------------------------------------------ writing
+
+
+@dataclass
+class ExampleOutputs:
+    """One example's teacher outputs for the cache: per field, ``[P, ...]`` rows."""
+
+    rows: dict[str, tuple[torch.Tensor, ...]]  # topk: (ids, logprobs, tail); dense: (values,)
+
+
+class CacheWriter:
+    """Appends examples in dataset order and writes a shard every ``shard_examples`` of them.
+
+    ``CacheWriter.open`` starts a cache or resumes one with the same fingerprint
+    (``start`` tells from which example); a cache with another fingerprint is refused
+    unless ``overwrite``, and a complete one is left alone.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, shard_examples: int):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.shard_examples = shard_examples
+        self._pending: list[ExampleOutputs] = []
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        fingerprint: dict[str, Any],
+        fields: dict[str, FieldSpec],
+        examples: int,
+        shard_examples: int = 1024,
+        overwrite: bool = False,
+    ) -> CacheWriter:
+        directory = Path(directory)
+        fresh = Manifest(format_version=FORMAT_VERSION, fingerprint=fingerprint, fields=fields, examples=examples)
+        if (directory / MANIFEST).is_file():
+            old = read_manifest(directory)
+            differences = fingerprint_differences(fingerprint, old.fingerprint)
+            if old.fields != fields:
+                differences.append("fields (k, dtype or outputs)")
+            if old.examples != examples:
+                differences.append(f"examples (cache {old.examples}, this run {examples})")
+            if differences and not overwrite:
+                raise CacheError(
+                    f"{directory}: holds a cache for another run: {'; '.join(differences)};"
+                    " choose another --output or pass --overwrite"
+                )
+            if not differences:
+                writer = cls(directory, old, shard_examples)
+                writer._drop_bad_shards()
+                return writer
+            for shard in old.shards:
+                (directory / shard.file).unlink(missing_ok=True)
+        elif directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise CacheError(f"{directory}: exists and is not a kdforge cache; choose another --output")
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = cls(directory, fresh, shard_examples)
+        writer._save_manifest()
+        return writer
+
+    @property
+    def start(self) -> int:
+        """Index of the next example to write (examples before it are in complete shards)."""
+        return self.manifest.cached_examples
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    def _drop_bad_shards(self) -> None:
+        """Keep the longest prefix of listed shards that exist with their checksum; forget the rest."""
+        good = []
+        for shard in self.manifest.shards:
+            path = self.directory / shard.file
+            if not path.is_file() or path.stat().st_size != shard.bytes or file_sha256(path) != shard.sha256:
+                break
+            good.append(shard)
+        if len(good) != len(self.manifest.shards):
+            self.manifest.shards = good
+            self.manifest.complete = False
+            self._recount_kept_mass()
+            self._save_manifest()
+
+    def _recount_kept_mass(self) -> None:
+        totals = {name: 0.0 for name, spec in self.manifest.fields.items() if spec.kind == "topk"}
+        for shard in self.manifest.shards:
+            with safe_open(str(self.directory / shard.file), framework="pt") as fh:
+                for name in totals:
+                    totals[name] += float((1.0 - fh.get_tensor(f"{name}.tail").double()).sum())
+        self.manifest.kept_mass_sum = totals
+
+    def add(self, example: ExampleOutputs) -> None:
+        if self.manifest.complete:
+            raise CacheError(f"{self.directory}: the cache is complete; nothing more can be added")
+        self._pending.append(example)
+        if len(self._pending) >= self.shard_examples:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending examples as one shard (temporary name, then rename), then the manifest."""
+        if not self._pending:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        counts = None
+        for name, spec in self.manifest.fields.items():
+            parts = [ex.rows[name] for ex in self._pending]
+            lengths = [p[0].shape[0] for p in parts]
+            if counts is None:
+                counts = lengths
+            elif lengths != counts:
+                raise ValueError(f"field {name} has {lengths} positions per example, another field {counts}")
+            if spec.kind == "topk":
+                assert spec.vocab is not None
+                tensors[f"{name}.ids"] = torch.cat([p[0] for p in parts]).to(_ids_dtype(spec.vocab))
+                tensors[f"{name}.logprobs"] = encode_logprobs(torch.cat([p[1] for p in parts]), spec.dtype)
+                tail = torch.cat([p[2] for p in parts]).float()
+                tensors[f"{name}.tail"] = tail
+                self.manifest.kept_mass_sum[name] = self.manifest.kept_mass_sum.get(name, 0.0) + float(
+                    (1.0 - tail.double()).sum()
+                )
+            else:
+                tensors[name] = torch.cat([p[0] for p in parts]).to(FLOAT_DTYPES[spec.dtype])
+        assert counts is not None
+        offsets = torch.tensor([0, *counts]).cumsum(0)
+        tensors["offsets"] = offsets
+        index = len(self.manifest.shards)
+        name = f"shard-{index:05d}.safetensors"
+        final = self.directory / name
+        tmp = self.directory / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self.manifest.shards.append(
+            ShardInfo(
+                file=name,
+                first=self.start,
+                count=len(self._pending),
+                positions=int(offsets[-1]),
+                sha256=file_sha256(final),
+                bytes=final.stat().st_size,
+            )
+        )
+        self._pending = []
+        if self.start >= self.manifest.examples:
+            self.manifest.complete = True
+        self._save_manifest()
+
+    def close(self) -> Manifest:
+        """Write what is pending; the cache is complete once every example is in."""
+        self.flush()
+        return self.manifest
+
+    def _save_manifest(self) -> None:
+        atomic_write_text(self.directory / MANIFEST, self.manifest.model_dump_json(indent=1))
+
+
+# ------------------------------------------------------------------------ reading
+
+
+class CacheReader:
+    """Reads examples' outputs by dataset index, a few shards open at a time, checksums verified once."""
+
+    def __init__(self, directory: Path, *, expected_fingerprint: dict[str, Any] | None = None, verify: bool = True):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if not self.manifest.complete:
+            raise CacheError(
+                f"{self.directory}: incomplete ({self.manifest.cached_examples} of {self.manifest.examples} examples);"
+                " run `kdforge cache` again to finish it"
+            )
+        if expected_fingerprint is not None:
+            differences = fingerprint_differences(expected_fingerprint, self.manifest.fingerprint)
+            if differences:
+                raise CacheError(
+                    f"{self.directory}: made for another run: {'; '.join(differences)};"
+                    " write a cache for this recipe with `kdforge cache`"
+                )
+        self.verify = verify
+        self._verified: set[int] = set()
+        self._open: OrderedDict[int, Any] = OrderedDict()
+        self._firsts = [s.first for s in self.manifest.shards]
+
+    def __len__(self) -> int:
+        return self.manifest.examples
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        return self.manifest.fields
+
+    def _shard_of(self, index: int) -> int:
+        if not 0 <= index < self.manifest.examples:
+            raise CacheError(f"{self.directory}: example {index} is outside the cache's {self.manifest.examples}")
+        lo, hi = 0, len(self._firsts) - 1
+        while lo < hi:  # the last shard whose first example is <= index
+            mid = (lo + hi + 1) // 2
+            if self._firsts[mid] <= index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _handle(self, shard: int):
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        info = self.manifest.shards[shard]
+        path = self.directory / info.file
+        if not path.is_file():
+            raise CacheError(f"{path}: missing shard; run `kdforge cache` again to rewrite it")
+        if self.verify and shard not in self._verified:
+            if path.stat().st_size != info.bytes:
+                raise CacheError(
+                    f"{path}: truncated ({path.stat().st_size} of {info.bytes} bytes); run `kdforge cache` again"
+                )
+            if file_sha256(path) != info.sha256:
+                raise CacheError(f"{path}: checksum mismatch (corrupt shard); run `kdforge cache` again")
+            self._verified.add(shard)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise CacheError(f"{path}: unreadable shard ({exc}); run `kdforge cache` again") from None
+        self._open[shard] = handle
+        while len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return handle
+
+    def example(self, index: int) -> dict[str, tuple[torch.Tensor, ...]]:
+        """One example's outputs: top-k fields as ``(ids int64, logprobs float32)``, dense as ``(values,)``."""
+        shard = self._shard_of(index)
+        handle = self._handle(shard)
+        local = index - self.manifest.shards[shard].first
+        bounds = handle.get_slice("offsets")[local : local + 2]
+        a, b = int(bounds[0]), int(bounds[1])
+        out: dict[str, tuple[torch.Tensor, ...]] = {}
+        for name, spec in self.manifest.fields.items():
+            if spec.kind == "topk":
+                ids = handle.get_slice(f"{name}.ids")[a:b].long()
+                tail = handle.get_slice(f"{name}.tail")[a:b]
+                logprobs = decode_topk(handle.get_slice(f"{name}.logprobs")[a:b], tail, spec.dtype)
+                out[name] = (ids, logprobs)
+            else:
+                out[name] = (handle.get_slice(name)[a:b].float(),)
+        return out
+
+
+def bytes_per_position(directory: Path) -> float:
+    """Shard bytes (ids, values, tail and offsets included) per cached position."""
+    manifest = read_manifest(directory)
+    return sum(s.bytes for s in manifest.shards) / max(manifest.positions, 1)
+
+
+def uniform_topk_filler(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and log-probs for a padded position: finite values that a masked loss never counts."""
+    return torch.arange(k), torch.full((k,), -math.log(k))
