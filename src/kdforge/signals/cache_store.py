@@ -59,6 +59,8 @@ class _Strict(BaseModel):
 
 class FieldSpec(_Strict):
     kind: Literal["topk", "dense"]
+    #: one row per example (a classifier's logits, an embedding) or per token (a language model)
+    layout: Literal["example", "token"] = "example"
     dtype: CacheDtype
     k: int | None = None
     vocab: int | None = None

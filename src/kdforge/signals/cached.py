@@ -1,0 +1,114 @@
+"""The cached teacher: outputs written once by ``kdforge cache`` and read back by example index.
+
+Batches carry ``example_index`` (the runner adds it: the position of each example
+in the training set), and the cache stores examples in that order. A field laid out
+per ``example`` comes back as ``[B, ...]``; one laid out per ``token`` as
+``[B, L, ...]`` with L the batch's sequence length (``attention_mask`` or
+``input_ids``), each example's positions first (right padding) and padded
+positions filled with finite values that a masked loss never counts. Logits come
+back as the top-k pair ``(ids, log_probs)`` that every logit divergence accepts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdforge.errors import CacheError
+from kdforge.outputs import ModelOutputs
+from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
+from kdforge.signals.cache_store import CacheReader, ExampleOutputs, FieldSpec, topk_of
+
+INDEX_KEY = "example_index"
+
+
+def sequence_length(batch: Batch) -> int | None:
+    for key in ("attention_mask", "input_ids"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[1])
+    return None
+
+
+def example_positions(batch: Batch, size: int) -> list[int]:
+    """How many positions each example of the batch has (right padding; every position without a mask)."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return [int(n) for n in mask.sum(-1).tolist()]
+    length = sequence_length(batch)
+    return [length or 1] * size
+
+
+def split_outputs(
+    outputs: ModelOutputs, batch: Batch, fields: dict[str, FieldSpec], temperature: float
+) -> list[ExampleOutputs]:
+    """A batch of teacher outputs as per-example cache rows (top-k at ``temperature`` for top-k fields)."""
+    per_example: list[dict[str, tuple[torch.Tensor, ...]]] = []
+    for name, spec in fields.items():
+        value = outputs.get(name).detach().float().cpu()
+        if spec.layout == "token":
+            counts = example_positions(batch, value.shape[0])
+            rows = [value[i, :n] for i, n in enumerate(counts)]
+        else:
+            rows = [value[i : i + 1] for i in range(value.shape[0])]
+        if not per_example:
+            per_example = [{} for _ in rows]
+        for i, row in enumerate(rows):
+            if spec.kind == "topk":
+                assert spec.k is not None
+                per_example[i][name] = topk_of(row, spec.k, temperature)
+            else:
+                per_example[i][name] = (row,)
+    return [ExampleOutputs(rows) for rows in per_example]
+
+
+@SIGNALS.register("cache")
+class CachedTeacher(TeacherSignal):
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+
+    def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
+        index = batch.get(INDEX_KEY)
+        if index is None:
+            raise CacheError(f"a cached teacher needs {INDEX_KEY!r} in each batch (kdforge's runner adds it)")
+        missing = sorted(set(fields) - set(self.reader.fields))
+        if missing:
+            raise CacheError(
+                f"{self.reader.directory}: holds {', '.join(sorted(self.reader.fields))}, not {', '.join(missing)};"
+                " write the cache again for this objective"
+            )
+        examples = [self.reader.example(int(i)) for i in index.tolist()]
+        device = index.device
+        out = {}
+        for name in fields:
+            spec = self.reader.fields[name]
+            parts = [ex[name] for ex in examples]
+            out[name] = self._assemble(spec, parts, batch, name)
+            out[name] = tuple(t.to(device) for t in out[name]) if spec.kind == "topk" else out[name].to(device)
+        return ModelOutputs(**out)
+
+    def _assemble(self, spec: FieldSpec, parts: list[tuple[torch.Tensor, ...]], batch: Batch, name: str):
+        if spec.layout == "example":
+            stacked = [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+            return tuple(stacked) if spec.kind == "topk" else stacked[0]
+        length = sequence_length(batch) or max(p[0].shape[0] for p in parts)
+        longest = max(p[0].shape[0] for p in parts)
+        if longest > length:
+            raise CacheError(
+                f"{self.reader.directory}: {name} has {longest} positions for an example but the batch has {length};"
+                " the cache was written with another sequence length"
+            )
+        if spec.kind == "topk":
+            k = parts[0][0].shape[-1]
+            ids = torch.arange(k).expand(len(parts), length, k).clone()
+            values = torch.full((len(parts), length, k), -math.log(k))
+            for i, (row_ids, row_values) in enumerate(parts):
+                ids[i, : row_ids.shape[0]] = row_ids
+                values[i, : row_values.shape[0]] = row_values
+            return ids, values
+        width = parts[0][0].shape[-1]
+        dense = torch.zeros(len(parts), length, width)
+        for i, (row,) in enumerate(parts):
+            dense[i, : row.shape[0]] = row
+        return dense
