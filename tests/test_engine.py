@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -6,11 +7,19 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import tiny
-from kdforge.engine.checkpoint import list_checkpoints
+from kdforge.engine.checkpoint import (
+    LOSS_MODULES_FILE,
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from kdforge.engine.optim import lr_factor
-from kdforge.errors import CheckpointError, RunDirError
+from kdforge.errors import CheckpointError, RecipeError, RunDirError
 from kdforge.objective import Objective
 from kdforge.runner import run_recipe
 
@@ -193,3 +202,186 @@ def test_bf16_training_with_a_bfloat16_teacher(tmp_path, digits_teacher):
     recipe = kd_recipe(tmp_path, digits_teacher, "training.precision=bf16", "teacher.dtype=bfloat16")
     report = run_recipe(recipe)
     assert report["summary"]["student"]["metrics"]["accuracy"]["mean"] > 0
+
+
+# ----- learnable loss terms -------------------------------------------------------
+
+MI_ALPHA_TERM = (
+    "objective[1].loss=mi_alpha",
+    "objective[1].field=hidden",
+    "objective[1].params={student_dim: 16, teacher_dim: 64, alpha: 0.5}",
+)
+DAC_KL_TERM = ("objective[1].loss=dac_kl", "objective[1].params={temperature: 2.0}")
+NO_BASELINE = "evaluation.baseline=false"
+
+
+@pytest.fixture
+def objectives(monkeypatch):
+    """Every Objective built from now on, with a copy of its loss modules' initial weights."""
+    built = []
+    original = Objective.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append((self, {k: v.clone() for k, v in self.loss_modules().state_dict().items()}))
+
+    monkeypatch.setattr(Objective, "__init__", init)
+    return built
+
+
+@pytest.mark.parametrize("term", [MI_ALPHA_TERM, DAC_KL_TERM], ids=["mi_alpha", "dac_kl"])
+def test_a_loss_module_term_trains_its_parameters(tmp_path, digits_teacher, objectives, term):
+    report = run_recipe(kd_recipe(tmp_path, digits_teacher, "training.steps=12", NO_BASELINE, *term))
+    train = report["runs"][0]["models"]["student"]["train"]
+    assert math.isfinite(train["final_loss"])
+    assert set(train["final_terms"]) == {"cross_entropy", term[0].split("=")[1]}
+    assert all(math.isfinite(v) for v in train["final_terms"].values())
+    ((objective, initial),) = objectives
+    final = objective.loss_modules().state_dict()
+    assert initial and set(final) == set(initial)
+    unchanged = [name for name in initial if torch.equal(initial[name], final[name].cpu())]
+    assert not unchanged, f"not trained: {unchanged}"
+
+
+def test_a_run_with_a_loss_module_resumes_to_the_same_weights(tmp_path, digits_teacher, objectives, monkeypatch):
+    # a critic with random initial weights (the MLP one): the resumed run must load them, not rebuild them
+    term = (*MI_ALPHA_TERM[:2], "objective[1].params={student_dim: 16, teacher_dim: 64, critic: mlp, hidden: 8}")
+    extra = (*SHORT_EPOCHS, NO_BASELINE, *term)
+    reference = run_recipe(kd_recipe(tmp_path / "ref", digits_teacher, *extra))
+    reference_modules = objectives[-1][0].loss_modules().state_dict()
+
+    original = Objective.__call__
+
+    def crash_at_step_13(self, student, teacher, batch, step):
+        if step == 13:
+            raise RuntimeError("simulated crash")
+        return original(self, student, teacher, batch, step)
+
+    recipe = kd_recipe(tmp_path / "crash", digits_teacher, *extra)
+    monkeypatch.setattr(Objective, "__call__", crash_at_step_13)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe)
+    latest = list_checkpoints(recipe.run_dir / "checkpoints" / "student")[-1]
+    assert latest.name == "step-0000010" and (latest / LOSS_MODULES_FILE).is_file()
+    monkeypatch.setattr(Objective, "__call__", original)
+
+    resumed = run_recipe(recipe, resume=True)
+    assert resumed["runs"][0]["models"]["student"]["train"]["resumed_from"] == 10
+    assert metrics_of(resumed) == metrics_of(reference)
+    resumed_modules = objectives[-1][0].loss_modules().state_dict()
+    assert set(resumed_modules) == set(reference_modules)
+    for name, value in reference_modules.items():
+        assert torch.equal(resumed_modules[name], value), name
+    students = [load_file(d / "model" / "model.safetensors") for d in (tmp_path / "ref" / "digits-kd", recipe.run_dir)]
+    assert students[0].keys() == students[1].keys()
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_a_checkpoint_without_the_loss_module_weights_is_refused(tmp_path, digits_teacher, monkeypatch):
+    recipe = kd_recipe(tmp_path, digits_teacher, NO_BASELINE, *MI_ALPHA_TERM)
+    original = Objective.__call__
+
+    def crash(self, s, t, batch, step):
+        if step == 7:
+            raise RuntimeError("boom")
+        return original(self, s, t, batch, step)
+
+    monkeypatch.setattr(Objective, "__call__", crash)
+    with pytest.raises(RuntimeError):
+        run_recipe(recipe)
+    monkeypatch.setattr(Objective, "__call__", original)
+    ckpt = list_checkpoints(recipe.run_dir / "checkpoints" / "student")[-1]
+    (ckpt / LOSS_MODULES_FILE).unlink()  # as a checkpoint written before loss modules were trained
+    with pytest.raises(CheckpointError, match=r"has no weights for the objective's learnable loss terms"):
+        run_recipe(recipe, resume=True)
+
+
+def test_checkpoints_hold_loss_modules_only_when_the_objective_has_them(tmp_path):
+    model, modules = torch.nn.Linear(3, 2), torch.nn.ModuleDict({"objective[1]": torch.nn.Linear(2, 2)})
+    optimizer = torch.optim.AdamW([{"params": model.parameters()}, {"params": modules.parameters()}])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    common = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    with_modules = save_checkpoint(tmp_path / "a", state=TrainState(step=3), keep=1, loss_modules=modules, **common)
+    plain = save_checkpoint(tmp_path / "b", state=TrainState(step=3), keep=1, loss_modules=None, **common)
+    assert (with_modules / LOSS_MODULES_FILE).is_file() and not (plain / LOSS_MODULES_FILE).exists()
+
+    fresh = torch.nn.ModuleDict({"objective[1]": torch.nn.Linear(2, 2)})
+    load_checkpoint(with_modules, loss_modules=fresh, **common)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), modules.parameters()))
+    # a plain objective's checkpoint (also every one written before loss modules) loads as before
+    assert load_checkpoint(plain, loss_modules=torch.nn.ModuleDict(), **common).step == 3
+    with pytest.raises(CheckpointError, match="holds weights of learnable loss terms, but this objective has none"):
+        load_checkpoint(with_modules, loss_modules=None, **common)
+    with pytest.raises(CheckpointError, match="loss-module weights do not fit the objective's terms"):
+        load_checkpoint(
+            with_modules, loss_modules=torch.nn.ModuleDict({"objective[2]": torch.nn.Linear(2, 2)}), **common
+        )
+
+
+def test_a_feature_size_the_term_does_not_expect_stops_the_run_at_the_first_batch(tmp_path, digits_teacher):
+    recipe = kd_recipe(
+        tmp_path,
+        digits_teacher,
+        NO_BASELINE,
+        *MI_ALPHA_TERM[:2],
+        "objective[1].params={student_dim: 32, teacher_dim: 64}",
+    )
+    with pytest.raises(RecipeError) as info:
+        run_recipe(recipe)
+    assert str(info.value) == (
+        "objective[1].params.student_dim: 'mi_alpha' was built for student_dim=32,"
+        " but the student's 'hidden' has size 16; set student_dim: 16"
+    )
+
+
+_DDP_SCRIPT = """
+import os, sys
+from pathlib import Path
+
+import torch
+from accelerate.state import PartialState
+
+PartialState(cpu=True)  # before the engine's Accelerator, so that torchrun's processes form a gloo group
+from torch import nn
+
+from kdforge.engine.trainer import train
+from kdforge.recipe import TrainingConfig
+
+batch_size, out = int(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+data = [{"x": x, "y": y} for x, y in zip(torch.randn(64, 5), torch.randn(64, 3))]
+model = nn.Linear(5, 3)
+critic = nn.ModuleDict({"objective[1]": nn.Linear(3, 3)})
+
+
+def loss_fn(m, batch, step):
+    loss = ((critic["objective[1]"](m(batch["x"])) - batch["y"]) ** 2).mean()
+    return loss, {"mse": loss.detach()}
+
+
+cfg = TrainingConfig(steps=6, batch_size=batch_size, device="cpu", max_grad_norm=0.5, optimizer={"name": "sgd"})
+rank = PartialState().process_index
+collate = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}
+train(model, data, collate, loss_fn, cfg, phase="p", run_dir=out / f"run-{rank}", loss_modules=critic)
+torch.save({"model": model.state_dict(), "critic": critic.state_dict()}, out / f"weights-{rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_loss_modules_under_ddp_match_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "ddp_loss_modules.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "8"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    for args, folder in (([*launch, str(two)], two), ([sys.executable, str(script), "16", str(one)], one)):
+        folder.mkdir()
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1, single = (
+        torch.load(p, weights_only=True) for p in (two / "weights-0.pt", two / "weights-1.pt", one / "weights-0.pt")
+    )
+    for part in ("model", "critic"):
+        for name, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][name]), f"{part}.{name} differs between processes"
+            assert torch.allclose(value, single[part][name], atol=1e-6), f"{part}.{name} differs from one process"

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdforge.errors import KDForgeError, RecipeError
-from kdforge.recipe import Recipe, apply_override, load_recipe, parse_recipe, read_raw
+from kdforge.recipe import Recipe, apply_override, find_recipe, load_recipe, parse_recipe, read_raw
 
 
 def raw(name="digits_kd"):
@@ -113,3 +113,72 @@ def test_a_required_loss_parameter_is_named():
             "digits_kd",
             ["objective[1].loss=value_relation", "objective[1].field=hidden_states", "objective[1].params={}"],
         )
+
+
+MI_ALPHA = ["objective[1].loss=mi_alpha", "objective[1].field=hidden"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [*MI_ALPHA, "objective[1].params={student_dim: 16, teacher_dim: 64, alfa: 0.5}"],
+            "objective[1].params.alfa: 'mi_alpha' has no parameter 'alfa';"
+            " known: alpha, critic, hidden, student_dim, teacher_dim",
+        ),
+        (
+            [*MI_ALPHA, "objective[1].params={student_dim: 16}"],
+            "objective[1].params.teacher_dim: 'mi_alpha' needs teacher_dim; set it in the term's params",
+        ),
+        (
+            [*MI_ALPHA, "objective[1].params={student_dim: 16, teacher_dim: 64, alpha: 1.5}"],
+            "objective[1].params: alpha must be in [0, 1] (1 = InfoNCE, 0 = NWJ), got 1.5",
+        ),
+        (
+            [*MI_ALPHA, "objective[1].params={student_dim: 0, teacher_dim: 64}"],
+            "objective[1].params: student_dim must be a positive integer, got 0",
+        ),
+        (
+            # a size too large to allocate is refused by validation, which allocates nothing
+            [*MI_ALPHA, "objective[1].params={student_dim: 1000000000000000, teacher_dim: 100000000000000}"],
+            "objective[1].params: Storage size calculation overflowed",
+        ),
+        (
+            ["objective[1].loss=dac_kl", "objective[1].params={initial_limits: [0.9, 0.1]}"],
+            "objective[1].params: initial_limits must satisfy 0 < l < u < 1, got [0.9, 0.1]",
+        ),
+        (
+            ["objective[1].loss=dac_kl", "objective[1].params={temprature: 2}"],
+            "objective[1].params.temprature: 'dac_kl' has no parameter 'temprature';"
+            " known: gate_temperature, hidden, initial_limits, limits, temperature, top_m",
+        ),
+        (
+            [*MI_ALPHA, "objective[1].params={student_dim: 16, teacher_dim: 64}", "teacher=null"],
+            "objective[1].loss: 'mi_alpha' compares with the teacher, but the recipe has no teacher;"
+            " set teacher.model or use a labels-only loss such as cross_entropy",
+        ),
+    ],
+)
+def test_loss_module_terms_are_validated(overrides, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("digits_kd", overrides)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_a_loss_module_term_as_written_in_a_recipe(tmp_path):
+    text = find_recipe("digits_kd").read_text().split("objective:")[0] + (
+        "objective:\n"
+        "  - {loss: cross_entropy, weight: 0.5}\n"
+        "  - {loss: mi_alpha, field: hidden, weight: 0.5, params: {alpha: 0.5, student_dim: 32, teacher_dim: 64}}\n"
+        "training: {steps: 10}\n"
+    )
+    path = tmp_path / "mi.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert recipe.objective[1].params == {"alpha": 0.5, "student_dim": 32, "teacher_dim": 64}
+
+
+def test_an_unknown_loss_lists_the_loss_modules_too():
+    with pytest.raises(RecipeError, match=r"objective\[0\].loss: unknown loss 'nope'; known: .*dac_kl.*mi_alpha"):
+        load_recipe("digits_kd", ["objective[0].loss=nope"])

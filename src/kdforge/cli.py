@@ -108,12 +108,15 @@ def list_components() -> None:
     for name, spec in LOSSES.items():
         losses.add_row(name, spec.target, ", ".join(sorted(spec.param_names())), spec.summary)
     out.print(losses)
-    modules = Table(title="loss modules (learnable; used from Python)")
-    for col in ("name", "class", "summary"):
+    modules = Table(
+        title="loss modules (learnable; trained with the student)", caption="* required in the term's params"
+    )
+    for col in ("name", "compares with", "parameters", "class", "summary"):
         modules.add_column(col)
-    for name, cls in LOSS_MODULES.items():
-        doc = (cls.__doc__ or "").strip().splitlines()
-        modules.add_row(name, f"{cls.__module__}.{cls.__qualname__}", doc[0] if doc else "")
+    for name, spec in LOSS_MODULES.items():
+        required = spec.required_param_names()
+        params = ", ".join(p + ("*" if p in required else "") for p in sorted(spec.param_names()))
+        modules.add_row(name, spec.target, params, spec.cls.__qualname__, spec.summary)
     out.print(modules)
     tasks = Table(title="tasks")
     for col in ("name", "outputs", "primary metric"):

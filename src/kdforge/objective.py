@@ -3,19 +3,25 @@
 Each term names a loss, the output field it compares, a weight and an optional
 weight schedule. The objective does not know which task or model produced the
 outputs; it only routes fields (and labels, for label losses) to loss functions.
+
+A term may name a learnable loss module (MI-alpha's critic, DAC-KL's clipping
+network) instead of a function: the objective builds it once from the term's params
+and owns it; :meth:`Objective.loss_modules` hands the modules to whoever trains them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from kdforge.errors import RecipeError
-from kdforge.losses import LOSSES, LossSpec
-from kdforge.losses.registry import TermState
+from kdforge.errors import RecipeError, first_line
+from kdforge.losses import LossSpec
+from kdforge.losses.registry import MODULE_PARAM_ERRORS, LossModuleSpec, SizeMismatch, TermState, find_term_loss
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import ObjectiveTerm, TermSchedule
 
@@ -37,21 +43,30 @@ def schedule_factor(schedule: TermSchedule | None, step: int, total_steps: int) 
 
 @dataclass
 class BoundTerm:
-    """A recipe term tied to its loss, its own parameters and, if the loss has one, its state."""
+    """A recipe term tied to its loss (a function, or the term's own module), its parameters and state."""
 
     name: str
     index: int
-    spec: LossSpec
+    spec: LossSpec | LossModuleSpec
     term: ObjectiveTerm
+    fn: Callable[..., torch.Tensor]
     loss_params: dict[str, Any] = field(default_factory=dict)
     state: TermState | None = None
+    module: nn.Module | None = None
     # the optimizer step whose loss values are being summed, and that sum, for state.update
     pending_step: int | None = None
     pending: list[float] = field(default_factory=list)
 
     @classmethod
     def build(cls, name: str, index: int, term: ObjectiveTerm, total_steps: int) -> BoundTerm:
-        spec = LOSSES.get(term.loss, field=f"objective[{index}].loss")
+        spec = find_term_loss(term.loss, field=f"objective[{index}].loss")
+        if isinstance(spec, LossModuleSpec):
+            init, params = spec.split_params(term.params)
+            try:
+                module = spec.cls(**init)
+            except MODULE_PARAM_ERRORS as exc:
+                raise RecipeError(f"objective[{index}].params: {first_line(exc)}") from None
+            return cls(name, index, spec, term, module, params, module=module)
         state_keys = spec.state_param_names()
         state = None
         if spec.state is not None:
@@ -60,7 +75,12 @@ class BoundTerm:
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"objective[{index}].params: {exc}") from None
         params = {k: v for k, v in term.params.items() if k not in state_keys}
-        return cls(name, index, spec, term, params, state)
+        return cls(name, index, spec, term, spec.fn, params, state)
+
+    @property
+    def location(self) -> str:
+        """The term's path in the recipe, which is also its module's key."""
+        return f"objective[{self.index}]"
 
     def begin(self, step: int) -> None:
         """Before a step's first loss: feed the state the previous step's mean loss."""
@@ -77,12 +97,29 @@ class BoundTerm:
 class Objective:
     """``objective(student_out, teacher_out, batch, step) -> (loss, {term name: value})``."""
 
-    def __init__(self, terms: list[ObjectiveTerm], total_steps: int, names: list[str] | None = None):
+    def __init__(self, terms: list[ObjectiveTerm], total_steps: int, names: list[str] | None = None, *, seed: int = 0):
         if not terms:
             raise RecipeError("objective: needs at least one term")
         names = names or [t.name or t.loss for t in terms]
-        self.terms = [BoundTerm.build(name, i, t, total_steps) for i, (name, t) in enumerate(zip(names, terms))]
+        # Loss modules start from ``seed`` whatever ran before, and leave the global RNG
+        # as it was: adding a learnable term does not change the student's initialisation.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.terms = [BoundTerm.build(name, i, t, total_steps) for i, (name, t) in enumerate(zip(names, terms))]
         self.total_steps = total_steps
+        self._modules = nn.ModuleDict({t.location: t.module for t in self.terms if t.module is not None})
+
+    def loss_modules(self) -> nn.ModuleDict:
+        """The terms' learnable loss modules, keyed ``objective[i]``; empty when no term has one.
+
+        The objective calls these very modules, so moving them to a device or loading
+        weights into them (as the engine does) is seen by the next call.
+        """
+        return self._modules
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The learnable parameters of the loss terms, to be optimised with the student's."""
+        return [p for p in self._modules.parameters() if p.requires_grad]
 
     @property
     def student_fields(self) -> frozenset[str]:
@@ -127,8 +164,16 @@ class Objective:
             bound.begin(step)
             if bound.state is not None:
                 extra.update(bound.state.loss_params())
+            prediction = student.get(term.field)
+            if bound.module is not None:
+                _check_tensors(bound, prediction, target)
             try:
-                value = bound.spec.fn(student.get(term.field), target, mask=mask, **extra, **bound.loss_params)
+                value = bound.fn(prediction, target, mask=mask, **extra, **bound.loss_params)
+            except SizeMismatch as exc:
+                raise RecipeError(
+                    f"{bound.location}.params.{exc.param}: {term.loss!r} was built for {exc.param}={exc.expected},"
+                    f" but the {exc.side}'s {term.field!r} has size {exc.actual}; set {exc.param}: {exc.actual}"
+                ) from None
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"objective[{bound.index}] ({term.loss}): {exc}") from None
             values[bound.name] = value.detach()
@@ -147,7 +192,9 @@ class Objective:
                 out.update({f"{t.name}/{k}": float(v) for k, v in t.state.loss_params().items()})
         return out
 
-    # Term states (TAID's t, adaptive temperatures) are checkpointed through these.
+    # Term states (TAID's t, adaptive temperatures) are checkpointed through these, as JSON.
+    # Loss modules' weights are tensors: they are checkpointed with the model's, through
+    # loss_modules(), in safetensors.
     def state_dict(self) -> dict[str, Any]:
         return {
             t.name: {"state": t.state.state_dict(), "pending_step": t.pending_step, "pending": list(t.pending)}
@@ -161,3 +208,13 @@ class Objective:
                 saved = state[t.name]
                 t.state.load_state_dict(saved["state"])
                 t.pending_step, t.pending = saved["pending_step"], list(saved["pending"])
+
+
+def _check_tensors(bound: BoundTerm, *values: Any) -> None:
+    """Loss modules compare one tensor per side; a tuple field (every layer) needs a loss that picks one."""
+    for side, value in zip(("student", "teacher"), values):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise RecipeError(
+                f"{bound.location}.field: {bound.term.loss!r} compares one tensor, but the {side}'s"
+                f" {bound.term.field!r} is a {type(value).__name__}; choose a field that holds one tensor"
+            )

@@ -10,12 +10,15 @@ from dataclasses import dataclass, fields
 
 import torch
 
-OUTPUT_FIELDS = ("logits", "hidden_states", "attentions", "qkv", "embeddings", "scores")
+OUTPUT_FIELDS = ("logits", "hidden", "hidden_states", "attentions", "qkv", "embeddings", "scores")
 
 
 @dataclass
 class ModelOutputs:
     logits: torch.Tensor | None = None
+    #: one layer's features, [B, H] or [B, L, H], for a loss that compares one tensor
+    #: (the task's docstring says which layer)
+    hidden: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None

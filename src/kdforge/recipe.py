@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kdforge.errors import RecipeError
+from kdforge.errors import RecipeError, first_line
 
 
 class Strict(BaseModel):
@@ -289,7 +289,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def _check_against_registries(recipe: Recipe) -> None:
     """Names in the recipe must be registered components that fit together."""
-    from kdforge.losses import LOSSES
+    from kdforge.losses.registry import MODULE_PARAM_ERRORS, LossModuleSpec, find_term_loss
     from kdforge.tasks import TASKS
 
     task_cls = TASKS.get(recipe.task, field="task")
@@ -302,7 +302,7 @@ def _check_against_registries(recipe: Recipe) -> None:
 
     for i, term in enumerate(recipe.objective):
         where = f"objective[{i}]"
-        spec = LOSSES.get(term.loss, field=f"{where}.loss")
+        spec = find_term_loss(term.loss, field=f"{where}.loss")
         if term.field not in task_cls.output_fields:
             raise RecipeError(
                 f"{where}.field: task {recipe.task!r} has no output {term.field!r};"
@@ -317,6 +317,11 @@ def _check_against_registries(recipe: Recipe) -> None:
         if missing:
             name = sorted(missing)[0]
             raise RecipeError(f"{where}.params.{name}: {term.loss!r} needs {name}; set it in the term's params")
+        if isinstance(spec, LossModuleSpec):
+            try:
+                spec.check_params(term.params)
+            except MODULE_PARAM_ERRORS as exc:
+                raise RecipeError(f"{where}.params: {first_line(exc)}") from None
         if spec.target == "teacher" and recipe.teacher is None:
             raise RecipeError(
                 f"{where}.loss: {term.loss!r} compares with the teacher, but the recipe has no teacher;"

@@ -157,6 +157,7 @@ def _train_phase(
         evaluate=evaluate,
         resume=resume,
         state_hooks=(objective.state_dict, objective.load_state_dict),
+        loss_modules=objective.loss_modules(),
     )
     info = {
         "steps": result.steps,
@@ -174,7 +175,7 @@ def _train_phase(
 def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:
     recipe = task.recipe
     steps = _planned_steps(recipe, len(splits.train))
-    objective = Objective(recipe.objective, steps, names=recipe.term_names())
+    objective = Objective(recipe.objective, steps, names=recipe.term_names(), seed=recipe.training.seed)
     student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
 
     roles: dict[str, Any] = {}

@@ -1,9 +1,10 @@
 """Training checkpoints, written atomically and loaded without running pickled code.
 
 A checkpoint is a folder ``step-0000120/`` with the model (safetensors), the
-optimizer and LR-scheduler states, the RNG states, the data position and any
-schedule state. It is written as ``.step-0000120.tmp`` and renamed when complete,
-so the newest folder named ``step-*`` is always whole. ``torch.load`` runs with
+learnable loss modules when the objective has any (safetensors), the optimizer and
+LR-scheduler states, the RNG states, the data position and any schedule state. It
+is written as ``.step-0000120.tmp`` and renamed when complete, so the newest folder
+named ``step-*`` is always whole. ``torch.load`` runs with
 ``weights_only=True``.
 """
 
@@ -21,9 +22,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from kdforge.errors import CheckpointError
+from kdforge.errors import CheckpointError, first_line
 
 PREFIX = "step-"
+LOSS_MODULES_FILE = "loss_modules.safetensors"
 
 
 @dataclass
@@ -73,6 +75,7 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     keep: int,
+    loss_modules: nn.Module | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(state.step)
@@ -82,6 +85,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
+        if _has_weights(loss_modules):
+            save_model(loss_modules, str(tmp / LOSS_MODULES_FILE))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -111,11 +116,49 @@ def _load(path: Path) -> Any:
         ) from None
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+def _has_weights(module: nn.Module | None) -> bool:
+    return module is not None and any(True for _ in module.state_dict())
+
+
+def _load_loss_modules(path: Path, loss_modules: nn.Module | None) -> None:
+    """The objective's learnable loss modules; a checkpoint of another objective is refused, not half-loaded."""
+    file = path / LOSS_MODULES_FILE
+    if not _has_weights(loss_modules):
+        if file.exists():
+            raise CheckpointError(
+                f"{path}: holds weights of learnable loss terms, but this objective has none; it belongs to"
+                " another objective: delete it, or run without --resume"
+            )
+        return
+    assert loss_modules is not None
+    if not file.exists():
+        # checkpoints written before loss modules could be trained, or by another objective
+        raise CheckpointError(
+            f"{path}: has no weights for the objective's learnable loss terms ({LOSS_MODULES_FILE});"
+            " it was written for another objective: delete it, or run without --resume"
+        )
+    try:
+        load_model(loss_modules, str(file))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: the loss-module weights do not fit the objective's terms ({first_line(exc)});"
+            " delete this checkpoint, or run without --resume"
+        ) from None
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_modules: nn.Module | None = None,
+) -> TrainState:
     try:
         load_model(model, str(path / "model.safetensors"))
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: model weights do not load ({exc}); delete this checkpoint") from None
+    _load_loss_modules(path, loss_modules)
     optimizer.load_state_dict(_load(path / "optimizer.pt"))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     set_rng_state(_load(path / "rng.pt"))

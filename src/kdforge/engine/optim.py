@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -11,7 +12,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from kdforge.recipe import TrainingConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], cfg: TrainingConfig
+) -> torch.optim.Optimizer:
+    """Parameters, or parameter groups (``{"params": [...]}``) that share the recipe's settings."""
     opt = cfg.optimizer
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)

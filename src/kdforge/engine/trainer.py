@@ -1,7 +1,8 @@
 """The training loop, on Hugging Face Accelerate.
 
 It knows nothing about tasks: it gets a model, a dataset with its collate
-function, and ``loss_fn(model, batch, step) -> (loss, {term: value})``. It owns
+function, and ``loss_fn(model, batch, step) -> (loss, {term: value})``, plus, when
+the loss has learnable parts (a critic), the module that holds them. It owns
 the optimizer, LR schedule, gradient accumulation, logging, periodic evaluation,
 checkpoints, ``--resume`` and the SIGTERM handler.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -111,6 +112,39 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+#: distributed setups that shard or own the parameters; loss modules outside the model do not fit them
+_SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
+
+
+def _place_loss_modules(loss_modules: nn.Module | None, accelerator: Accelerator) -> list[nn.Parameter]:
+    """Move the loss modules to the training device; returns their trainable parameters."""
+    if loss_modules is None:
+        return []
+    params = [p for p in loss_modules.parameters() if p.requires_grad]
+    if params and accelerator.distributed_type in _SHARDED:
+        raise KDForgeError(
+            f"objective: learnable loss terms train on one process or under DDP, not under"
+            f" {accelerator.distributed_type.value}; launch without it or drop the learnable term"
+        )
+    loss_modules.to(accelerator.device)
+    return params
+
+
+def _average_across_processes(params: list[nn.Parameter], accelerator: Accelerator) -> None:
+    """Average the loss modules' gradients over processes, as DDP does for the model's.
+
+    They are not wrapped in DDP: the objective calls them outside the model's forward,
+    possibly several per step. Every process builds them from the same seed and runs the
+    same objective, so they start equal, all processes take part in each reduce, and a
+    gradient is None on all of them or on none.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -123,15 +157,26 @@ def train(
     evaluate: EvalFn | None = None,
     resume: bool = False,
     state_hooks: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+    loss_modules: nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; checkpoints go to ``run_dir/checkpoints/<phase>``."""
+    """Train ``model`` in place; checkpoints go to ``run_dir/checkpoints/<phase>``.
+
+    ``loss_modules`` holds the loss's learnable parameters, which ``loss_fn`` uses:
+    they are trained in place with the model's (their own parameter group, the same
+    settings), on its device, and checkpointed with it.
+    """
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     sampler = EpochShuffleSampler(len(dataset), seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    loss_params = _place_loss_modules(loss_modules, accelerator)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if loss_params:
+        groups.append({"params": loss_params})
+    optimizer = build_optimizer(groups, cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    clipped = [*model.parameters(), *loss_params] if loss_params else None
     batches_per_epoch = len(loader)
     total = total_optimizer_steps(cfg, batches_per_epoch)
     # The scheduler is stepped by hand once per optimizer step, so its count is the
@@ -145,7 +190,11 @@ def train(
     if resume and list_checkpoints(ckpt_dir):
         latest = list_checkpoints(ckpt_dir)[-1]
         state = load_checkpoint(
-            latest, model=accelerator.unwrap_model(model), optimizer=optimizer.optimizer, scheduler=scheduler
+            latest,
+            model=accelerator.unwrap_model(model),
+            optimizer=optimizer.optimizer,
+            scheduler=scheduler,
+            loss_modules=loss_modules,
         )
         if state_hooks:
             state_hooks[1](state.extra.get("objective", {}))
@@ -171,6 +220,7 @@ def train(
                 scheduler=scheduler,
                 state=state,
                 keep=cfg.keep_checkpoints,
+                loss_modules=loss_modules,
             )
         accelerator.wait_for_everyone()
         return path
@@ -179,6 +229,8 @@ def train(
     step_loss, step_terms, step_micro = 0.0, {}, 0
     last_loss, last_terms = float("nan"), {}
     model.train()
+    if loss_modules is not None:
+        loss_modules.train()
     with _sigterm_flag() as flag, _progress(main and progress_enabled()) as progress:
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
         while state.step < total:
@@ -200,8 +252,11 @@ def train(
                             " lower training.lr or check the inputs"
                         )
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients and loss_params:
+                        _average_across_processes(loss_params, accelerator)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        # one norm over everything the optimizer steps, loss modules included
+                        accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 state.batches_in_epoch += 1
@@ -264,4 +319,6 @@ def train(
     if cfg.trackers:
         accelerator.end_training()
     model.eval()
+    if loss_modules is not None:
+        loss_modules.eval()
     return TrainResult(steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from)

@@ -9,8 +9,9 @@ paper's equations were not at hand: :class:`DACKL` is a re-implementation from t
 paper's description, and every choice it leaves open is listed in the class
 docstring.
 
-This is a module, not a registered loss: f_sub has learnable parameters, which the
-optimizer must see (wiring learnable loss modules into recipes is later work).
+This is a loss module, not a loss function: f_sub has learnable parameters. A recipe
+term ``{loss: dac_kl, field: logits}`` builds one, and the engine trains f_sub with the
+student.
 """
 
 from __future__ import annotations

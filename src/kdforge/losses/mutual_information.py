@@ -8,8 +8,9 @@ Information", ICML; their Eq. 12) the best of them. Distiller's code was not fou
 so :class:`MIAlpha` is a re-implementation from Poole et al.'s formula; its estimator
 is written out in full in the class docstring.
 
-This is a module, not a registered loss: its critic has learnable parameters, which
-the optimizer must see (wiring learnable loss modules into recipes is later work).
+This is a loss module, not a loss function: its critic has learnable parameters. A
+recipe term ``{loss: mi_alpha, field: hidden, params: {student_dim: ..., teacher_dim: ...}}``
+builds one, and the engine trains the critic with the student.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdforge.losses.common import upcast
-from kdforge.losses.registry import register_loss_module
+from kdforge.losses.registry import SizeMismatch, register_loss_module
 
 __all__ = ["MIAlpha", "log_mean_exp_leave_one_out", "mi_alpha_bound"]
 
@@ -223,14 +224,22 @@ class MIAlpha(nn.Module):
         self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The counted positions as ``[N, Ds]`` and ``[N, Dt]`` rows in the compute dtype."""
-        if student.ndim not in (2, 3) or student.shape[-1] != self.student_dim:
-            raise ValueError(
-                f"student must be [B, {self.student_dim}] or [B, L, {self.student_dim}], got {tuple(student.shape)}"
+        expected = f"student must be [B, {self.student_dim}] or [B, L, {self.student_dim}], got {tuple(student.shape)}"
+        if student.ndim not in (2, 3):
+            raise ValueError(expected)
+        if student.shape[-1] != self.student_dim:
+            raise SizeMismatch(
+                expected, param="student_dim", expected=self.student_dim, actual=student.shape[-1], side="student"
             )
-        if teacher.shape[:-1] != student.shape[:-1] or teacher.shape[-1] != self.teacher_dim:
-            raise ValueError(
-                f"teacher must be {(*student.shape[:-1], self.teacher_dim)} to match student {tuple(student.shape)},"
-                f" got {tuple(teacher.shape)}; nothing is broadcast"
+        expected = (
+            f"teacher must be {(*student.shape[:-1], self.teacher_dim)} to match student {tuple(student.shape)},"
+            f" got {tuple(teacher.shape)}; nothing is broadcast"
+        )
+        if teacher.shape[:-1] != student.shape[:-1]:
+            raise ValueError(expected)
+        if teacher.shape[-1] != self.teacher_dim:
+            raise SizeMismatch(
+                expected, param="teacher_dim", expected=self.teacher_dim, actual=teacher.shape[-1], side="teacher"
             )
         if mask is not None and mask.shape != student.shape[:-1]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(student.shape[:-1])}")

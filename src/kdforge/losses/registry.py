@@ -7,6 +7,9 @@ field (``"teacher"``), the batch's labels (``"labels"``), or nothing (``"none"``
 regulariser on the student's output, such as FLOPS), so the objective knows what
 to pass, and whether to run the teacher, without knowing the loss. A teacher loss that also needs the labels
 (decoupled KD) sets ``needs_labels`` and receives them as ``labels=``.
+
+Learnable loss modules (``nn.Module`` classes with the same call contract) have their
+own registry, :data:`LOSS_MODULES`; a recipe term names either kind in ``loss``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import torch
+
+from kdforge.errors import RecipeError
 from kdforge.registry import Registry
 
 LossFn = Callable[..., "object"]
@@ -111,17 +117,109 @@ def register_loss(
             state=state,
             code_only=code_only,
         )
+        if name in LOSS_MODULES:
+            raise ValueError(f"loss {name!r} has the name of a registered loss module")
         LOSSES.add(name, spec)
         return fn
 
     return decorate
 
 
-#: Loss modules with learnable parameters (a critic, a clipping network). Code uses
-#: them directly; recipes cannot train loss parameters yet, so the objective does not.
-LOSS_MODULES: Registry[type] = Registry("loss module")
+#: what a loss module's constructor raises for values it refuses (a huge size overflows)
+MODULE_PARAM_ERRORS = (ValueError, TypeError, RuntimeError, OverflowError)
 
 
-def register_loss_module(name: str):
-    """Register a learnable loss ``nn.Module`` class under ``name``."""
-    return LOSS_MODULES.register(name)
+class SizeMismatch(ValueError):
+    """An input's size differs from the size a loss module was built with.
+
+    A module raises it so that the objective can name the recipe parameter to change;
+    ``param`` is the constructor argument, ``side`` is ``"student"`` or ``"teacher"``.
+    """
+
+    def __init__(self, message: str, *, param: str, expected: int, actual: int, side: str) -> None:
+        super().__init__(message)
+        self.param, self.expected, self.actual, self.side = param, expected, actual, side
+
+
+@dataclass(frozen=True)
+class LossModuleSpec:
+    """A learnable loss ``nn.Module`` class and what a recipe term may set on it.
+
+    The class's constructor arguments are built once per term from the term's
+    ``params``; its ``forward(student, teacher, *, mask=None, **params)`` follows the
+    loss contract on tensors, and the term's remaining params (``forward``'s
+    keyword-only arguments) are passed on every call.
+    """
+
+    name: str
+    cls: type
+    target: Literal["teacher", "labels", "none"]
+    summary: str
+    needs_labels: bool = False
+
+    def init_param_names(self) -> set[str]:
+        return _keyword_params(self.cls.__init__, exclude={"self"})
+
+    def loss_param_names(self) -> set[str]:
+        """Keyword-only arguments of ``forward`` a recipe may set."""
+        return {
+            p.name
+            for p in inspect.signature(self.cls.forward).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {"mask", "labels"}
+        }
+
+    def param_names(self) -> set[str]:
+        return self.init_param_names() | self.loss_param_names()
+
+    def required_param_names(self) -> set[str]:
+        """Arguments without a default (a module's sizes, typically): a recipe term must set them."""
+        required = set()
+        for fn, names in ((self.cls.__init__, self.init_param_names()), (self.cls.forward, self.loss_param_names())):
+            sig = inspect.signature(fn)
+            required |= {n for n in names if sig.parameters[n].default is inspect.Parameter.empty}
+        return required
+
+    def split_params(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A term's params as (constructor arguments, ``forward`` arguments)."""
+        init = self.init_param_names()
+        return {k: v for k, v in params.items() if k in init}, {k: v for k, v in params.items() if k not in init}
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Build the module on the meta device: its constructor checks the values, nothing is allocated."""
+        init, _ = self.split_params(params)
+        with torch.device("meta"):
+            self.cls(**init)
+
+
+#: Loss modules with learnable parameters (a critic, a clipping network). A recipe term
+#: names one like a loss; the objective builds it and the engine trains its parameters
+#: with the student's.
+LOSS_MODULES: Registry[LossModuleSpec] = Registry("loss module")
+
+
+def register_loss_module(name: str, *, target: Literal["teacher", "labels", "none"] = "teacher"):
+    """Register a learnable loss ``nn.Module`` class under ``name``; its docstring's first line is its summary."""
+
+    def decorate(cls: type) -> type:
+        doc = (inspect.getdoc(cls) or "").strip().splitlines()
+        spec = LossModuleSpec(name=name, cls=cls, target=target, summary=doc[0] if doc else name)
+        # a name in both signatures would be ambiguous in a recipe's params
+        both = spec.init_param_names() & spec.loss_param_names()
+        if both:
+            raise ValueError(f"loss module {name!r}: {', '.join(sorted(both))} in both __init__ and forward")
+        if name in LOSSES:
+            raise ValueError(f"loss module {name!r} has the name of a registered loss")
+        LOSS_MODULES.add(name, spec)
+        return cls
+
+    return decorate
+
+
+def find_term_loss(name: str, *, field: str) -> LossSpec | LossModuleSpec:
+    """The loss or loss module a recipe term names; an unknown name lists both kinds."""
+    if name in LOSS_MODULES:
+        return LOSS_MODULES.get(name)
+    if name in LOSSES:
+        return LOSSES.get(name)
+    known = ", ".join(sorted([*LOSSES, *LOSS_MODULES]))
+    raise RecipeError(f"{field}: unknown loss {name!r}; known: {known}")

@@ -1,6 +1,7 @@
 """Classification of feature vectors with MLPs (scikit-learn's digits, or your .npz).
 
-Outputs: ``logits`` [B, C] and ``hidden_states`` (one [B, H] per hidden layer).
+Outputs: ``logits`` [B, C], ``hidden`` (the last hidden layer's features, [B, H]) and
+``hidden_states`` (one [B, H] per hidden layer).
 Metrics: accuracy and macro-F1 (scikit-learn). A recipe with no teacher trains on
 labels only, which is how a teacher for a later distillation run is made.
 """
@@ -50,7 +51,7 @@ class ClassificationTask(Task):
     name = "classification"
     student_schema = MLPStudent
     data_schema = FeatureData
-    output_fields = ("logits", "hidden_states")
+    output_fields = ("logits", "hidden", "hidden_states")
     primary_metric = "accuracy"
     load_hint = "from kdforge.models.store import load_kdforge_model\nmodel = load_kdforge_model({folder!r})"
 
@@ -128,10 +129,19 @@ class ClassificationTask(Task):
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
         weight = next(model.parameters())
         inputs = batch["inputs"].to(device=weight.device, dtype=weight.dtype)
-        if "hidden_states" in fields:
-            logits, hidden = model(inputs, output_hidden_states=True)
-            return ModelOutputs(logits=logits if "logits" in fields else None, hidden_states=hidden)
-        return ModelOutputs(logits=model(inputs))
+        if not fields & {"hidden", "hidden_states"}:
+            return ModelOutputs(logits=model(inputs))
+        logits, hidden_states = model(inputs, output_hidden_states=True)
+        if "hidden" in fields and not hidden_states:
+            raise RecipeError(
+                "objective: the 'hidden' output is the last hidden layer's features, and an MLP without hidden"
+                " layers has none; give the student and the teacher at least one hidden layer"
+            )
+        return ModelOutputs(
+            logits=logits if "logits" in fields else None,
+            hidden=hidden_states[-1] if "hidden" in fields else None,
+            hidden_states=hidden_states if "hidden_states" in fields else None,
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
