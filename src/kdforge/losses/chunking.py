@@ -7,9 +7,10 @@ the student's and the teacher's log-softmaxes; this module evaluates it over
 * **Fused** (:func:`fused_per_position`), for the divergences: a :class:`FusedKernel`
   computes the per-position value and, in closed form, the student's gradient, with
   in-place operations on four chunk-sized float buffers reused for every chunk. The
-  backward pass recomputes each chunk and writes its gradient into one buffer the
-  size of the student's logits. So the extra memory is that buffer plus four chunk
-  buffers, whatever the allocator does with freed memory (benchmarks/README.md).
+  forward pass writes each chunk's gradient into one buffer the size of the
+  student's logits, which the backward pass scales in place. So the extra memory is
+  that buffer plus four chunk buffers, whatever the allocator does with freed memory
+  (benchmarks/README.md), and the work is one pass over the chunks.
 * **Autograd** (:func:`per_position`), for everything else (a teacher that needs
   gradients, DKD's split, DAC-KL): the per-position formula runs under autograd,
   one chunk at a time, recomputed in the backward pass.
@@ -213,22 +214,20 @@ def _fused_chunk(
     teacher: list[torch.Tensor],
     temperature: float,
     bufs: list[torch.Tensor],
-    grad_scale: torch.Tensor | None,
+    grad_scale: float | None,
 ) -> torch.Tensor:
-    """Values of one chunk; with ``grad_scale`` ([rows]) also its gradient, left in ``bufs[3]``."""
+    """Values of one chunk; with ``grad_scale`` also its gradient (times that number), left in ``bufs[3]``."""
     work, log_q, log_p, out = bufs
-    work.copy_(s).div_(temperature)
-    torch.log_softmax(work, -1, out=log_q)
+    _log_softmax_into(log_q, s, temperature, work)
     if len(teacher) == 1:
-        work.copy_(teacher[0]).div_(temperature)
-        torch.log_softmax(work, -1, out=log_p)
+        _log_softmax_into(log_p, teacher[0], temperature, work)
         value = kernel.fused(log_q, log_p, out, work)
         if grad_scale is None:
             return value
         # d f / d z = out - q * sum(out), then the chain rule through z = s / T
         total = out.sum(-1, keepdim=True)
         torch.exp(log_q, out=work).mul_(total)
-        out.sub_(work).mul_((grad_scale / temperature).unsqueeze(-1))
+        _scale(out.sub_(work), grad_scale, temperature)
         return value
     ids, log_p_topk = teacher[0], upcast(teacher[1]).to(log_q.dtype)
     q_topk = log_q.gather(-1, ids)
@@ -250,8 +249,24 @@ def _fused_chunk(
         tail_slope = torch.where(tail_mass > 0, out_b[:, -1:] / tail_mass, torch.zeros_like(tail_mass))
         out.mul_(tail_slope - total)
     out.scatter_(-1, ids, out_b[:, : ids.shape[-1]] - q_topk.exp() * total)
-    out.mul_((grad_scale / temperature).unsqueeze(-1))
+    _scale(out, grad_scale, temperature)
     return value
+
+
+def _log_softmax_into(dest: torch.Tensor, logits: torch.Tensor, temperature: float, work: torch.Tensor) -> None:
+    """``dest`` <- log_softmax(logits / T) in ``dest``'s dtype, with as few passes over memory as possible."""
+    if logits.dtype != dest.dtype:  # half precision: widen first, then divide in float32
+        torch.log_softmax(work.copy_(logits).div_(temperature), -1, out=dest)
+    elif temperature == 1.0:
+        torch.log_softmax(logits, -1, out=dest)
+    else:
+        torch.log_softmax(torch.div(logits, temperature, out=work), -1, out=dest)
+
+
+def _scale(grad: torch.Tensor, grad_scale: float, temperature: float) -> None:
+    """The chain rule through z = s / T (the upstream gradient is applied per position later)."""
+    if grad_scale / temperature != 1.0:
+        grad.mul_(grad_scale / temperature)
 
 
 def _fused_pass(
@@ -259,9 +274,12 @@ def _fused_pass(
     student: torch.Tensor,
     teacher: list[torch.Tensor],
     temperature: float,
-    grad_out: torch.Tensor | None = None,
+    grad_out: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Values of every position; with ``grad_out`` also the student's gradient (one buffer, its dtype)."""
+    """Values of every position; with ``grad_out`` also the student's gradient (times that number).
+
+    The gradient is one buffer the size and dtype of the student's logits.
+    """
     rows = min(_rows_per_chunk(student.shape[-1]), student.shape[0])
     dtype = upcast(student).dtype
     bufs = _Buffers(rows, student.shape[-1], dtype, student.device)
@@ -270,26 +288,37 @@ def _fused_pass(
     for start, (s, *t) in _slices(rows, student, *teacher):
         n = s.shape[0]
         chunk_bufs = bufs.take(n)
-        scale = None if grad_out is None else grad_out[start : start + n].to(dtype)
-        values.append(_fused_chunk(kernel, s, t, temperature, chunk_bufs, scale))
+        values.append(_fused_chunk(kernel, s, t, temperature, chunk_bufs, grad_out))
         if grad is not None:
             grad[start : start + n].copy_(chunk_bufs[3])
     return torch.cat(values), grad
 
 
 class _FusedStudent(torch.autograd.Function):
-    """Values in the forward pass; the backward pass recomputes each chunk and writes its gradient in place."""
+    """Values and the student's gradient in one pass over the chunks; the backward pass only scales it.
+
+    The forward pass writes d value_i / d logits_i for every position into one buffer
+    (what a backward pass would have to recompute chunk by chunk); the backward pass
+    multiplies it in place by the upstream gradient of each position and hands it on,
+    so no second buffer is made. A second backward pass through the same graph
+    (``retain_graph=True``, gradcheck) finds the buffer handed on and recomputes.
+    """
 
     @staticmethod
     def forward(ctx, kernel, temperature, student, *teacher):  # noqa: ANN001
         ctx.kernel, ctx.temperature = kernel, temperature
         ctx.save_for_backward(student, *teacher)
-        return _fused_pass(kernel, student, list(teacher), temperature)[0]
+        values, ctx.grad = _fused_pass(kernel, student, list(teacher), temperature, grad_out=1.0)
+        return values
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         student, *teacher = ctx.saved_tensors
-        _, grad = _fused_pass(ctx.kernel, student, teacher, ctx.temperature, grad_out)
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
+        else:  # the same operations in the same order as the first time: bitwise the same result
+            _, grad = _fused_pass(ctx.kernel, student, teacher, ctx.temperature, grad_out=1.0)
+        grad.mul_(grad_out.to(grad.dtype).unsqueeze(-1))
         return None, None, grad, *([None] * len(teacher))
 
 
