@@ -61,6 +61,10 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
             f"student − baseline ({c['metric']}): {format_stat(c['student_minus_baseline'])};"
             f" better in {c['student_better_in']} of {c['runs']} seeds, tied in {c['ties']}"
         )
+    signal = report.get("teacher_signal") or {}
+    for member in [signal, *signal.get("members", [])]:
+        for name, mass in (member.get("kept_mass") or {}).items():
+            out.print(f"cached teacher {name}: the top-{member['k']} kept {mass:.2%} of the teacher's probability mass")
     out.print(f"report: {run_dir / 'report.html'}")
 
 
@@ -78,6 +82,73 @@ def run(
     parsed = load_recipe(recipe, set_)
     report = run_recipe(parsed, resume=resume, seeds=_seeds(seeds))
     print_summary(report, parsed.run_dir)
+
+
+@app.command()
+def cache(
+    recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
+    k: int | None = typer.Option(
+        None, "--k", help="top-k tokens per position (default: the recipe's teacher.k, or 64)"
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="log-prob storage: float32, float16, bfloat16 or q8 (default: the recipe's, or float16)"
+    ),
+    output: Path | None = typer.Option(None, "--output", help="cache folder (default: the recipe's teacher.path)"),
+    temperature: float | None = typer.Option(None, "--temperature", help="temperature of the stored log-probs"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="teacher batch size (default: evaluation's)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a cache made for another run"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe field, e.g. --set teacher.k=32"),
+) -> None:
+    """Run the recipe's teacher once over the training set and store its outputs; a killed run resumes."""
+    from kdforge.recipe import load_recipe
+    from kdforge.signals.cache_run import write_recipe_caches
+
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "q8"):
+        raise KDForgeError(f"--dtype {dtype}: use float32, float16, bfloat16 or q8")
+    parsed = load_recipe(recipe, set_)
+    for path, manifest in write_recipe_caches(
+        parsed,
+        k=k,
+        dtype=dtype,  # type: ignore[arg-type]
+        output=output,
+        temperature=temperature,
+        batch_size=batch_size,
+        overwrite=overwrite,
+    ):
+        size = sum(s.bytes for s in manifest.shards)
+        kept = ", ".join(f"{name} {mass:.1%}" for name, mass in manifest.kept_mass().items())
+        out.print(
+            f"{path}: {manifest.examples} examples, {manifest.positions} positions, {size / 1e6:.1f} MB"
+            f" ({size / max(manifest.positions, 1):.0f} B/position)"
+            + (f"; top-k kept {kept} of the mass" if kept else ""),
+            soft_wrap=True,
+        )
+
+
+@app.command("serve-teacher")
+def serve_teacher(
+    model: str = typer.Argument(..., help="a causal LM: folder, .gguf file, hub id, or package:NAME"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0 picks a free one)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
+    name: str | None = typer.Option(None, "--name", help="model name in the API (default: MODEL)"),
+) -> None:
+    """Serve a local causal LM through the OpenAI completions API (logprobs, echo) for served-teacher runs."""
+    from kdforge.signals.server import load_engine, make_server
+
+    engine = load_engine(model, name=name)
+    try:
+        server = make_server(engine, host, port)
+    except OSError as exc:
+        raise KDForgeError(
+            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another port"
+        ) from None
+    err.print(f"serving {engine.name} at http://{host}:{server.server_address[1]}/v1/completions (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()

@@ -41,6 +41,13 @@ def schedule_factor(schedule: TermSchedule | None, step: int, total_steps: int) 
     return schedule.start + (schedule.end - schedule.start) * progress
 
 
+def teacher_fields_of(terms: list[ObjectiveTerm]) -> frozenset[str]:
+    """The output fields the terms compare with the teacher (what a teacher signal must give)."""
+    return frozenset(
+        t.field for i, t in enumerate(terms) if find_term_loss(t.loss, field=f"objective[{i}].loss").target == "teacher"
+    )
+
+
 @dataclass
 class BoundTerm:
     """A recipe term tied to its loss (a function, or the term's own module), its parameters and state."""

@@ -13,10 +13,19 @@ import copy
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kdforge.errors import RecipeError, first_line
 
@@ -82,12 +91,96 @@ class ObjectiveTerm(Strict):
     name: str | None = Field(None, description="label in logs; default: the loss name")
 
 
-class TeacherConfig(Strict):
-    model: str = Field(description="local folder, hub id, or package:NAME")
+class OnlineTeacherConfig(Strict):
+    """A local model run on each batch."""
+
     signal: Literal["online"] = "online"
+    model: str = Field(description="local folder, hub id, or package:NAME")
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     trust_remote_code: bool = False
+
+
+class CacheTeacherConfig(Strict):
+    """Outputs written by ``kdforge cache RECIPE`` into ``path``, read back during training.
+
+    ``model`` is the teacher that writes the cache; a run that names it also checks
+    that the cache came from those weights and reports the teacher's own results.
+    Top-k log-probs are stored at ``temperature``: every teacher term of the objective
+    must use that temperature.
+    """
+
+    signal: Literal["cache"]
+    path: str = Field(description="the cache directory")
+    model: str | None = Field(None, description="the teacher that writes (wrote) the cache")
+    k: int = Field(64, ge=1, description="top-k tokens kept per position")
+    dtype: Literal["float32", "float16", "bfloat16", "q8"] = Field("float16", description="storage of log-probs")
+    temperature: float = Field(1.0, gt=0)
+    device: str | None = Field(None, description="where the teacher runs while writing")
+    trust_remote_code: bool = False
+
+
+class ServedTeacherConfig(Strict):
+    """A causal LM behind an OpenAI-compatible completions endpoint (vLLM, llama.cpp, kdforge serve-teacher)."""
+
+    signal: Literal["served"]
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000")
+    model: str | None = Field(None, description="the model name the server knows, sent with each request")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    k: int = Field(20, ge=1, description="top log-probs per position (vLLM allows 20 by default)")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    retries: int = Field(3, ge=0)
+    temperature: float = Field(1.0, gt=0, description="the temperature of the served log-probs (1 for raw ones)")
+
+
+class EnsembleTeacherConfig(Strict):
+    """Several teachers of any kind, weighted (equal weights by default)."""
+
+    signal: Literal["ensemble"]
+    members: list[
+        Annotated[OnlineTeacherConfig | CacheTeacherConfig | ServedTeacherConfig, Field(discriminator="signal")]
+    ] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        members = info.data.get("members")
+        if weights is not None and members is not None:
+            if len(weights) != len(members):
+                raise ValueError(f"{len(weights)} weights for {len(members)} members")
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError("weights must be >= 0 and not all 0")
+        return weights
+
+    @property
+    def temperature(self) -> float | None:
+        """The common temperature of members with stored log-probs (None when no member has one)."""
+        found = {m.temperature for m in self.members if not isinstance(m, OnlineTeacherConfig)}
+        return found.pop() if len(found) == 1 else None
+
+
+def _member_label(cfg: Any) -> str:
+    if isinstance(cfg, ServedTeacherConfig):
+        return f"{cfg.model or 'model'} served at {cfg.url}"
+    if isinstance(cfg, CacheTeacherConfig):
+        return f"{cfg.model or 'teacher'} (cache {cfg.path})"
+    return cfg.model
+
+
+TeacherConfig = Annotated[
+    OnlineTeacherConfig | CacheTeacherConfig | ServedTeacherConfig | EnsembleTeacherConfig,
+    Field(discriminator="signal"),
+]
+
+
+def _default_signal(value: Any) -> Any:
+    """``signal`` defaults to online, also inside an ensemble's members."""
+    if isinstance(value, dict):
+        value = {"signal": "online", **value}
+        if value["signal"] == "ensemble" and isinstance(value.get("members"), list):
+            value["members"] = [_default_signal(m) for m in value["members"]]
+    return value
 
 
 class EvaluationConfig(Strict):
@@ -107,7 +200,7 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     task: str
     description: str = ""
-    teacher: TeacherConfig | None = None
+    teacher: Annotated[TeacherConfig | None, BeforeValidator(_default_signal)] = None
     student: dict[str, Any]
     data: dict[str, Any]
     objective: list[ObjectiveTerm] = Field(min_length=1)
@@ -118,6 +211,15 @@ class Recipe(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir) / (self.output.name or self.name)
+
+    def teacher_label(self) -> str | None:
+        """The teacher in one phrase, for reports and cards: its model, its server, or its members."""
+        teacher = self.teacher
+        if teacher is None:
+            return None
+        if isinstance(teacher, EnsembleTeacherConfig):
+            return "ensemble of " + ", ".join(_member_label(m) for m in teacher.members)
+        return _member_label(teacher)
 
     def term_names(self) -> list[str]:
         """Unique display names of the objective terms, in order."""
@@ -137,8 +239,13 @@ class Recipe(Strict):
 # ----- loading ---------------------------------------------------------------------
 
 
+#: tags of the teacher union, which pydantic puts in error locations (teacher.cache.path)
+_UNION_TAGS = frozenset({"online", "cache", "served", "ensemble"})
+
+
 def format_location(loc: tuple[Any, ...]) -> str:
     out = ""
+    loc = tuple(part for part in loc if part not in _UNION_TAGS)
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
@@ -162,6 +269,8 @@ def _message(err: dict[str, Any]) -> str:
         return f"must be one of {ctx.get('expected')}, got {err.get('input')!r}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
+    if kind == "union_tag_invalid":
+        return f"{ctx.get('tag')!r} is not a teacher signal; use one of {ctx.get('expected_tags')}"
     return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
 
 
@@ -170,6 +279,8 @@ def validation_error(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> Reci
     errors = exc.errors()
     first = errors[0]
     loc = prefix + tuple(first["loc"])
+    if first["type"] == "union_tag_invalid":
+        loc += ("signal",)
     if first["type"] == "value_error" and not first["loc"]:
         text = _message(first)  # a cross-field rule names its own fields
         if prefix:
@@ -327,3 +438,34 @@ def _check_against_registries(recipe: Recipe) -> None:
                 f"{where}.loss: {term.loss!r} compares with the teacher, but the recipe has no teacher;"
                 " set teacher.model or use a labels-only loss such as cross_entropy"
             )
+        if spec.target == "teacher":
+            _check_term_fits_teacher(recipe.teacher, term, spec, where)
+
+
+def _term_temperature(term: ObjectiveTerm, spec: Any) -> float:
+    """The temperature a teacher term divides logits by: its param, the loss's default, or 1."""
+    import inspect
+
+    if "temperature" in term.params:
+        return float(term.params["temperature"])
+    fn = spec.fn if hasattr(spec, "fn") else spec.cls.forward
+    parameter = inspect.signature(fn).parameters.get("temperature")
+    if parameter is not None and parameter.default is not inspect.Parameter.empty:
+        return float(parameter.default)
+    return 1.0
+
+
+def _check_term_fits_teacher(teacher: Any, term: ObjectiveTerm, spec: Any, where: str) -> None:
+    """Stored log-probs (a cache, a server) exist at one temperature and, for a server, only as logits."""
+    members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
+    for i, member in enumerate(members):
+        path = "teacher" if len(members) == 1 and member is teacher else f"teacher.members[{i}]"
+        if isinstance(member, ServedTeacherConfig) and term.field != "logits":
+            raise RecipeError(f"{where}.field: a served teacher ({path}) gives top-k logits only, not {term.field!r}")
+        if isinstance(member, (CacheTeacherConfig, ServedTeacherConfig)) and term.field == "logits":
+            used = _term_temperature(term, spec)
+            if used != member.temperature:
+                raise RecipeError(
+                    f"{where}.params.temperature: {used:g}, but {path} holds log-probs at temperature"
+                    f" {member.temperature:g}; set them equal ({path}.temperature is what the cache is written at)"
+                )

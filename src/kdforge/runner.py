@@ -20,17 +20,19 @@ from accelerate.state import PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
 
+from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.engine.metrics_log import read_metrics
 from kdforge.engine.trainer import total_optimizer_steps, train
 from kdforge.errors import RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
 from kdforge.fsutil import atomic_write_text
-from kdforge.objective import Objective
+from kdforge.objective import Objective, teacher_fields_of
 from kdforge.recipe import Recipe, parse_recipe
 from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
 from kdforge.report.html import write_report
-from kdforge.signals import SIGNALS, TeacherSignal
+from kdforge.signals import TeacherSignal
+from kdforge.signals.from_recipe import build_signal
 from kdforge.tasks import TASKS, Evaluation, Task
 
 console = Console(stderr=True)
@@ -72,11 +74,12 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml
 
 @dataclass
 class TeacherView:
-    """The teacher, loaded once per run: its signal, and its results on the test split."""
+    """The teacher, set up once per run: its signal and, when one model stands behind it, its test results."""
 
     signal: TeacherSignal
-    evaluation: Evaluation
-    summary: dict[str, Any]
+    evaluation: Evaluation | None
+    summary: dict[str, Any] | None
+    info: dict[str, Any]
 
 
 def _speed_and_size(task: Task, model: torch.nn.Module, test, files: list[Path]) -> dict[str, Any]:
@@ -95,12 +98,13 @@ def load_teacher(task: Task, test) -> TeacherView | None:
     recipe = task.recipe
     if recipe.teacher is None:
         return None
-    model = task.load_teacher()
-    signal_cls = SIGNALS.get(recipe.teacher.signal, field="teacher.signal")
-    signal = signal_cls(model, task.adapter, device=recipe.teacher.device, dtype=recipe.teacher.dtype)
-    evaluation = task.evaluate(model, test)
-    summary = {"metrics": evaluation.metrics, **_speed_and_size(task, model, test, task.teacher_weight_files())}
-    return TeacherView(signal, evaluation, summary)
+    built = build_signal(task, recipe.teacher, teacher_fields_of(recipe.objective))
+    if built.model is None:  # a served teacher, a cache without its model, an ensemble: nothing to evaluate alone
+        return TeacherView(built.signal, None, None, built.info)
+    evaluation = task.evaluate(built.model, test)
+    files = task.teacher_weight_files(built.model_ref) if built.model_ref else []
+    summary = {"metrics": evaluation.metrics, **_speed_and_size(task, built.model, test, files)}
+    return TeacherView(built.signal, evaluation, summary, built.info)
 
 
 def _planned_steps(recipe: Recipe, train_size: int) -> int:
@@ -130,7 +134,7 @@ def _train_phase(
     set_seed(recipe.training.seed)
     model = task.build_student()
 
-    fidelity_ref = teacher.evaluation.logits if teacher else None
+    fidelity_ref = teacher.evaluation.logits if teacher and teacher.evaluation else None
 
     def evaluate(m):
         result = task.evaluate(m, splits.eval)
@@ -148,8 +152,8 @@ def _train_phase(
     started = time.perf_counter()
     result = train(
         model,
-        splits.train,
-        task.collate,
+        IndexedDataset(splits.train),
+        indexed_collate(task.collate),
         loss_fn,
         recipe.training,
         phase=phase,
@@ -179,7 +183,8 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
     student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
 
     roles: dict[str, Any] = {}
-    if teacher is not None:
+    reference = teacher.evaluation.logits if teacher is not None and teacher.evaluation is not None else None
+    if teacher is not None and teacher.summary is not None:
         roles["teacher"] = teacher.summary
     student_eval = task.evaluate(student, splits.test)
     roles["student"] = {
@@ -187,8 +192,8 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
         "train": student_train,
         **_speed_and_size(task, student, splits.test, [seed_dir / MODEL_DIR / "model.safetensors"]),
     }
-    if teacher is not None:
-        roles["student"]["fidelity"] = fidelity(teacher.evaluation.logits, student_eval.logits)
+    if reference is not None:
+        roles["student"]["fidelity"] = fidelity(reference, student_eval.logits)
 
     if teacher is not None and recipe.evaluation.baseline and objective.needs_teacher:
         baseline_obj = Objective(task.baseline_objective(), steps)
@@ -199,7 +204,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
         roles["baseline"] = {
             "metrics": baseline_eval.metrics,
             "train": baseline_train,
-            "fidelity": fidelity(teacher.evaluation.logits, baseline_eval.logits),
+            **({"fidelity": fidelity(reference, baseline_eval.logits)} if reference is not None else {}),
             **_speed_and_size(task, baseline, splits.test, [seed_dir / BASELINE_DIR / "model.safetensors"]),
         }
     return {"seed": recipe.training.seed, "dir": str(seed_dir), "models": roles}
@@ -240,6 +245,7 @@ def run_recipe(
             on_seed_done(seed)
 
     report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
+    report["teacher_signal"] = teacher.info if teacher is not None else None
     if _is_main():
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
         write_report(run_dir)

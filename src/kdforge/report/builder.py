@@ -63,7 +63,7 @@ def aggregate(recipe: Recipe, runs: list[dict[str, Any]], primary: str, higher_i
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "name": recipe.name,
         "task": recipe.task,
-        "teacher": recipe.teacher.model if recipe.teacher else None,
+        "teacher": recipe.teacher_label(),
         "primary_metric": primary,
         "higher_is_better": higher_is_better,
         "seeds": [r["seed"] for r in runs],

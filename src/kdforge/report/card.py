@@ -12,7 +12,7 @@ def _fmt(value: Any) -> str:
 
 
 def render(recipe: Recipe, models: dict[str, Any], *, role: str, load_hint: str) -> str:
-    teacher = recipe.teacher.model if recipe.teacher else None
+    teacher = recipe.teacher_label()
     what = "no-distillation baseline (labels only)" if role == "baseline" else "student"
     lines = [
         "---",

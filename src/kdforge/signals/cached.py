@@ -15,12 +15,11 @@ import math
 
 import torch
 
+from kdforge.data.indexed import INDEX_KEY
 from kdforge.errors import CacheError
 from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
 from kdforge.signals.cache_store import CacheReader, ExampleOutputs, FieldSpec, topk_of
-
-INDEX_KEY = "example_index"
 
 
 def sequence_length(batch: Batch) -> int | None:

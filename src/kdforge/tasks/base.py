@@ -67,7 +67,8 @@ class Task(ABC):
         """A freshly initialised student (the RNG is seeded before the call)."""
 
     @abstractmethod
-    def load_teacher(self) -> nn.Module: ...
+    def load_teacher(self, ref: str, field: str = "teacher.model") -> nn.Module:
+        """The teacher model ``ref`` (a recipe's ``teacher.model``, or an ensemble member's); errors name ``field``."""
 
     @abstractmethod
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
@@ -88,7 +89,16 @@ class Task(ABC):
         """The no-distillation objective: labels only."""
         return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0)]
 
-    def teacher_weight_files(self) -> list[Path]:
+    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
+        """The weight files of teacher ``ref`` (for sizes on disk and cache fingerprints)."""
+        return []
+
+    def data_files(self) -> list[Path]:
+        """Files the datasets are read from (their contents go into a teacher cache's fingerprint)."""
+        return []
+
+    def tokenizer_files(self) -> list[Path]:
+        """The teacher's tokenizer files (a cache is valid only for the same tokenizer)."""
         return []
 
     def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:

@@ -98,15 +98,16 @@ class ClassificationTask(Task):
         self._check_shape(model, "student")
         return model
 
-    def load_teacher(self) -> nn.Module:
-        assert self.recipe.teacher is not None
-        model = self._load(self.recipe.teacher.model, "teacher.model")
-        self._check_shape(model, "teacher")
+    def load_teacher(self, ref: str, field: str = "teacher.model") -> nn.Module:
+        model = self._load(ref, field)
+        self._check_shape(model, field)
         return model
 
-    def teacher_weight_files(self) -> list[Path]:
-        assert self.recipe.teacher is not None
-        return resolve_model_ref(self.recipe.teacher.model, field="teacher.model").weight_files()
+    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
+        return resolve_model_ref(ref, field=field).weight_files()
+
+    def data_files(self) -> list[Path]:
+        return [Path(self.data_cfg.path)] if self.data_cfg.dataset == "npz" and self.data_cfg.path else []
 
     def _load(self, ref: str, field: str) -> nn.Module:
         location = resolve_model_ref(ref, field=field)

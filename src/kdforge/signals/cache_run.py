@@ -1,0 +1,214 @@
+"""``kdforge cache RECIPE``: run the recipe's teacher once over the training set and store its outputs.
+
+The fields cached are the ones the recipe's objective asks of the teacher: logits as
+top-k (per example for a classifier, per token for a language model), everything
+else dense. Examples are written in training-set order, so a run reads them back by
+``example_index`` whatever its shuffling. The fingerprint ties the cache to the
+teacher's weights, its tokenizer, the data settings and files, and the cache
+settings; a run whose recipe differs in any of them is refused with the difference
+named. A killed ``kdforge cache`` resumes after its last complete shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Subset
+
+from kdforge.errors import CacheError, RecipeError
+from kdforge.outputs import ModelOutputs
+from kdforge.settings import progress_enabled
+from kdforge.signals.cache_store import CacheDtype, CacheWriter, FieldSpec, Manifest
+from kdforge.signals.cached import split_outputs
+from kdforge.signals.fingerprint import files_digest, value_digest
+from kdforge.signals.online import OnlineTeacher
+
+console = Console(stderr=True)
+
+
+def cache_settings(*, k: int, dtype: CacheDtype, temperature: float, fields: list[str]) -> dict[str, Any]:
+    return {"k": k, "dtype": dtype, "temperature": temperature, "fields": sorted(fields)}
+
+
+def cache_fingerprint(
+    task, settings: dict[str, Any], *, teacher_ref: str | None, field: str = "teacher.model"
+) -> dict[str, Any]:
+    """The parts a cache must match: teacher weights, tokenizer, dataset, settings.
+
+    Without ``teacher_ref`` the teacher is left out (a run that reads a cache without
+    naming the teacher model can check only the rest).
+    """
+    recipe = task.recipe
+    parts: dict[str, Any] = {
+        "task": recipe.task,
+        "dataset": value_digest({"data": recipe.data, "files": files_digest(task.data_files())}),
+        "tokenizer": files_digest(task.tokenizer_files()),
+        "settings": settings,
+    }
+    if teacher_ref:
+        weights = task.teacher_weight_files(teacher_ref, field)
+        parts["teacher"] = files_digest(weights) if weights else value_digest(teacher_ref)
+    return parts
+
+
+def _field_specs(outputs: ModelOutputs, fields: list[str], *, k: int, dtype: CacheDtype) -> dict[str, FieldSpec]:
+    specs = {}
+    for name in fields:
+        value = outputs.get(name)
+        if not isinstance(value, torch.Tensor):
+            raise CacheError(f"objective: the teacher's {name} is not one tensor; it cannot be cached")
+        layout = "token" if value.dim() == 3 else "example"
+        if value.dim() not in (2, 3):
+            raise CacheError(f"objective: the teacher's {name} has shape {tuple(value.shape)}; cannot cache it")
+        if name == "logits":
+            vocab = int(value.shape[-1])
+            specs[name] = FieldSpec(kind="topk", layout=layout, dtype=dtype, k=min(k, vocab), vocab=vocab)
+        else:
+            dense_dtype = "float16" if dtype == "q8" else dtype
+            specs[name] = FieldSpec(kind="dense", layout=layout, dtype=dense_dtype, width=int(value.shape[-1]))
+    return specs
+
+
+def write_teacher_cache(
+    task,
+    teacher_ref: str,
+    teacher_fields: frozenset[str],
+    output: Path,
+    *,
+    k: int,
+    dtype: CacheDtype,
+    temperature: float,
+    batch_size: int,
+    device: str | None = None,
+    shard_examples: int = 1024,
+    overwrite: bool = False,
+    field: str = "teacher.model",
+) -> Manifest:
+    """Write (or finish) the cache of teacher ``teacher_ref`` on ``task``'s training set; returns the manifest."""
+    if not teacher_fields:
+        raise RecipeError("objective: no term uses the teacher, so there is nothing to cache")
+    if k < 1:
+        raise RecipeError(f"--k: must be >= 1, got {k}")
+    fields = sorted(teacher_fields)
+    train = task.splits().train
+    model = task.load_teacher(teacher_ref, field)
+    signal = OnlineTeacher(model, task.adapter, device=device)
+    probe = task.collate([train[i] for i in range(min(2, len(train)))])
+    specs = _field_specs(signal.outputs(probe, frozenset(fields)), fields, k=k, dtype=dtype)
+    settings = cache_settings(k=k, dtype=dtype, temperature=temperature, fields=fields)
+    writer = CacheWriter.open(
+        output,
+        fingerprint=cache_fingerprint(task, settings, teacher_ref=teacher_ref, field=field),
+        fields=specs,
+        examples=len(train),
+        shard_examples=shard_examples,
+        overwrite=overwrite,
+    )
+    if writer.complete:
+        console.print(f"[dim]{output}: complete already ({len(train)} examples)")
+        return writer.manifest
+    start = writer.start
+    if start:
+        console.print(f"[dim]{output}: resuming after example {start} of {len(train)}")
+    loader = DataLoader(Subset(train, range(start, len(train))), batch_size=batch_size, collate_fn=task.collate)
+    with _progress() as progress:
+        bar = progress.add_task(f"teacher cache {output}", total=len(train), completed=start)
+        for batch in loader:
+            examples = split_outputs(signal.outputs(batch, frozenset(fields)), batch, specs, temperature)
+            for example in examples:
+                writer.add(example)
+            progress.advance(bar, len(examples))
+    return writer.close()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress_enabled(),
+        transient=True,
+    )
+
+
+def write_recipe_caches(
+    recipe,
+    *,
+    k: int | None = None,
+    dtype: CacheDtype | None = None,
+    output: Path | None = None,
+    temperature: float | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+) -> list[tuple[Path, Manifest]]:
+    """``kdforge cache``: write every cache the recipe's teacher reads (or, for an online teacher, one at ``output``).
+
+    A cache teacher's settings come from the recipe; a flag that contradicts them is
+    refused, since the run would then refuse the cache.
+    """
+    from kdforge.objective import teacher_fields_of
+    from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, OnlineTeacherConfig
+    from kdforge.tasks import TASKS
+
+    teacher = recipe.teacher
+    if teacher is None:
+        raise RecipeError("teacher: the recipe has no teacher, so there is nothing to cache")
+    jobs = []  # (config, where)
+    if isinstance(teacher, EnsembleTeacherConfig):
+        jobs = [
+            (m, f"teacher.members[{i}]") for i, m in enumerate(teacher.members) if isinstance(m, CacheTeacherConfig)
+        ]
+        if not jobs:
+            raise RecipeError("teacher.members: no member has signal: cache, so there is nothing to cache")
+    elif isinstance(teacher, (CacheTeacherConfig, OnlineTeacherConfig)):
+        jobs = [(teacher, "teacher")]
+    else:
+        raise RecipeError("teacher.signal: a served teacher is not cached by kdforge; use signal: cache with a model")
+    if output is not None and len(jobs) > 1:
+        raise RecipeError("--output: the recipe reads several caches; their folders come from each member's path")
+    task = TASKS.get(recipe.task, field="task")(recipe)
+    fields = teacher_fields_of(recipe.objective)
+    written = []
+    for cfg, where in jobs:
+        if isinstance(cfg, CacheTeacherConfig):
+            if not cfg.model:
+                raise RecipeError(f"{where}.model: `kdforge cache` runs the teacher; name the model that writes it")
+            for flag, given, recipe_value, name in (
+                ("--k", k, cfg.k, "k"),
+                ("--dtype", dtype, cfg.dtype, "dtype"),
+                ("--temperature", temperature, cfg.temperature, "temperature"),
+            ):
+                if given is not None and given != recipe_value:
+                    raise RecipeError(
+                        f"{flag} {given} differs from {where}.{name} = {recipe_value}, and the run would refuse the"
+                        f" cache; change the recipe (--set {where}.{name}={given}) instead"
+                    )
+            if output is not None and Path(output) != Path(cfg.path):
+                raise RecipeError(f"--output {output} differs from {where}.path = {cfg.path}; the run reads that path")
+            target, settings = Path(cfg.path), (cfg.k, cfg.dtype, cfg.temperature)
+        else:
+            if output is None:
+                raise RecipeError("--output: an online teacher has no cache path in the recipe; give --output DIR")
+            target, settings = Path(output), (k or 64, dtype or "float16", temperature or 1.0)
+        manifest = write_teacher_cache(
+            task,
+            cfg.model,
+            fields,
+            target,
+            k=settings[0],
+            dtype=settings[1],
+            temperature=settings[2],
+            batch_size=batch_size or recipe.evaluation.batch_size,
+            device=cfg.device,
+            overwrite=overwrite,
+            field=f"{where}.model",
+        )
+        written.append((target, manifest))
+    return written

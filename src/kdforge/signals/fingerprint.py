@@ -1,0 +1,45 @@
+"""Fingerprints that tie a teacher cache to the run it was made for.
+
+A cache is only valid for the same teacher weights, tokenizer, training data and
+settings (temperature, k, dtype, fields). Each part is a short sha256 so that a
+mismatch can be named part by part (see ``cache_store.fingerprint_differences``).
+Files are hashed by content, streamed; a file's hash is remembered for the life of
+the process by (path, size, mtime), since weight files are large.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kdforge.signals.cache_store import file_sha256
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    """sha256 (16 hex) over the files' names and contents, in name order; ``none`` for no files."""
+    paths = sorted({Path(p) for p in paths if Path(p).is_file()}, key=lambda p: p.name)
+    if not paths:
+        return "none"
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(_file_hash(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def value_digest(value: Any) -> str:
+    """sha256 (16 hex) of a JSON-able value, key order ignored."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
