@@ -38,7 +38,8 @@ def test_a_run_from_a_complete_cache_matches_the_online_run(tmp_path, digits_tea
     recipe = _cache_recipe(tmp_path / "cached", digits_teacher, cache, "teacher.k=10", "teacher.dtype=float32")
     [(path, manifest)] = write_recipe_caches(recipe)
     assert path == cache and manifest.complete and manifest.examples == 500
-    assert manifest.kept_mass()["logits"] == pytest.approx(1.0, abs=1e-6)  # k = all 10 classes
+    assert manifest.fields["logits"].kind == "dense"  # 10 classes fit in k: raw logits, uncompressed
+    assert manifest.kept_mass() == {}
     cached = run_recipe(recipe)
     online = run_recipe(
         tiny("digits_kd", tmp_path / "online", f"teacher.model={digits_teacher}", "evaluation.baseline=false")
@@ -51,9 +52,9 @@ def test_a_run_from_a_complete_cache_matches_the_online_run(tmp_path, digits_tea
     ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     signal = cached["teacher_signal"]
-    assert signal["signal"] == "cache" and signal["kept_mass"]["logits"] == pytest.approx(1.0, abs=1e-6)
+    assert signal["signal"] == "cache" and signal["stored"] == {"logits": "dense"}
     assert "teacher" in cached["summary"]  # the cache names its model, which is evaluated for the report
-    assert "kept" in (recipe.run_dir / "report.html").read_text()
+    assert "teacher signal <b>cache</b>: logits dense" in (recipe.run_dir / "report.html").read_text()
 
 
 def test_a_topk_cache_in_q8_trains_and_reports_the_kept_mass(tmp_path, digits_teacher):
@@ -62,6 +63,7 @@ def test_a_topk_cache_in_q8_trains_and_reports_the_kept_mass(tmp_path, digits_te
     write_recipe_caches(recipe)
     report = run_recipe(recipe)
     kept = report["teacher_signal"]["kept_mass"]["logits"]
+    assert "the cached logits kept" in (recipe.run_dir / "report.html").read_text()
     assert 0.3 <= kept < 1.0  # the top 3 of 10 classes hold at least 3/10 of the mass
     assert report["teacher_signal"]["bytes_per_position"] < 40  # 3 ids, 3 codes, a tail, an offset
     losses = _losses(recipe.run_dir)
@@ -116,7 +118,7 @@ def test_kdforge_cache_cli(tmp_path, digits_teacher):
         [sys.executable, "-m", "kdforge", "cache", "digits_kd", *args], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert re.search(r"500 examples, 500 positions, .* B/position\); top-k kept logits 100.0% of the mass", done.stdout)
+    assert re.search(r"cache: 500 examples, 500 positions, .* B/position\)$", done.stdout.strip())
     assert read_manifest(cache).complete
     bad = subprocess.run(
         [sys.executable, "-m", "kdforge", "cache", "digits_kd", *args, "--k", "3"], capture_output=True, text=True
@@ -165,3 +167,36 @@ def test_serve_teacher_cli_answers_on_loopback(tmp_path):
         [sys.executable, "-m", "kdforge", "serve-teacher", str(tmp_path / "missing")], capture_output=True, text=True
     )
     assert busy.returncode == 2 and "MODEL_REF" in busy.stderr and time.time() - start < 120
+
+
+def test_a_killed_kdforge_cache_resumes_after_its_last_complete_shard(tmp_path, digits_teacher):
+    import os
+    import signal
+
+    cache = tmp_path / "cache"
+    args = [
+        "--set", "output.dir=" + str(tmp_path), "--set", f"teacher.model={digits_teacher}",
+        "--set", "teacher.signal=cache", "--set", f"teacher.path={cache}", "--set", "teacher.temperature=8.0",
+        "--set", "teacher.k=3", "--batch-size", "1", "--shard-examples", "5",
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "kdforge", "cache", "digits_kd", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cache / "shard-00002.safetensors").exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = read_manifest(cache)
+    assert 0 < len(partial.shards) < 100 and not partial.complete
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed = read_manifest(cache)
+    assert resumed.complete and resumed.shards[: len(partial.shards)] == partial.shards  # kept, not rewritten
+    fresh = tmp_path / "fresh"
+    again = [
+        *command[: command.index(f"teacher.path={cache}")],
+        f"teacher.path={fresh}",
+        *command[command.index(f"teacher.path={cache}") + 1 :],
+    ]
+    assert subprocess.run(again, capture_output=True, text=True, timeout=300).returncode == 0
+    assert [s.sha256 for s in read_manifest(fresh).shards] == [s.sha256 for s in resumed.shards]

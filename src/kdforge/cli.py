@@ -96,6 +96,7 @@ def cache(
     output: Path | None = typer.Option(None, "--output", help="cache folder (default: the recipe's teacher.path)"),
     temperature: float | None = typer.Option(None, "--temperature", help="temperature of the stored log-probs"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="teacher batch size (default: evaluation's)"),
+    shard_examples: int = typer.Option(1024, "--shard-examples", min=1, help="examples per shard"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a cache made for another run"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe field, e.g. --set teacher.k=32"),
 ) -> None:
@@ -113,6 +114,7 @@ def cache(
         output=output,
         temperature=temperature,
         batch_size=batch_size,
+        shard_examples=shard_examples,
         overwrite=overwrite,
     ):
         size = sum(s.bytes for s in manifest.shards)

@@ -64,12 +64,12 @@ def _field_specs(outputs: ModelOutputs, fields: list[str], *, k: int, dtype: Cac
         layout = "token" if value.dim() == 3 else "example"
         if value.dim() not in (2, 3):
             raise CacheError(f"objective: the teacher's {name} has shape {tuple(value.shape)}; cannot cache it")
-        if name == "logits":
-            vocab = int(value.shape[-1])
-            specs[name] = FieldSpec(kind="topk", layout=layout, dtype=dtype, k=min(k, vocab), vocab=vocab)
-        else:
+        vocab = int(value.shape[-1])
+        if name == "logits" and (layout == "token" or vocab > k):
+            specs[name] = FieldSpec(kind="topk", layout=layout, dtype=dtype, k=k, vocab=vocab)
+        else:  # class logits that fit in k, embeddings, scores: raw values, uncompressed
             dense_dtype = "float16" if dtype == "q8" else dtype
-            specs[name] = FieldSpec(kind="dense", layout=layout, dtype=dense_dtype, width=int(value.shape[-1]))
+            specs[name] = FieldSpec(kind="dense", layout=layout, dtype=dense_dtype, width=vocab)
     return specs
 
 
@@ -146,6 +146,7 @@ def write_recipe_caches(
     output: Path | None = None,
     temperature: float | None = None,
     batch_size: int | None = None,
+    shard_examples: int = 1024,
     overwrite: bool = False,
 ) -> list[tuple[Path, Manifest]]:
     """``kdforge cache``: write every cache the recipe's teacher reads (or, for an online teacher, one at ``output``).
@@ -207,6 +208,7 @@ def write_recipe_caches(
             temperature=settings[2],
             batch_size=batch_size or recipe.evaluation.batch_size,
             device=cfg.device,
+            shard_examples=shard_examples,
             overwrite=overwrite,
             field=f"{where}.model",
         )

@@ -59,6 +59,9 @@ def build_signal(task, cfg, teacher_fields: frozenset[str], where: str = "teache
             "positions": manifest.positions,
             "bytes_per_position": bytes_per_position(Path(cfg.path)),
             "kept_mass": manifest.kept_mass(),
+            "stored": {
+                name: f"top-{spec.k}" if spec.kind == "topk" else "dense" for name, spec in manifest.fields.items()
+            },
         }
         return BuiltSignal(CachedTeacher(reader), model, cfg.model, info)
     if isinstance(cfg, ServedTeacherConfig):
