@@ -3,8 +3,8 @@
 Batches carry ``example_index`` (the runner adds it: the position of each example
 in the training set), and the cache stores examples in that order. A field laid out
 per ``example`` comes back as ``[B, ...]``; one laid out per ``token`` as
-``[B, L, ...]`` with L the batch's sequence length (``attention_mask`` or
-``input_ids``), each example's positions first (right padding) and padded
+``[B, L, ...]`` with L the batch's output length (``position_mask``, else
+``attention_mask`` or ``input_ids``), each example's positions first (right padding) and padded
 positions filled with finite values that a masked loss never counts. Logits come
 back as the top-k pair ``(ids, log_probs)`` that every logit divergence accepts.
 """
@@ -21,9 +21,14 @@ from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
 from kdforge.signals.cache_store import CacheReader, ExampleOutputs, FieldSpec, topk_of
 
+#: per-position masks a batch may carry, in order of preference: ``position_mask`` is the task's
+#: own, aligned with its outputs (a causal LM's shifted logits have one position fewer than
+#: its input); ``attention_mask`` is aligned with the input
+POSITION_KEYS = ("position_mask", "attention_mask")
+
 
 def sequence_length(batch: Batch) -> int | None:
-    for key in ("attention_mask", "input_ids"):
+    for key in (*POSITION_KEYS, "input_ids"):
         value = batch.get(key)
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             return int(value.shape[1])
@@ -32,9 +37,10 @@ def sequence_length(batch: Batch) -> int | None:
 
 def example_positions(batch: Batch, size: int) -> list[int]:
     """How many positions each example of the batch has (right padding; every position without a mask)."""
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return [int(n) for n in mask.sum(-1).tolist()]
+    for key in POSITION_KEYS:
+        mask = batch.get(key)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return [int(n) for n in mask.sum(-1).tolist()]
     length = sequence_length(batch)
     return [length or 1] * size
 

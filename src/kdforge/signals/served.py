@@ -183,7 +183,11 @@ class ServedTeacher(TeacherSignal):
         lengths = mask.sum(-1).tolist() if mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
         sequences = [input_ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
         answers = topk_logprobs(self.client, sequences, self.k)
-        shape = (*input_ids.shape, self.k)
+        # a task whose outputs are shifted (a causal LM's logits for positions 0..L-2) says so with position_mask
+        positions = batch.get("position_mask")
+        length = positions.shape[1] if isinstance(positions, torch.Tensor) else input_ids.shape[1]
+        answers = [(ids[:length], values[:length]) for ids, values in answers]
+        shape = (input_ids.shape[0], length, self.k)
         ids = torch.arange(self.k).expand(shape).clone()
         values = torch.full(shape, -torch.log(torch.tensor(float(self.k))).item())
         for i, (row_ids, row_values) in enumerate(answers):
