@@ -400,3 +400,4 @@ def test_taid_t_is_logged_during_a_run(tmp_path, digits_teacher):
     records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     ts = [r["scalars"]["taid/t"] for r in records if "scalars" in r]
     assert len(ts) >= 3 and ts == sorted(ts) and 0.4 <= ts[0] < ts[-1] <= 1.0
+    assert "TAID&#39;s interpolation t" in (recipe.run_dir / "report.html").read_text()  # plotted

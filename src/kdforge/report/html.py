@@ -58,6 +58,10 @@ def write_report(run_dir: Path) -> Path:
         ),
         ("Speed and size", _data_uri(plots.speed_size(summary))),
         ("Periodic evaluation (first seed)", _data_uri(plots.eval_curves(evals))),
+        (
+            "Term schedules, e.g. TAID's interpolation t (first seed)",
+            _data_uri(plots.scalar_curves(curves["student"][0])) if curves["student"] else None,
+        ),
     ]
     if "comparison" in report and len(report["runs"]) > 1:
         figures.append(

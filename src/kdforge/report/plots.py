@@ -134,3 +134,21 @@ def eval_curves(evals: dict[str, list[dict[str, Any]]]) -> bytes | None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def scalar_curves(records: list[dict[str, Any]]) -> bytes | None:
+    """Logged term-state values over optimizer steps (TAID's t, adaptive temperatures), one line each."""
+    logged = [r for r in records if r.get("scalars")]
+    if not logged:
+        return None
+    names = sorted({name for r in logged for name in r["scalars"]})
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    cmap = plt.get_cmap("tab10")
+    for i, name in enumerate(names):
+        points = [(r["step"], r["scalars"][name]) for r in logged if name in r["scalars"]]
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=cmap(i), lw=1.6, label=name)
+    ax.set_title("student: term schedules")
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
