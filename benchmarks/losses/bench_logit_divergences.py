@@ -42,6 +42,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for proc_memory
+from proc_memory import reset_peak, status_kb  # noqa: E402
 
 DIVERGENCES = [
     "forward_kl",
@@ -63,24 +67,6 @@ TARGET = 1.5  # the issue's target: extra peak < 1.5 x one float32 logits tensor
 
 
 # ---------------------------------------------------------------- worker side
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _loss_fn(divergence: str, impl: str):
@@ -154,16 +140,16 @@ def worker(divergence: str, impl: str, shape: list[int], repeats: int, threads: 
     tensor_kb = student.numel() * student.element_size() / 1024
 
     gc.collect()
-    baseline_kb = _status_kb("VmRSS")
-    reset = _reset_peak()
+    baseline_kb = status_kb("VmRSS")
+    reset = reset_peak()
 
     # memory: one forward (peak read), then backward (peak read again)
     t0 = time.perf_counter()
     loss = loss_fn(student, teacher)
-    fwd_peak_kb = _status_kb("VmHWM")
+    fwd_peak_kb = status_kb("VmHWM")
     loss.backward()
     first_s = time.perf_counter() - t0
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     if not reset:  # fall back on the lifetime peak (includes import transients, if larger)
         import resource
 

@@ -91,7 +91,7 @@ def cache(
         None, "--k", help="top-k tokens per position (default: the recipe's teacher.k, or 64)"
     ),
     dtype: str | None = typer.Option(
-        None, "--dtype", help="log-prob storage: float32, float16, bfloat16 or q8 (default: the recipe's, or float16)"
+        None, "--dtype", help="log-prob storage: float32, float16, bfloat16 or q8 (default: the recipe's, or q8)"
     ),
     output: Path | None = typer.Option(None, "--output", help="cache folder (default: the recipe's teacher.path)"),
     temperature: float | None = typer.Option(None, "--temperature", help="temperature of the stored log-probs"),

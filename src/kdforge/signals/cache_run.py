@@ -197,7 +197,7 @@ def write_recipe_caches(
         else:
             if output is None:
                 raise RecipeError("--output: an online teacher has no cache path in the recipe; give --output DIR")
-            target, settings = Path(output), (k or 64, dtype or "float16", temperature or 1.0)
+            target, settings = Path(output), (k or 64, dtype or "q8", temperature or 1.0)
         manifest = write_teacher_cache(
             task,
             cfg.model,

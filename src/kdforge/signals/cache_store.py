@@ -159,7 +159,8 @@ def decode_topk(logprobs: torch.Tensor, tail: torch.Tensor, dtype: CacheDtype) -
 
 def topk_of(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-k ids, their log-probs at ``temperature`` and the tail mass, per position."""
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # no copy at T = 1
+    log_p = torch.log_softmax(scaled, dim=-1)
     k = min(k, log_p.shape[-1])
     values, ids = log_p.topk(k, dim=-1)
     tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
