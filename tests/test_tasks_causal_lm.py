@@ -514,3 +514,44 @@ def test_a_crashed_run_resumes_to_the_same_student(tmp_path, lm_tokenizer, text_
     student = resumed["runs"][0]["models"]["student"]
     assert student["train"]["resumed_from"] == 3
     assert student["metrics"] == reference["runs"][0]["models"]["student"]["metrics"]
+
+
+def test_taid_end_to_end_t_steps_with_the_optimizer_and_resumes(tmp_path, lm_tokenizer, text_file, monkeypatch):
+    """TAID on a causal LM: t logged every log step, monotone, plotted, and restored from the checkpoint."""
+    from kdforge.objective import Objective
+
+    teacher = save_llama(tmp_path / "teacher", lm_tokenizer, layers=3)
+    args = (
+        "evaluation.baseline=false",
+        "student.from_teacher.layers=[0,2]",
+        "objective[0].loss=taid",
+        "objective[0].params={t_start: 0.2, alpha: 0.05}",
+        "training.steps=8",
+        "training.log_every=1",
+    )
+    reference_recipe = lm_recipe(tmp_path / "ref", teacher, text_file, *args)
+    reference = run_recipe(reference_recipe)
+
+    def t_values(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["scalars"]["taid/t"] for r in records if "scalars" in r]
+
+    ts = t_values(reference_recipe.run_dir)
+    assert len(ts) == 8 and ts == sorted(ts) and 0.2 <= ts[0] < ts[-1] <= 1.0
+    assert "TAID&#39;s interpolation t" in (reference_recipe.run_dir / "report.html").read_text()
+
+    original = Objective.__call__
+
+    def crash_at_step_5(self, student, teacher_out, batch, step):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+        return original(self, student, teacher_out, batch, step)
+
+    recipe = lm_recipe(tmp_path / "crash", teacher, text_file, *args)
+    monkeypatch.setattr(Objective, "__call__", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe)
+    monkeypatch.setattr(Objective, "__call__", original)
+    resumed = run_recipe(recipe, resume=True)
+    assert t_values(recipe.run_dir) == pytest.approx(ts, abs=1e-12)  # t continued from the checkpointed state
+    assert resumed["runs"][0]["models"]["student"]["metrics"] == reference["runs"][0]["models"]["student"]["metrics"]
