@@ -491,26 +491,32 @@ def test_a_run_reads_a_per_token_top_k_cache_of_the_teacher(tmp_path, tiny_lm_te
     assert set(terms) == {"forward_kl", "cross_entropy"} and all(v == v for v in terms.values())
 
 
-def test_a_crashed_run_resumes_to_the_same_student(tmp_path, lm_tokenizer, text_file, monkeypatch):
+def _crash_then_resume(recipe, step: int, monkeypatch):
+    """Run ``recipe`` until its objective raises at optimizer step ``step``, then ``--resume`` it."""
     from kdforge.objective import Objective
+
+    original = Objective.__call__
+
+    def crash(self, student, teacher_out, batch, at):
+        if at == step:
+            raise RuntimeError("simulated crash")
+        return original(self, student, teacher_out, batch, at)
+
+    monkeypatch.setattr(Objective, "__call__", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe)
+    monkeypatch.setattr(Objective, "__call__", original)
+    return run_recipe(recipe, resume=True)
+
+
+def test_a_crashed_run_resumes_to_the_same_student(tmp_path, lm_tokenizer, text_file, monkeypatch):
 
     teacher = save_llama(tmp_path / "tied", lm_tokenizer, layers=3, tied=True)  # tied weights go through checkpoints
     args = ("evaluation.baseline=false", "student.from_teacher.layers=[0,2]")
     reference = run_recipe(lm_recipe(tmp_path / "ref", teacher, text_file, *args))
 
-    original = Objective.__call__
-
-    def crash_at_step_4(self, student, teacher_out, batch, step):
-        if step == 4:
-            raise RuntimeError("simulated crash")
-        return original(self, student, teacher_out, batch, step)
-
     recipe = lm_recipe(tmp_path / "crash", teacher, text_file, *args)
-    monkeypatch.setattr(Objective, "__call__", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_recipe(recipe)
-    monkeypatch.setattr(Objective, "__call__", original)
-    resumed = run_recipe(recipe, resume=True)
+    resumed = _crash_then_resume(recipe, 4, monkeypatch)
     student = resumed["runs"][0]["models"]["student"]
     assert student["train"]["resumed_from"] == 3
     assert student["metrics"] == reference["runs"][0]["models"]["student"]["metrics"]
@@ -518,7 +524,6 @@ def test_a_crashed_run_resumes_to_the_same_student(tmp_path, lm_tokenizer, text_
 
 def test_taid_end_to_end_t_steps_with_the_optimizer_and_resumes(tmp_path, lm_tokenizer, text_file, monkeypatch):
     """TAID on a causal LM: t logged every log step, monotone, plotted, and restored from the checkpoint."""
-    from kdforge.objective import Objective
 
     teacher = save_llama(tmp_path / "teacher", lm_tokenizer, layers=3)
     args = (
@@ -540,18 +545,7 @@ def test_taid_end_to_end_t_steps_with_the_optimizer_and_resumes(tmp_path, lm_tok
     assert len(ts) == 8 and ts == sorted(ts) and 0.2 <= ts[0] < ts[-1] <= 1.0
     assert "TAID&#39;s interpolation t" in (reference_recipe.run_dir / "report.html").read_text()
 
-    original = Objective.__call__
-
-    def crash_at_step_5(self, student, teacher_out, batch, step):
-        if step == 5:
-            raise RuntimeError("simulated crash")
-        return original(self, student, teacher_out, batch, step)
-
     recipe = lm_recipe(tmp_path / "crash", teacher, text_file, *args)
-    monkeypatch.setattr(Objective, "__call__", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_recipe(recipe)
-    monkeypatch.setattr(Objective, "__call__", original)
-    resumed = run_recipe(recipe, resume=True)
+    resumed = _crash_then_resume(recipe, 5, monkeypatch)
     assert t_values(recipe.run_dir) == pytest.approx(ts, abs=1e-12)  # t continued from the checkpointed state
     assert resumed["runs"][0]["models"]["student"]["metrics"] == reference["runs"][0]["models"]["student"]["metrics"]
