@@ -112,3 +112,24 @@ def test_run_with_seeds_then_report(tmp_path, digits_teacher):
     assert again.returncode == 0, again.stderr
     assert (run_dir / "report.html").stat().st_size > 10_000
     assert "better in" in again.stdout
+
+
+def test_demo_runs_end_to_end_with_one_seed(tmp_path):
+    """`make demo` runs `kdforge demo`; here with one seed (the command is the same, five seeds take longer)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kdforge", "demo", "--seeds", "0", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "student − baseline (accuracy)" in done.stdout
+    report = json.loads((tmp_path / "digits-kd" / "report.json").read_text())
+    assert set(report["summary"]) == {"teacher", "student", "baseline"} and report["comparison"]["runs"] == 1
+    assert (tmp_path / "digits-kd" / "report.html").is_file() and (
+        tmp_path / "digits-kd" / "model" / "README.md"
+    ).is_file()
