@@ -73,3 +73,20 @@ def shakespeare_dir(monkeypatch) -> Path:
         pytest.skip(f"TinyShakespeare is not at {SHARED_DATA}/tinyshakespeare/input.txt (set KDFORGE_DATA_DIR)")
     monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
     return SHARED_DATA
+
+
+def crash_at_step(recipe, step: int, monkeypatch) -> None:
+    """Run ``recipe`` until its objective raises at optimizer step ``step`` (a simulated crash), then undo the patch."""
+    from kdforge.objective import Objective
+
+    original = Objective.__call__
+
+    def crash(self, student, teacher, batch, at):
+        if at == step:
+            raise RuntimeError("simulated crash")
+        return original(self, student, teacher, batch, at)
+
+    monkeypatch.setattr(Objective, "__call__", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe)
+    monkeypatch.setattr(Objective, "__call__", original)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny
+from conftest import crash_at_step, tiny
 from kdforge.engine.checkpoint import (
     LOSS_MODULES_FILE,
     TrainState,
@@ -49,20 +49,10 @@ def test_crash_then_resume_matches_an_uninterrupted_run(tmp_path, digits_teacher
     # 4 batches an epoch: the checkpoint at step 10 is in the middle of the third epoch
     reference = run_recipe(kd_recipe(tmp_path / "ref", digits_teacher, *SHORT_EPOCHS))
 
-    original = Objective.__call__
-
-    def crash_at_step_13(self, student, teacher, batch, step):
-        if step == 13:
-            raise RuntimeError("simulated crash")
-        return original(self, student, teacher, batch, step)
-
     recipe = kd_recipe(tmp_path / "crash", digits_teacher, *SHORT_EPOCHS)
-    monkeypatch.setattr(Objective, "__call__", crash_at_step_13)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_recipe(recipe)
+    crash_at_step(recipe, 13, monkeypatch)
     ckpts = list_checkpoints(recipe.run_dir / "checkpoints" / "student")
     assert [p.name for p in ckpts] == ["step-0000005", "step-0000010"]
-    monkeypatch.setattr(Objective, "__call__", original)
 
     resumed = run_recipe(recipe, resume=True)
     assert resumed["runs"][0]["models"]["student"]["train"]["resumed_from"] == 10
@@ -108,17 +98,7 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path, digits_teacher)
 
 def test_unsafe_checkpoint_is_refused(tmp_path, digits_teacher, monkeypatch):
     recipe = kd_recipe(tmp_path, digits_teacher)
-    original = Objective.__call__
-
-    def crash(self, s, t, batch, step):
-        if step == 7:
-            raise RuntimeError("boom")
-        return original(self, s, t, batch, step)
-
-    monkeypatch.setattr(Objective, "__call__", crash)
-    with pytest.raises(RuntimeError):
-        run_recipe(recipe)
-    monkeypatch.setattr(Objective, "__call__", original)
+    crash_at_step(recipe, 7, monkeypatch)
     ckpt = list_checkpoints(recipe.run_dir / "checkpoints" / "student")[-1]
 
     class Exploit:
@@ -250,20 +230,10 @@ def test_a_run_with_a_loss_module_resumes_to_the_same_weights(tmp_path, digits_t
     reference = run_recipe(kd_recipe(tmp_path / "ref", digits_teacher, *extra))
     reference_modules = objectives[-1][0].loss_modules().state_dict()
 
-    original = Objective.__call__
-
-    def crash_at_step_13(self, student, teacher, batch, step):
-        if step == 13:
-            raise RuntimeError("simulated crash")
-        return original(self, student, teacher, batch, step)
-
     recipe = kd_recipe(tmp_path / "crash", digits_teacher, *extra)
-    monkeypatch.setattr(Objective, "__call__", crash_at_step_13)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_recipe(recipe)
+    crash_at_step(recipe, 13, monkeypatch)
     latest = list_checkpoints(recipe.run_dir / "checkpoints" / "student")[-1]
     assert latest.name == "step-0000010" and (latest / LOSS_MODULES_FILE).is_file()
-    monkeypatch.setattr(Objective, "__call__", original)
 
     resumed = run_recipe(recipe, resume=True)
     assert resumed["runs"][0]["models"]["student"]["train"]["resumed_from"] == 10
@@ -279,17 +249,7 @@ def test_a_run_with_a_loss_module_resumes_to_the_same_weights(tmp_path, digits_t
 
 def test_a_checkpoint_without_the_loss_module_weights_is_refused(tmp_path, digits_teacher, monkeypatch):
     recipe = kd_recipe(tmp_path, digits_teacher, NO_BASELINE, *MI_ALPHA_TERM)
-    original = Objective.__call__
-
-    def crash(self, s, t, batch, step):
-        if step == 7:
-            raise RuntimeError("boom")
-        return original(self, s, t, batch, step)
-
-    monkeypatch.setattr(Objective, "__call__", crash)
-    with pytest.raises(RuntimeError):
-        run_recipe(recipe)
-    monkeypatch.setattr(Objective, "__call__", original)
+    crash_at_step(recipe, 7, monkeypatch)
     ckpt = list_checkpoints(recipe.run_dir / "checkpoints" / "student")[-1]
     (ckpt / LOSS_MODULES_FILE).unlink()  # as a checkpoint written before loss modules were trained
     with pytest.raises(CheckpointError, match=r"has no weights for the objective's learnable loss terms"):

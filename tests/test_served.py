@@ -127,7 +127,7 @@ def test_retries_with_backoff_and_the_key_stays_in_the_header(monkeypatch):
         client = CompletionsClient(url, api_key_env="KDFORGE_TEST_KEY", retries=3, backoff=0.01)
         assert client.completions(prompt=[1], max_tokens=1) == {"choices": []}
         assert _Flaky.calls == ["Bearer sk-secret-123"] * 3
-        assert "sk-secret" not in repr(client) and "sk-secret" not in str(vars(client).get("url"))
+        assert "sk-secret" not in repr(client)
         _Flaky.calls = []
         failing = CompletionsClient(url, api_key_env="KDFORGE_TEST_KEY", retries=1, backoff=0.0)
         with pytest.raises(ServedTeacherError) as info:

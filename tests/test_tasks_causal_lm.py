@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import crash_at_step
 from kdforge.data.lm import collate_causal, packed_text_blocks, prompt_response_examples
 from kdforge.errors import ModelRefError, RecipeError
 from kdforge.models.from_teacher import (
@@ -492,20 +493,8 @@ def test_a_run_reads_a_per_token_top_k_cache_of_the_teacher(tmp_path, tiny_lm_te
 
 
 def _crash_then_resume(recipe, step: int, monkeypatch):
-    """Run ``recipe`` until its objective raises at optimizer step ``step``, then ``--resume`` it."""
-    from kdforge.objective import Objective
-
-    original = Objective.__call__
-
-    def crash(self, student, teacher_out, batch, at):
-        if at == step:
-            raise RuntimeError("simulated crash")
-        return original(self, student, teacher_out, batch, at)
-
-    monkeypatch.setattr(Objective, "__call__", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_recipe(recipe)
-    monkeypatch.setattr(Objective, "__call__", original)
+    """Run ``recipe`` until a simulated crash at optimizer step ``step``, then ``--resume`` it."""
+    crash_at_step(recipe, step, monkeypatch)
     return run_recipe(recipe, resume=True)
 
 

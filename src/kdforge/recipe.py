@@ -155,12 +155,6 @@ class EnsembleTeacherConfig(Strict):
                 raise ValueError("weights must be >= 0 and not all 0")
         return weights
 
-    @property
-    def temperature(self) -> float | None:
-        """The common temperature of members with stored log-probs (None when no member has one)."""
-        found = {m.temperature for m in self.members if not isinstance(m, OnlineTeacherConfig)}
-        return found.pop() if len(found) == 1 else None
-
 
 def _member_label(cfg: Any) -> str:
     if isinstance(cfg, ServedTeacherConfig):

@@ -75,18 +75,20 @@ def _log_mass_outside(log_q: torch.Tensor, ids: torch.Tensor, scratch: torch.Ten
     return scratch.sub_(peak).exp_().sum(-1, keepdim=True).log_().add_(peak)
 
 
-def topk_buckets(log_q: torch.Tensor, ids: torch.Tensor, log_p_topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_buckets(
+    log_q: torch.Tensor, ids: torch.Tensor, log_p_topk: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher as log-distributions over k + 1 buckets: the teacher's top-k tokens and the rest.
 
     The teacher's tail bucket holds its residual mass; the student's holds all its
     mass outside those k tokens. Every divergence is then the same formula on the
-    buckets. With k = V there is no tail bucket.
+    buckets. With k = V there is no tail bucket. ``scratch`` (log_q's shape) saves an allocation.
     """
     log_q_topk = log_q.gather(-1, ids)
     if ids.shape[-1] >= log_q.shape[-1]:
         return log_q_topk, log_p_topk
     return (
-        torch.cat([log_q_topk, _log_mass_outside(log_q, ids)], -1),
+        torch.cat([log_q_topk, _log_mass_outside(log_q, ids, scratch)], -1),
         torch.cat([log_p_topk, teacher_tail(log_p_topk)], -1),
     )
 
@@ -229,14 +231,10 @@ def _fused_chunk(
         torch.exp(log_q, out=work).mul_(total)
         _scale(out.sub_(work), grad_scale, temperature)
         return value
-    ids, log_p_topk = teacher[0], upcast(teacher[1]).to(log_q.dtype)
-    q_topk = log_q.gather(-1, ids)
+    ids = teacher[0]
+    log_q_b, log_p_b = topk_buckets(log_q, ids, upcast(teacher[1]).to(log_q.dtype), scratch=work)
+    q_topk = log_q_b[:, : ids.shape[-1]]
     has_tail = ids.shape[-1] < log_q.shape[-1]
-    if has_tail:
-        log_q_b = torch.cat([q_topk, _log_mass_outside(log_q, ids, scratch=work)], -1)
-        log_p_b = torch.cat([log_p_topk, teacher_tail(log_p_topk)], -1)
-    else:
-        log_q_b, log_p_b = q_topk, log_p_topk
     out_b, tmp_b = torch.empty_like(log_q_b), torch.empty_like(log_q_b)
     value = kernel.fused(log_q_b, log_p_b.clone(), out_b, tmp_b)
     if grad_scale is None:

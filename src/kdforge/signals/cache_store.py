@@ -421,6 +421,14 @@ def bytes_per_position(directory: Path) -> float:
     return sum(s.bytes for s in manifest.shards) / max(manifest.positions, 1)
 
 
-def uniform_topk_filler(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and log-probs for a padded position: finite values that a masked loss never counts."""
-    return torch.arange(k), torch.full((k,), -math.log(k))
+def pad_topk(rows: list[tuple[torch.Tensor, torch.Tensor]], length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example top-k rows ``(ids [P_i, k], log_probs [P_i, k])`` as ``[B, length, k]``, right-padded.
+
+    Padded positions get a uniform top-k (finite values a masked loss never counts).
+    """
+    ids = torch.arange(k).expand(len(rows), length, k).clone()
+    values = torch.full((len(rows), length, k), -math.log(k))
+    for i, (row_ids, row_values) in enumerate(rows):
+        ids[i, : row_ids.shape[0]] = row_ids[:length]
+        values[i, : row_values.shape[0]] = row_values[:length]
+    return ids, values

@@ -11,15 +11,13 @@ back as the top-k pair ``(ids, log_probs)`` that every logit divergence accepts.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kdforge.data.indexed import INDEX_KEY
 from kdforge.errors import CacheError
 from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
-from kdforge.signals.cache_store import CacheReader, ExampleOutputs, FieldSpec, topk_of
+from kdforge.signals.cache_store import CacheReader, ExampleOutputs, FieldSpec, pad_topk, topk_of
 
 #: per-position masks a batch may carry, in order of preference: ``position_mask`` is the task's
 #: own, aligned with its outputs (a causal LM's shifted logits have one position fewer than
@@ -105,13 +103,7 @@ class CachedTeacher(TeacherSignal):
                 " the cache was written with another sequence length"
             )
         if spec.kind == "topk":
-            k = parts[0][0].shape[-1]
-            ids = torch.arange(k).expand(len(parts), length, k).clone()
-            values = torch.full((len(parts), length, k), -math.log(k))
-            for i, (row_ids, row_values) in enumerate(parts):
-                ids[i, : row_ids.shape[0]] = row_ids
-                values[i, : row_values.shape[0]] = row_values
-            return ids, values
+            return pad_topk(parts, length, parts[0][0].shape[-1])
         width = parts[0][0].shape[-1]
         dense = torch.zeros(len(parts), length, width)
         for i, (row,) in enumerate(parts):

@@ -25,6 +25,7 @@ import torch
 from kdforge.errors import ServedTeacherError
 from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
+from kdforge.signals.cache_store import pad_topk
 
 #: HTTP statuses worth retrying: rate limits and server-side failures
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -186,12 +187,6 @@ class ServedTeacher(TeacherSignal):
         # a task whose outputs are shifted (a causal LM's logits for positions 0..L-2) says so with position_mask
         positions = batch.get("position_mask")
         length = positions.shape[1] if isinstance(positions, torch.Tensor) else input_ids.shape[1]
-        answers = [(ids[:length], values[:length]) for ids, values in answers]
-        shape = (input_ids.shape[0], length, self.k)
-        ids = torch.arange(self.k).expand(shape).clone()
-        values = torch.full(shape, -torch.log(torch.tensor(float(self.k))).item())
-        for i, (row_ids, row_values) in enumerate(answers):
-            ids[i, : row_ids.shape[0]] = row_ids
-            values[i, : row_values.shape[0]] = row_values
+        ids, values = pad_topk(answers, length, self.k)
         device = input_ids.device
         return ModelOutputs(logits=(ids.to(device), values.to(device)))
