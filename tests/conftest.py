@@ -33,6 +33,12 @@ def digits_teacher(tmp_path_factory) -> Path:
     return recipe.run_dir / "model"
 
 
+@pytest.fixture(autouse=True)
+def _generations_stay_in_the_test(tmp_path, monkeypatch):
+    """Stored teacher generations go to the test's folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("KDFORGE_CACHE_DIR", str(tmp_path / "kdforge-cache"))
+
+
 @pytest.fixture
 def recipes() -> dict[str, Path]:
     return bundled_recipes()

@@ -42,7 +42,7 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
     metric_names = list(summary[roles[0]]["metrics"])
     table = Table(title=f"{report['name']} (seeds {', '.join(map(str, report['seeds']))})")
     table.add_column("model")
-    for name in [*metric_names, "top1_agreement", "params", "examples/s"]:
+    for name in [*metric_names, "top1_agreement", "params", report.get("throughput_unit") or "examples/s"]:
         table.add_column(name, justify="right")
 
     for role in roles:

@@ -155,7 +155,6 @@ class Objective:
         step: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         weights = self.weights_at(step)
-        mask = batch.get("loss_mask")
         total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
         for bound in self.terms:
@@ -172,6 +171,7 @@ class Objective:
             if bound.state is not None:
                 extra.update(bound.state.loss_params())
             prediction = student.get(term.field)
+            mask = _term_mask(bound, batch)
             if bound.module is not None:
                 _check_tensors(bound, prediction, target)
             try:
@@ -215,6 +215,20 @@ class Objective:
                 saved = state[t.name]
                 t.state.load_state_dict(saved["state"])
                 t.pending_step, t.pending = saved["pending_step"], list(saved["pending"])
+
+
+def _term_mask(bound: BoundTerm, batch: dict[str, Any]) -> torch.Tensor | None:
+    """The mask the term names (``loss_mask`` by default; a batch without masks counts everything)."""
+    name = bound.term.mask
+    if name in batch:
+        return batch[name]
+    if name == "loss_mask":
+        return None
+    offered = sorted(k for k in batch if k.endswith("_mask") and k != "attention_mask")
+    raise RecipeError(
+        f"{bound.location}.mask: the batch has no {name!r}; this task's batches offer"
+        f" {', '.join(offered) or 'no named masks'}"
+    )
 
 
 def _check_tensors(bound: BoundTerm, *values: Any) -> None:

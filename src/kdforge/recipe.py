@@ -89,6 +89,11 @@ class ObjectiveTerm(Strict):
     params: dict[str, Any] = {}
     schedule: TermSchedule | None = None
     name: str | None = Field(None, description="label in logs; default: the loss name")
+    mask: str = Field(
+        "loss_mask",
+        description="the batch's boolean mask of positions this term counts (a task may offer several,"
+        " e.g. label_mask and rationale_mask for distilling step-by-step)",
+    )
 
 
 class OnlineTeacherConfig(Strict):

@@ -77,6 +77,8 @@ class TeacherView:
     """The teacher, set up once per run: its signal and, when one model stands behind it, its test results."""
 
     signal: TeacherSignal
+    #: the teacher model, when one local model stands behind the signal
+    model: torch.nn.Module | None
     evaluation: Evaluation | None
     summary: dict[str, Any] | None
     info: dict[str, Any]
@@ -89,7 +91,11 @@ def _speed_and_size(task: Task, model: torch.nn.Module, test, files: list[Path])
         "params": count_parameters(model),
         "size_bytes": size_on_disk(files),
         "throughput": throughput(
-            task.forward_for_speed(model), batch, batches=ev.throughput_batches, repeats=ev.throughput_repeats
+            task.forward_for_speed(model),
+            batch,
+            batches=ev.throughput_batches,
+            repeats=ev.throughput_repeats,
+            items=task.throughput_items(batch),
         ),
     }
 
@@ -100,11 +106,11 @@ def load_teacher(task: Task, test) -> TeacherView | None:
         return None
     built = build_signal(task, recipe.teacher, teacher_fields_of(recipe.objective))
     if built.model is None:  # a served teacher, a cache without its model, an ensemble: nothing to evaluate alone
-        return TeacherView(built.signal, None, None, built.info)
+        return TeacherView(built.signal, None, None, None, built.info)
     evaluation = task.evaluate(built.model, test)
     files = task.teacher_weight_files(built.model_ref) if built.model_ref else []
     summary = {"metrics": evaluation.metrics, **_speed_and_size(task, built.model, test, files)}
-    return TeacherView(built.signal, evaluation, summary, built.info)
+    return TeacherView(built.signal, built.model, evaluation, summary, built.info)
 
 
 def _planned_steps(recipe: Recipe, train_size: int) -> int:
@@ -144,6 +150,8 @@ def _train_phase(
         return metrics
 
     def loss_fn(m, batch, step):
+        if objective.needs_teacher:
+            batch = task.training_batch(m, batch, step)
         student_out = task.adapter(m, batch, objective.student_fields)
         teacher_out = teacher.signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
         loss, terms = objective(student_out, teacher_out, batch, step)
@@ -169,7 +177,10 @@ def _train_phase(
         "final_terms": result.final_terms,
         "train_seconds": time.perf_counter() - started,
         "resumed_from": result.resumed_from,
+        **(task.training_info(result.steps) if objective.needs_teacher else {}),
     }
+    evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
+    info.update(task.review_evaluations(evaluations))
     if _is_main():
         task.save_model(model, folder, card="")
         shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
@@ -207,7 +218,17 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
             **({"fidelity": fidelity(reference, baseline_eval.logits)} if reference is not None else {}),
             **_speed_and_size(task, baseline, splits.test, [seed_dir / BASELINE_DIR / "model.safetensors"]),
         }
-    return {"seed": recipe.training.seed, "dir": str(seed_dir), "models": roles}
+    models = {"teacher": teacher.model} if teacher is not None and teacher.model is not None else {}
+    models["student"] = student
+    if "baseline" in roles:
+        models["baseline"] = baseline
+    samples = task.sample_generations(models, splits.test)
+    return {
+        "seed": recipe.training.seed,
+        "dir": str(seed_dir),
+        "models": roles,
+        **({"samples": samples} if samples else {}),
+    }
 
 
 def run_recipe(
@@ -246,6 +267,7 @@ def run_recipe(
 
     report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
     report["teacher_signal"] = teacher.info if teacher is not None else None
+    report["throughput_unit"] = task.throughput_unit
     if _is_main():
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
         write_report(run_dir)

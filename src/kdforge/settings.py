@@ -14,3 +14,9 @@ def data_dir() -> Path:
 def progress_enabled() -> bool:
     """Progress bars, unless ``KDFORGE_PROGRESS=0`` (useful in logs and CI)."""
     return os.environ.get("KDFORGE_PROGRESS", "1") not in ("0", "false", "no")
+
+
+def cache_dir() -> Path:
+    """Where kdforge keeps what it can make again but would rather not (generated responses):
+    ``KDFORGE_CACHE_DIR``, default ``~/.cache/kdforge``."""
+    return Path(os.environ.get("KDFORGE_CACHE_DIR", "~/.cache/kdforge")).expanduser()

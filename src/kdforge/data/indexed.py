@@ -26,6 +26,11 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index, self.dataset[index]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to a dataset whose examples change with the epoch (fresh generations)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
 
 def indexed_collate(
     collate: Callable[[list[Any]], dict[str, Any]],

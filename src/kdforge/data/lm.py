@@ -30,6 +30,8 @@ from kdforge.settings import data_dir
 class TokenExample:
     input_ids: torch.Tensor  # [L] int64
     counted: torch.Tensor  # [L] bool: the token is a target (predicted from the tokens before it)
+    #: which of a multi-task run's tasks the example belongs to (distilling step-by-step: label, rationale)
+    kind: str | None = None
 
 
 class TokenDataset(Dataset):
@@ -70,6 +72,8 @@ def _read_text(file: Path, field: str) -> str:
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids without the tokenizer's own special tokens (templates and packing place those)."""
+    if not texts:
+        return []
     # verbose=False: a whole file is longer than the model's context, which is fine here (it is cut next)
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -84,7 +88,10 @@ def packed_text_blocks(file: Path, tokenizer, max_length: int, field: str = "dat
     return [TokenExample(block, torch.ones(len(block), dtype=torch.bool)) for block in blocks]
 
 
-def _read_pairs(file: Path, prompt_field: str, response_field: str, field: str) -> list[tuple[str, str]]:
+def read_pairs(
+    file: Path, prompt_field: str, response_field: str, field: str = "data.path", *, need_response: bool = True
+) -> list[tuple[str, str | None]]:
+    """(prompt, response) per JSON line; without ``need_response`` a missing response is None."""
     pairs = []
     for number, line in enumerate(_read_text(file, field).splitlines(), start=1):
         if not line.strip():
@@ -97,6 +104,9 @@ def _read_pairs(file: Path, prompt_field: str, response_field: str, field: str) 
             raise RecipeError(f"{field}: {file} line {number} is a JSON {type(record).__name__}, not an object")
         values = []
         for key, setting in ((prompt_field, "data.prompt_field"), (response_field, "data.response_field")):
+            if key not in record and key == response_field and not need_response:
+                values.append(None)
+                continue
             if key not in record:
                 raise RecipeError(
                     f"{setting}: {file} line {number} has no {key!r} field (it has {', '.join(map(repr, record))});"
@@ -120,8 +130,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _render_chats(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """Each pair as the prompt alone (up to the assistant's turn) and as the whole conversation."""
+def _render_chats(tokenizer, pairs: list[tuple[str, str | None]]) -> tuple[list[str], list[str]]:
+    """Each pair as the prompt alone (up to the assistant's turn) and as the whole conversation.
+
+    A pair without a response renders only the prompt (the conversation is left empty).
+    """
     from jinja2 import TemplateError
 
     prompts, conversations = [], []
@@ -129,6 +142,9 @@ def _render_chats(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[str], l
         for prompt, response in pairs:
             user = {"role": "user", "content": prompt}
             prompts.append(tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True))
+            if response is None:
+                conversations.append("")
+                continue
             assistant = {"role": "assistant", "content": response}
             conversations.append(tokenizer.apply_chat_template([user, assistant], tokenize=False))
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
@@ -137,6 +153,59 @@ def _render_chats(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[str], l
             " set data.chat_template: false to concatenate prompt and response instead"
         ) from None
     return prompts, conversations
+
+
+def uses_chat_template(tokenizer, chat_template: bool) -> bool:
+    return bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:
+    """Each prompt as the model sees it before its answer: the chat up to the assistant's turn, or [BOS] prompt."""
+    if uses_chat_template(tokenizer, chat_template):
+        rendered, _ = _render_chats(tokenizer, [(p, None) for p in prompts])
+        return _encode(tokenizer, rendered)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in _encode(tokenizer, prompts)]
+
+
+def encode_pairs(
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    max_length: int,
+    *,
+    chat_template: bool = True,
+    kind: str | None = None,
+) -> list[TokenExample | None]:
+    """Each pair as one example with only the response counted; None where the prompt leaves no room for it.
+
+    With a chat template the user turn is the prompt and the assistant turn the response;
+    the prompt's tokens are those of the conversation rendered up to the assistant's
+    turn (with the generation prompt), which every common template renders as a prefix
+    of the whole conversation (where one does not, the shared prefix is taken).
+    Without a template: [BOS] prompt response [EOS], the two tokenized separately so the
+    boundary is exact. Examples longer than ``max_length`` are cut at the end; one whose
+    response is cut away entirely teaches nothing, and comes back as None.
+    """
+    if uses_chat_template(tokenizer, chat_template):
+        prompts, full_texts = _render_chats(tokenizer, pairs)
+        sequences = []
+        for prompt_ids, full_ids in zip(_encode(tokenizer, prompts), _encode(tokenizer, full_texts)):
+            sequences.append((full_ids, _common_prefix(prompt_ids, full_ids)))
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        prompt_ids = _encode(tokenizer, [p for p, _ in pairs])
+        response_ids = _encode(tokenizer, [r for _, r in pairs])
+        sequences = [(bos + p + r + eos, len(bos) + len(p)) for p, r in zip(prompt_ids, response_ids)]
+
+    examples: list[TokenExample | None] = []
+    for ids, prompt_length in sequences:
+        ids = ids[:max_length]
+        counted = torch.zeros(len(ids), dtype=torch.bool)
+        counted[prompt_length:] = True
+        counted[0] = False  # nothing predicts the first token
+        examples.append(TokenExample(torch.tensor(ids, dtype=torch.long), counted, kind) if counted.any() else None)
+    return examples
 
 
 def prompt_response_examples(
@@ -149,45 +218,16 @@ def prompt_response_examples(
     chat_template: bool = True,
     field: str = "data.path",
 ) -> tuple[list[TokenExample], int]:
-    """Prompt/response examples with only the response counted; returns them and how many had to be dropped.
-
-    With a chat template the user turn is the prompt and the assistant turn the response;
-    the prompt's tokens are those of the conversation rendered up to the assistant's
-    turn (with the generation prompt), which every common template renders as a prefix
-    of the whole conversation (where one does not, the shared prefix is taken).
-    Without a template: [BOS] prompt response [EOS], the two tokenized separately so the
-    boundary is exact. Examples longer than ``max_length`` are cut at the end; one whose
-    response is cut away entirely teaches nothing and is dropped.
-    """
-    pairs = _read_pairs(file, prompt_field, response_field, field)
+    """The file's prompt/response examples (see :func:`encode_pairs`) and how many had to be dropped."""
+    pairs = read_pairs(file, prompt_field, response_field, field)
     if not pairs:
         raise RecipeError(f"{field}: {file} holds no JSON lines")
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        prompts, full_texts = _render_chats(tokenizer, pairs)
-        sequences = []
-        for prompt_ids, full_ids in zip(_encode(tokenizer, prompts), _encode(tokenizer, full_texts)):
-            sequences.append((full_ids, _common_prefix(prompt_ids, full_ids)))
-    else:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        prompt_ids = _encode(tokenizer, [p for p, _ in pairs])
-        response_ids = _encode(tokenizer, [r for _, r in pairs])
-        sequences = [(bos + p + r + eos, len(bos) + len(p)) for p, r in zip(prompt_ids, response_ids)]
-
-    examples, dropped = [], 0
-    for ids, prompt_length in sequences:
-        ids = ids[:max_length]
-        counted = torch.zeros(len(ids), dtype=torch.bool)
-        counted[prompt_length:] = True
-        counted[0] = False  # nothing predicts the first token
-        if not counted.any():
-            dropped += 1
-            continue
-        examples.append(TokenExample(torch.tensor(ids, dtype=torch.long), counted))
-    return examples, dropped
+    encoded = encode_pairs(tokenizer, pairs, max_length, chat_template=chat_template)  # type: ignore[arg-type]
+    examples = [e for e in encoded if e is not None]
+    return examples, len(encoded) - len(examples)
 
 
-def collate_causal(items: list[TokenExample], pad_id: int) -> dict[str, Any]:
+def collate_causal(items: list[TokenExample], pad_id: int, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
     """Right-padded batch of B examples, L = the longest; the targets are shifted by one.
 
     - ``input_ids`` [B, L] (``pad_id`` after each example's end), ``attention_mask`` [B, L];
@@ -195,7 +235,9 @@ def collate_causal(items: list[TokenExample], pad_id: int) -> dict[str, Any]:
     - ``loss_mask`` [B, L-1] bool: ``labels != -100`` (real tokens; for prompt/response
       data, response tokens only);
     - ``position_mask`` [B, L-1] bool: ``attention_mask[:, 1:]``, the real positions of the
-      shifted logits (a teacher cache stores exactly these).
+      shifted logits (a teacher cache stores exactly these);
+    - ``<kind>_mask`` [B, L-1] bool for each of ``kinds``: ``loss_mask`` on the examples of
+      that kind only (every batch has every kind's mask, all False when none is present).
 
     ``logits[:, j]`` (the model's output at position j) predicts ``labels[:, j]``.
     """
@@ -212,10 +254,14 @@ def collate_causal(items: list[TokenExample], pad_id: int) -> dict[str, Any]:
         counted[row, :n] = item.counted
     loss_mask = counted[:, 1:] & attention[:, 1:].bool()
     labels = torch.where(loss_mask, batch_ids[:, 1:], torch.full_like(batch_ids[:, 1:], -100))
-    return {
+    batch = {
         "input_ids": batch_ids,
         "attention_mask": attention,
         "labels": labels,
         "loss_mask": loss_mask,
         "position_mask": attention[:, 1:].bool(),
     }
+    for kind in kinds:
+        rows = torch.tensor([item.kind == kind for item in items], dtype=torch.bool)
+        batch[f"{kind}_mask"] = loss_mask & rows[:, None]
+    return batch

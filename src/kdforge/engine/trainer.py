@@ -241,6 +241,8 @@ def train(
             # this process; a resumed process must start that count at the saved epoch.
             batches.set_epoch(state.epoch)
             sampler.set_epoch(state.epoch)
+            if hasattr(dataset, "set_epoch"):  # a dataset that changes per epoch (fresh generations)
+                dataset.set_epoch(state.epoch)
             for batch in batches:
                 with accelerator.accumulate(model):
                     loss, terms, *extra = loss_fn(model, batch, state.step)

@@ -21,12 +21,20 @@ def size_on_disk(files: list[Path]) -> int:
 
 
 @torch.no_grad()
-def throughput(forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], *, batches: int, repeats: int) -> float:
-    """Examples per second: the median over ``repeats`` timings of ``batches`` forward passes.
+def throughput(
+    forward: Callable[[dict[str, Any]], Any],
+    batch: dict[str, Any],
+    *,
+    batches: int,
+    repeats: int,
+    items: int | None = None,
+) -> float:
+    """Items per second: the median over ``repeats`` timings of ``batches`` forward passes.
 
-    One untimed pass first warms caches and lazy initialisation.
+    ``items``: what one pass processes (default: the batch's examples; a language model
+    counts tokens). One untimed pass first warms caches and lazy initialisation.
     """
-    size = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+    size = items if items is not None else len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
     forward(batch)
     rates = []
     for _ in range(repeats):

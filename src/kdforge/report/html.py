@@ -56,8 +56,12 @@ def write_report(run_dir: Path) -> Path:
             "Fidelity to the teacher",
             _data_uri(plots.metric_bars(summary, "fidelity", "fidelity (top-1 agreement, mean KL)")),
         ),
-        ("Speed and size", _data_uri(plots.speed_size(summary))),
+        ("Speed and size", _data_uri(plots.speed_size(summary, report.get("throughput_unit") or "examples/s"))),
         ("Periodic evaluation (first seed)", _data_uri(plots.eval_curves(evals))),
+        (
+            "Teacher-hacking monitor: proxy and golden metrics (first seed)",
+            _data_uri(plots.hacking_curves(report["runs"][0]["models"].get("student", {}).get("train", {}))),
+        ),
         (
             "Term schedules, e.g. TAID's interpolation t (first seed)",
             _data_uri(plots.scalar_curves(curves["student"][0])) if curves["student"] else None,

@@ -73,14 +73,14 @@ def metric_bars(summary: dict[str, Any], section: str, title: str) -> bytes | No
     return _png(fig)
 
 
-def speed_size(summary: dict[str, Any]) -> bytes:
+def speed_size(summary: dict[str, Any], unit: str = "examples/s") -> bytes:
     roles = [r for r in ("teacher", "student") if r in summary]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     panels = [
         ("parameters", [summary[r]["params"] for r in roles], None),
         ("size on disk (KiB)", [summary[r]["size_bytes"] / 1024 for r in roles], None),
         (
-            "throughput (examples/s)",
+            f"throughput ({unit})",
             [summary[r]["throughput"]["mean"] for r in roles],
             [summary[r]["throughput"]["std"] for r in roles],
         ),
@@ -150,5 +150,28 @@ def scalar_curves(records: list[dict[str, Any]]) -> bytes | None:
     ax.set_title("student: term schedules")
     ax.set_xlabel("optimizer step")
     ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def hacking_curves(train: dict[str, Any]) -> bytes | None:
+    """The monitor's proxy (distance to the teacher) and golden (to the golden model) metrics over steps."""
+    hack = train.get("teacher_hacking")
+    if not hack or not hack.get("steps"):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(hack["steps"], hack["proxy_values"], marker="o", ms=3, color=COLORS["teacher"], label=hack["proxy"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"proxy: {hack['proxy']}")
+    other = ax.twinx()
+    other.plot(hack["steps"], hack["golden_values"], marker="s", ms=3, color=COLORS["student"], label=hack["golden"])
+    other.set_ylabel(f"golden: {hack['golden']}")
+    if hack.get("flagged"):
+        ax.axvline(hack["golden_best_step"], color="#C44E52", ls="--", lw=1)
+        ax.set_title("teacher hacking flagged: golden's best at the dashed line")
+    else:
+        ax.set_title("proxy and golden metrics (lower = closer)")
+    lines = ax.get_lines() + other.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)

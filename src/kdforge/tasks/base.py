@@ -89,6 +89,30 @@ class Task(ABC):
         """The no-distillation objective: labels only."""
         return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0)]
 
+    def training_batch(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """The batch a distillation step trains on: ``batch`` itself, unless the task makes its own
+        from the student (on-policy distillation samples the student's answers)."""
+        return batch
+
+    def training_info(self, steps: int) -> dict[str, Any]:
+        """What the report says about the distillation data of a run of ``steps`` optimizer steps."""
+        return {}
+
+    def review_evaluations(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Findings from a phase's periodic evaluations (``{"step", "eval"}`` records) for the report."""
+        return {}
+
+    #: what :meth:`throughput_items` counts, per second, in reports
+    throughput_unit: ClassVar[str] = "examples/s"
+
+    def throughput_items(self, batch: dict[str, Any]) -> int:
+        """How many items (examples, tokens) one timed pass over ``batch`` processes."""
+        return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+
+    def sample_generations(self, models: dict[str, nn.Module], dataset: Dataset) -> list[dict[str, str]] | None:
+        """A few held-out inputs with each model's output side by side (generative tasks), or None."""
+        return None
+
     def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
         """The weight files of teacher ``ref`` (for sizes on disk and cache fingerprints)."""
         return []

@@ -25,83 +25,53 @@ import math
 import shutil
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.state import PartialState
-from pydantic import Field, model_validator
 from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdforge.data.generate import sample_continuations, stop_token_ids
 from kdforge.data.lm import (
     TokenDataset,
     TokenExample,
     collate_causal,
+    encode_pairs,
     packed_text_blocks,
-    prompt_response_examples,
+    prompt_token_ids,
+    read_pairs,
     resolve_data_path,
 )
 from kdforge.errors import RecipeError
+from kdforge.eval.hacking import detect_teacher_hacking
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import replace_folder
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, OnlineTeacherConfig, Recipe, Strict
+from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, OnlineTeacherConfig, Recipe
+from kdforge.settings import cache_dir
+from kdforge.signals.fingerprint import files_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
+from kdforge.tasks.lm_config import CausalLMData, CausalLMStudent
+from kdforge.tasks.lm_generated import (
+    EpochResponses,
+    ResponseWriter,
+    derived_seed,
+    on_policy_at,
+    prompt_prefixes,
+    split_rationale,
+    student_batch,
+)
 
 console = Console(stderr=True)
 
 #: logits one evaluation (or timing) batch may hold: [B, L, V] floats, plus the log-softmax's copy
 LOGITS_BUDGET = 2**25
-
-
-class FromTeacher(Strict):
-    layers: list[int] | None = Field(None, description="teacher layer indices to keep, increasing (0-based)")
-    num_layers: int | None = Field(None, ge=2, description="keep this many, evenly spaced, first and last included")
-    model: str | None = Field(None, description="the model whose layers are copied; default: teacher.model")
-
-    @model_validator(mode="after")
-    def _one_choice(self) -> FromTeacher:
-        if (self.layers is None) == (self.num_layers is None):
-            raise ValueError("give exactly one of layers (e.g. [0, 6, 12]) or num_layers")
-        return self
-
-
-class CausalLMStudent(Strict):
-    from_teacher: FromTeacher | None = Field(None, description="a shallower copy of the teacher")
-    model: str | None = Field(None, description="a separate pretrained causal LM with the teacher's tokenizer")
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _one_source(self) -> CausalLMStudent:
-        if (self.from_teacher is None) == (self.model is None):
-            raise ValueError("student: give exactly one of from_teacher: {num_layers: N} or model: REF")
-        return self
-
-
-class CausalLMData(Strict):
-    format: Literal["text", "jsonl"] = "text"
-    path: str = Field(description="the file; a relative path is looked for here, then in KDFORGE_DATA_DIR")
-    max_length: int = Field(128, ge=2, description="tokens per example (text: block length; jsonl: cut there)")
-    prompt_field: str = Field("prompt", description="jsonl: the prompt's key")
-    response_field: str = Field("response", description="jsonl: the response's key")
-    chat_template: bool = Field(True, description="jsonl: render with the tokenizer's chat template when it has one")
-    test_fraction: float = Field(0.1, gt=0, lt=1)
-    validation_fraction: float = Field(0.0, ge=0, lt=1)
-    split_seed: int = Field(0, description="jsonl: the shuffle before splitting (text splits are contiguous)")
-    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
-    eval_limit: int | None = Field(None, ge=1, description="use only the first N validation and test examples")
-    fidelity_positions: int = Field(256, ge=1, description="counted positions whose logits fidelity compares")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> CausalLMData:
-        if self.test_fraction + self.validation_fraction >= 1:
-            raise ValueError("data.test_fraction + data.validation_fraction must be < 1, leaving data to train on")
-        return self
 
 
 @TASKS.register("causal_lm")
@@ -121,6 +91,21 @@ class CausalLMTask(Task):
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
         self._student_template: nn.Module | None = None
+        self._check_teacher_scores_new_text()
+
+    def _check_teacher_scores_new_text(self) -> None:
+        """on_policy and online_generation train on text no cache holds: the teacher must run on it."""
+        mode, teacher = self.data_cfg.mode, self.recipe.teacher
+        if mode not in ("on_policy", "online_generation") or teacher is None:
+            return
+        members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
+        for i, member in enumerate(members):
+            if isinstance(member, CacheTeacherConfig):
+                where = "teacher" if member is teacher else f"teacher.members[{i}]"
+                raise RecipeError(
+                    f"{where}.signal: data.mode {mode} trains on text written during the run, which no cache"
+                    " holds; use signal: online (or served), or data.mode teacher_generated with the cache"
+                )
 
     # ----- models and tokenizer ---------------------------------------------------
 
@@ -208,10 +193,6 @@ class CausalLMTask(Task):
                 " use the tokenizer the model was trained with, or data without that token"
             )
 
-    @cached_property
-    def _largest_token_id(self) -> int:
-        return max(int(example.input_ids.max()) for example in self._examples)
-
     def build_student(self) -> nn.Module:
         # The student and the baseline start from the same weights: load or cut them once (a
         # GGUF model takes long to load, and a cache run holds no teacher) and hand out
@@ -286,37 +267,58 @@ class CausalLMTask(Task):
         return resolve_data_path(self.data_cfg.path)
 
     def data_files(self) -> list[Path]:
-        return [self.data_path]
+        """The data file, and the stored responses the teacher wrote for it (they are the training data)."""
+        files = [self.data_path]
+        if self.data_cfg.format == "jsonl" and self.data_cfg.teacher_writes:
+            self._jsonl_splits  # noqa: B018 (writes the responses when they are not stored yet)
+            files.extend(sorted(self._stores_used))
+        return files
 
     @cached_property
-    def _examples(self) -> list[TokenExample]:
-        cfg = self.data_cfg
-        if cfg.format == "text":
-            return packed_text_blocks(self.data_path, self.tokenizer, cfg.max_length)
-        examples, dropped = prompt_response_examples(
-            self.data_path,
-            self.tokenizer,
-            cfg.max_length,
-            prompt_field=cfg.prompt_field,
-            response_field=cfg.response_field,
-            chat_template=cfg.chat_template,
-        )
-        if not examples:
-            raise RecipeError(
-                f"data.max_length: every prompt of {cfg.path} fills all {cfg.max_length} tokens, leaving no"
-                " response to learn; raise data.max_length"
-            )
-        if dropped and PartialState().is_main_process:
-            console.print(
-                f"[yellow]data: {dropped} of {dropped + len(examples)} examples of {cfg.path} left out: their"
-                f" prompt fills all {cfg.max_length} tokens (data.max_length), leaving no response to learn"
-            )
-        return examples
+    def _stores_used(self) -> set[Path]:
+        return set()
 
-    def splits(self) -> Splits:
+    @cached_property
+    def _largest_token_id(self) -> int:
+        if self.data_cfg.format == "text":
+            return max(int(example.input_ids.max()) for example in self._text_blocks)
+        # the prompts, and the file's responses; what the teacher writes comes from its own vocabulary
+        ids = [max(p) for p in self._prompt_ids if p]
+        if not self.data_cfg.teacher_writes:
+            ids.extend(int(e.input_ids.max()) for examples in self._jsonl_splits for e in examples)
+        return max(ids)
+
+    @cached_property
+    def _text_blocks(self) -> list[TokenExample]:
+        return packed_text_blocks(self.data_path, self.tokenizer, self.data_cfg.max_length)
+
+    @cached_property
+    def _records(self) -> list[tuple[str, str | None]]:
         cfg = self.data_cfg
-        examples = self._examples
-        n = len(examples)
+        sbs = cfg.step_by_step
+        need_response = not cfg.teacher_writes or (sbs is not None and sbs.label_source == "data")
+        records = read_pairs(
+            self.data_path, cfg.prompt_field, cfg.response_field, need_response=need_response
+        )
+        if not records:
+            raise RecipeError(f"data.path: {self.data_path} holds no JSON lines")
+        return records
+
+    def _task_prompt(self, prompt: str, kind: str | None) -> str:
+        sbs = self.data_cfg.step_by_step
+        if sbs is None or kind is None:
+            return prompt
+        return (sbs.label_prefix if kind == "label" else sbs.rationale_prefix) + prompt
+
+    @cached_property
+    def _prompt_ids(self) -> list[list[int]]:
+        """Each record's prompt as the student reads it (step-by-step: its label task's prompt)."""
+        kind = "label" if self.data_cfg.step_by_step is not None else None
+        prompts = [self._task_prompt(p, kind) for p, _ in self._records]
+        return prompt_token_ids(self.tokenizer, prompts, chat_template=self.data_cfg.chat_template)
+
+    def _split_order(self, n: int, shuffle: bool) -> tuple[list[int], list[int], list[int]]:
+        cfg = self.data_cfg
         n_test = max(1, round(n * cfg.test_fraction))
         n_val = max(1, round(n * cfg.validation_fraction)) if cfg.validation_fraction > 0 else 0
         n_train = n - n_test - n_val
@@ -327,24 +329,210 @@ class CausalLMTask(Task):
             )
         # Neighbouring blocks of a text share their context: contiguous splits keep the test
         # text unseen. Prompt/response pairs are independent, and files are often sorted.
-        if cfg.format == "jsonl":
-            order = np.random.default_rng(cfg.split_seed).permutation(n).tolist()
-        else:
-            order = list(range(n))
+        order = np.random.default_rng(cfg.split_seed).permutation(n).tolist() if shuffle else list(range(n))
         train = order[:n_train][: cfg.train_limit]
         val = order[n_train : n_train + n_val][: cfg.eval_limit]
         test = order[n_train + n_val :][: cfg.eval_limit]
+        return train, val, test
 
-        def subset(indices: list[int]) -> TokenDataset:
-            return TokenDataset([examples[i] for i in indices])
+    @cached_property
+    def _record_splits(self) -> tuple[list[int], list[int], list[int]]:
+        """Record indices of each split, over the records whose prompt leaves room for a response."""
+        cfg = self.data_cfg
+        fits = [i for i, ids in enumerate(self._prompt_ids) if len(ids) < cfg.max_length]
+        dropped = len(self._records) - len(fits)
+        if not fits:
+            raise RecipeError(
+                f"data.max_length: every prompt of {cfg.path} fills all {cfg.max_length} tokens, leaving no"
+                " response to learn; raise data.max_length"
+            )
+        if dropped and PartialState().is_main_process:
+            console.print(
+                f"[yellow]data: {dropped} of {len(self._records)} examples of {cfg.path} left out: their"
+                f" prompt fills all {cfg.max_length} tokens (data.max_length), leaving no response to learn"
+            )
+        train, val, test = self._split_order(len(fits), shuffle=True)
+        return [fits[i] for i in train], [fits[i] for i in val], [fits[i] for i in test]
 
-        if val:
-            return Splits(subset(train), subset(val), subset(test), "validation")
-        test_set = subset(test)
-        return Splits(subset(train), test_set, test_set, "test")
+    def _encode(self, pairs: list[tuple[str, str]], kind: str | None = None) -> list[TokenExample]:
+        cfg = self.data_cfg
+        pairs = [(self._task_prompt(p, kind), r) for p, r in pairs]
+        encoded = encode_pairs(self.tokenizer, pairs, cfg.max_length, chat_template=cfg.chat_template, kind=kind)
+        return [e for e in encoded if e is not None]
+
+    # ----- responses the teacher writes -----------------------------------------------
+
+    def _writer_source(self) -> tuple[str, str, bool]:
+        gen = self.data_cfg.generation
+        if gen.model:
+            return gen.model, "data.generation.model", self._trust(gen.model)
+        teachers = self._teacher_models()
+        if not teachers:
+            raise RecipeError(
+                f"data.generation.model: data.mode {self.data_cfg.mode} (or step_by_step) needs a model to write"
+                " the responses; name the teacher's model (teacher.model) or data.generation.model"
+            )
+        return teachers[0]
+
+    @cached_property
+    def _writer(self) -> ResponseWriter:
+        ref, field, trust = self._writer_source()
+        gen = self.data_cfg.generation
+        weights = resolve_model_ref(ref, field=field).weight_files()
+        identity = {
+            "model": files_digest(weights) if weights else ref,
+            "tokenizer": files_digest(self.tokenizer_files()),
+        }
+        return ResponseWriter(
+            lambda: load_causal_lm(ref, field=field, trust_remote_code=trust),
+            self.tokenizer,
+            gen,
+            identity=identity,
+            store_folder=Path(gen.store).expanduser() if gen.store else cache_dir() / "generations",
+            pad_id=self.pad_id,
+            stop_ids=lambda model: stop_token_ids(self.tokenizer, model),
+            max_length=self.data_cfg.max_length,
+        )
+
+    def _teacher_texts(self, indices: list[int], purpose: str, description: str, instruction: str | None = None):
+        prompts = [self._records[i][0] for i in indices]
+        if instruction is not None:
+            prompts = [instruction.replace("{prompt}", p) for p in prompts]
+        prompt_ids = prompt_token_ids(self.tokenizer, prompts, chat_template=self.data_cfg.chat_template)
+        writer = self._writer
+        with PartialState().main_process_first():  # one process writes, the others read what it wrote
+            texts = writer.responses(prompt_ids, purpose=purpose, description=description)
+        self._stores_used.add(writer.store(prompt_ids, purpose).path)
+        return texts
+
+    def _generated_responses(self, indices: list[int], epoch: int) -> dict[int, str]:
+        purpose = "responses" if epoch == 0 else f"epoch-{epoch}"
+        description = "teacher writes responses" + (f" (epoch {epoch})" if epoch else "")
+        return dict(zip(indices, self._teacher_texts(indices, purpose, description)))
+
+    def _generated_examples(self, indices: list[int], epoch: int) -> list[TokenExample]:
+        responses = self._generated_responses(indices, epoch)
+        return self._encode([(self._records[i][0], responses[i]) for i in indices])
+
+    def _step_by_step_examples(self, train, val, test):
+        sbs = self.data_cfg.step_by_step
+        assert sbs is not None
+        used = [*train, *val, *test]
+        texts = self._teacher_texts(used, "step_by_step", "teacher writes rationales", instruction=sbs.instruction)
+        parsed = dict(zip(used, (split_rationale(t) for t in texts)))
+        missing = 0
+
+        def label(i: int) -> str | None:
+            return self._records[i][1] if sbs.label_source == "data" else parsed[i][1]
+
+        def usable(i: int) -> bool:
+            nonlocal missing
+            ok = bool(parsed[i][0]) and label(i) is not None
+            missing += not ok
+            return ok
+
+        train_ok = [i for i in train if usable(i)]
+        val_ok, test_ok = [i for i in val if usable(i)], [i for i in test if usable(i)]
+        if missing and PartialState().is_main_process:
+            console.print(
+                f"[yellow]data.step_by_step: {missing} of {len(used)} teacher responses gave no rationale or no"
+                " 'Answer:' line and are left out"
+            )
+        if not train_ok or not test_ok:
+            raise RecipeError(
+                "data.step_by_step.instruction: too few teacher responses have a rationale and an 'Answer:' line;"
+                " reword the instruction, use label_source: data, or a stronger teacher"
+            )
+        self.step_by_step_counts = {"written": len(used), "usable": len(used) - missing}
+        train_examples = self._encode([(self._records[i][0], label(i)) for i in train_ok], "label")
+        train_examples += self._encode([(self._records[i][0], parsed[i][0]) for i in train_ok], "rationale")
+
+        def labels_only(indices: list[int]) -> list[TokenExample]:
+            return self._encode([(self._records[i][0], label(i)) for i in indices], "label")
+
+        return train_examples, labels_only(val_ok), labels_only(test_ok)
+
+    @cached_property
+    def _jsonl_splits(self) -> tuple[list[TokenExample], list[TokenExample], list[TokenExample]]:
+        cfg = self.data_cfg
+        train, val, test = self._record_splits
+        if cfg.step_by_step is not None:
+            return self._step_by_step_examples(train, val, test)
+        # the teacher answers every prompt used, in one store; the file's responses otherwise
+        responses = (
+            self._generated_responses([*train, *val, *test], epoch=0)
+            if cfg.teacher_writes
+            else {i: r for i, (_, r) in enumerate(self._records)}
+        )
+
+        def pairs(indices: list[int]) -> list[tuple[str, str]]:
+            return [(self._records[i][0], responses[i]) for i in indices]  # type: ignore[misc]
+
+        return self._encode(pairs(train)), self._encode(pairs(val)), self._encode(pairs(test))
+
+    def splits(self) -> Splits:
+        if self.data_cfg.format == "text":
+            blocks = self._text_blocks
+            train, val, test = self._split_order(len(blocks), shuffle=False)
+            train_set = TokenDataset([blocks[i] for i in train])
+            val_set = TokenDataset([blocks[i] for i in val])
+            test_set = TokenDataset([blocks[i] for i in test])
+        else:
+            train_examples, val_examples, test_examples = self._jsonl_splits
+            train_set = TokenDataset(train_examples)
+            if self.data_cfg.mode == "online_generation":
+                indices = self._record_splits[0]
+                first = train_examples
+
+                def examples_for(epoch: int) -> list[TokenExample]:
+                    return first if epoch == 0 else self._generated_examples(indices, epoch)
+
+                train_set = EpochResponses(examples_for)
+            val_set, test_set = TokenDataset(val_examples), TokenDataset(test_examples)
+        if len(val_set):
+            return Splits(train_set, val_set, test_set, "validation")
+        return Splits(train_set, test_set, test_set, "test")
+
+    # ----- on-policy batches (GKD) ----------------------------------------------------
+
+    def _on_policy_at(self, step: int) -> bool:
+        cfg = self.data_cfg
+        return cfg.mode == "on_policy" and on_policy_at(
+            step, lmbda=cfg.on_policy.lmbda, seed=self.recipe.training.seed
+        )
+
+    def training_batch(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """With probability lambda (data.on_policy.lambda) per step, the student's own answers to the prompts."""
+        if not self._on_policy_at(step):
+            return batch
+        module = getattr(model, "module", model)  # DDP: generate with the model itself
+        return student_batch(
+            module,
+            batch,
+            self.data_cfg.on_policy,
+            pad_id=self.pad_id,
+            stop_ids=stop_token_ids(self.tokenizer, module),
+            max_length=self.data_cfg.max_length,
+            seed=derived_seed(self.recipe.training.seed, "on-policy", step),
+            kinds=self.kinds,
+        )
+
+    def training_info(self, steps: int) -> dict[str, Any]:
+        cfg = self.data_cfg
+        info: dict[str, Any] = {"data_mode": cfg.mode}
+        if cfg.mode == "on_policy":
+            info["on_policy_steps"] = sum(self._on_policy_at(s) for s in range(steps))
+            info["on_policy_lambda"] = cfg.on_policy.lmbda
+        if cfg.step_by_step is not None and hasattr(self, "step_by_step_counts"):
+            info["step_by_step"] = self.step_by_step_counts
+        return info
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("label", "rationale") if self.data_cfg.step_by_step is not None else ()
 
     def collate(self, items: list[TokenExample]) -> dict[str, Any]:
-        return collate_causal(items, self.pad_id)
+        return collate_causal(items, self.pad_id, self.kinds)
 
     def _batch_size(self, vocab: int) -> int:
         """Sequences per evaluation batch: the recipe's, fewer when their logits would exceed the budget."""
@@ -375,13 +563,11 @@ class CausalLMTask(Task):
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
         model.eval()
         keep = self.data_cfg.fidelity_positions
-        size = self._batch_size(model.config.vocab_size)
         total_nll = 0.0
         tokens = 0
         kept: list[torch.Tensor] = []
         kept_rows = 0
-        for start in range(0, len(dataset), size):
-            batch = self.collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+        for batch in self._eval_batches(model, dataset):
             logits = self.adapter(model, batch, frozenset({"logits"})).logits.float()
             mask = batch["loss_mask"].to(logits.device)
             labels = batch["labels"].to(logits.device).clamp_min(0)
@@ -397,7 +583,149 @@ class CausalLMTask(Task):
             raise RecipeError("data: the evaluated split has no token to score; give more data")
         mean_nll = total_nll / tokens
         metrics = {"perplexity": math.exp(mean_nll), "nll": mean_nll}
+        if self.data_cfg.step_by_step is not None:
+            metrics["answer_accuracy"] = self._answer_accuracy(model, dataset)
+        if self.data_cfg.monitor is not None and model not in self._monitor_references():
+            metrics.update(self._monitor_metrics(model, dataset))
         return Evaluation(metrics=metrics, logits=torch.cat(kept))
+
+    def _eval_batches(self, model: nn.Module, dataset: Dataset, limit: int | None = None):
+        size = self._batch_size(model.config.vocab_size)
+        count = len(dataset) if limit is None else min(limit, len(dataset))  # type: ignore[arg-type]
+        for start in range(0, count, size):
+            yield self.collate([dataset[i] for i in range(start, min(start + size, count))])
+
+    # ----- generation in evaluation: answers, samples, the teacher-hacking monitor -----
+
+    def _greedy(self, model: nn.Module, batch: dict[str, Any], max_new_tokens: int) -> tuple[list[str], list[str]]:
+        """(prompt text, greedy answer text) of each row: the model answers the row's prompt."""
+        prompts = prompt_prefixes(batch)
+        continuations = sample_continuations(
+            model,
+            prompts,
+            pad_id=self.pad_id,
+            stop_ids=stop_token_ids(self.tokenizer, model),
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        )
+        decode = self.tokenizer.batch_decode
+        return decode(prompts, skip_special_tokens=True), decode(continuations, skip_special_tokens=True)
+
+    def _references(self, batch: dict[str, Any]) -> list[str]:
+        """The learned tokens of each row (its response), as text."""
+        rows = [ids[mask].tolist() for ids, mask in zip(batch["labels"], batch["loss_mask"])]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def _answer_accuracy(self, model: nn.Module, dataset: Dataset) -> float:
+        """Step-by-step: the share of label prompts the model answers exactly (spaces and case ignored)."""
+        sbs = self.data_cfg.step_by_step
+        assert sbs is not None
+        right = total = 0
+        for batch in self._eval_batches(model, dataset):
+            _, answers = self._greedy(model, batch, sbs.answer_tokens)
+            for answer, reference in zip(answers, self._references(batch)):
+                right += " ".join(answer.split()).lower() == " ".join(reference.split()).lower()
+                total += 1
+        return right / max(total, 1)
+
+    def sample_generations(self, models: dict[str, nn.Module], dataset: Dataset) -> list[dict[str, str]] | None:
+        count = min(self.data_cfg.samples, len(dataset))  # type: ignore[arg-type]
+        if self.data_cfg.format == "text" or count == 0:
+            return None
+        batch = self.collate([dataset[i] for i in range(count)])
+        rows = [{"reference": r} for r in self._references(batch)]
+        for role, model in models.items():
+            prompts, answers = self._greedy(model, batch, self.data_cfg.generation.max_new_tokens)
+            for row, prompt, answer in zip(rows, prompts, answers):
+                row["prompt"] = prompt.strip()
+                row[role] = answer.strip()
+        return rows
+
+    def _monitor_references(self) -> list[nn.Module]:
+        """The models the monitor compares against (the teacher, the golden model); they are not monitored."""
+        return [m for m in (self._proxy_teacher, self._golden) if m is not None]
+
+    @cached_property
+    def _proxy_teacher(self) -> nn.Module | None:
+        if self.data_cfg.monitor is None:
+            return None
+        teachers = self._teacher_models()
+        if not teachers:
+            raise RecipeError(
+                "data.monitor: the monitor compares the student with the teacher's model; name teacher.model"
+            )
+        ref, field, _ = teachers[0]
+        return self.load_teacher(ref, field)
+
+    @cached_property
+    def _golden(self) -> nn.Module | None:
+        monitor = self.data_cfg.monitor
+        if monitor is None or monitor.golden is None:
+            return None
+        model = load_causal_lm(monitor.golden, field="data.monitor.golden")
+        self._check_vocab_size(model, "data.monitor.golden")
+        return model
+
+    @cached_property
+    def _golden_examples(self) -> TokenDataset | None:
+        monitor = self.data_cfg.monitor
+        if monitor is None or monitor.golden_data is None:
+            return None
+        path = resolve_data_path(monitor.golden_data, field="data.monitor.golden_data")
+        pairs = read_pairs(path, self.data_cfg.prompt_field, self.data_cfg.response_field, "data.monitor.golden_data")
+        examples = self._encode(pairs[: monitor.examples])  # type: ignore[arg-type]
+        if not examples:
+            raise RecipeError(f"data.monitor.golden_data: {path} holds no example that fits data.max_length")
+        return TokenDataset(examples)
+
+    def _mean_kl(self, reference: nn.Module, model: nn.Module, dataset: Dataset, limit: int) -> float:
+        """Mean over the learned tokens of KL(reference || model), full vocabulary, per token."""
+        total, count = 0.0, 0
+        for batch in self._eval_batches(model, dataset, limit):
+            mask = batch["loss_mask"]
+            log_p = F.log_softmax(self.adapter(reference, batch, frozenset({"logits"})).logits.float()[mask], dim=-1)
+            log_q = F.log_softmax(self.adapter(model, batch, frozenset({"logits"})).logits.float()[mask], dim=-1)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            count += int(mask.sum())
+        return total / max(count, 1)
+
+    def _monitor_metrics(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        """Proxy (to the teacher) and golden (to the golden model, or NLL of golden-written answers) distances."""
+        monitor = self.data_cfg.monitor
+        assert monitor is not None
+        teacher = self._proxy_teacher
+        assert teacher is not None
+        metrics = {"proxy_kl": self._mean_kl(teacher, model, dataset, monitor.examples)}
+        if self._golden is not None:
+            metrics["golden_kl"] = self._mean_kl(self._golden, model, dataset, monitor.examples)
+        else:
+            golden_set = self._golden_examples
+            assert golden_set is not None
+            nll, count = 0.0, 0
+            for batch in self._eval_batches(model, golden_set):
+                logits = self.adapter(model, batch, frozenset({"logits"})).logits.float()
+                mask = batch["loss_mask"]
+                log_q = F.log_softmax(logits[mask], dim=-1)
+                nll -= float(log_q.gather(-1, batch["labels"][mask].unsqueeze(-1)).sum())
+                count += int(mask.sum())
+            metrics["golden_nll"] = nll / max(count, 1)
+        return metrics
+
+    def review_evaluations(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        monitor = self.data_cfg.monitor
+        if monitor is None:
+            return {}
+        golden = "golden_kl" if monitor.golden is not None else "golden_nll"
+        return {
+            "teacher_hacking": detect_teacher_hacking(
+                records, proxy="proxy_kl", golden=golden, patience=monitor.patience, tolerance=monitor.tolerance
+            )
+        }
+
+    throughput_unit = "tokens/s"
+
+    def throughput_items(self, batch: dict[str, Any]) -> int:
+        return int(batch["attention_mask"].sum())
 
     def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:
         size = min(batch_size, self._batch_size(len(self.tokenizer)), len(dataset))  # type: ignore[arg-type]

@@ -1,0 +1,147 @@
+"""The causal-LM task's recipe sections: ``student`` and ``data`` (with its data modes).
+
+``data.mode`` says where the training responses come from:
+
+- ``offline``: the file's own responses (or text), a fixed set; teacher online or cached;
+- ``teacher_generated``: the teacher answers the file's prompts once before training
+  (sequence-level KD); the answers are stored, so ``kdforge cache`` can add their top-k
+  log-probs and every later run reads the same set;
+- ``on_policy``: the data as in ``offline``, but with probability ``on_policy.lambda``
+  per optimizer step the student answers the batch's prompts itself and the teacher
+  scores its answers (GKD);
+- ``online_generation``: the teacher answers the training prompts afresh every epoch
+  (the teacher-hacking paper's remedy for a fixed offline set).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from kdforge.recipe import Strict
+
+
+class FromTeacher(Strict):
+    layers: list[int] | None = Field(None, description="teacher layer indices to keep, increasing (0-based)")
+    num_layers: int | None = Field(None, ge=2, description="keep this many, evenly spaced, first and last included")
+    model: str | None = Field(None, description="the model whose layers are copied; default: teacher.model")
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> FromTeacher:
+        if (self.layers is None) == (self.num_layers is None):
+            raise ValueError("give exactly one of layers (e.g. [0, 6, 12]) or num_layers")
+        return self
+
+
+class CausalLMStudent(Strict):
+    from_teacher: FromTeacher | None = Field(None, description="a shallower copy of the teacher")
+    model: str | None = Field(None, description="a separate pretrained causal LM with the teacher's tokenizer")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CausalLMStudent:
+        if (self.from_teacher is None) == (self.model is None):
+            raise ValueError("student: give exactly one of from_teacher: {num_layers: N} or model: REF")
+        return self
+
+
+class Generation(Strict):
+    """How the teacher writes responses (teacher_generated, online_generation, step_by_step)."""
+
+    max_new_tokens: int = Field(64, ge=1, description="longest response, in tokens")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 decodes greedily")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, description="prompts answered together")
+    seed: int = Field(0, description="the sampling seed (each batch and epoch derives its own from it)")
+    model: str | None = Field(None, description="the model that writes; default: teacher.model")
+    store: str | None = Field(
+        None, description="folder of stored generations; default KDFORGE_CACHE_DIR/generations"
+    )
+
+
+class OnPolicy(Strict):
+    """GKD: how often, and how, the student answers the prompts itself."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    lmbda: float = Field(
+        0.5, ge=0, le=1, alias="lambda", description="probability per optimizer step that the student generates"
+    )
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (GKD samples at 1)")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class StepByStep(Strict):
+    """Distilling step-by-step: the teacher writes a rationale and an answer; the student learns both tasks."""
+
+    instruction: str = Field(
+        "{prompt}\nExplain your reasoning in one or two sentences, then give the final answer"
+        " on a last line that starts with 'Answer:'.",
+        description="what the teacher is asked ({prompt} is the example's prompt)",
+    )
+    label_source: Literal["teacher", "data"] = Field(
+        "teacher", description="the answer learned: the teacher's, or the file's response field (ground truth)"
+    )
+    label_prefix: str = Field("label: ", description="prefix of the answer task's prompt (the only one at inference)")
+    rationale_prefix: str = Field("rationale: ", description="prefix of the rationale task's prompt")
+    answer_tokens: int = Field(16, ge=1, description="tokens generated when the student answers in evaluation")
+
+
+class HackingMonitor(Strict):
+    """Teacher-hacking monitor: distances to the teacher (proxy) and to a golden model on held-out prompts."""
+
+    golden: str | None = Field(None, description="a stronger model than the teacher, with the same tokenizer")
+    golden_data: str | None = Field(
+        None, description="or: JSONL of held-out prompts with responses written by a golden model"
+    )
+    examples: int = Field(16, ge=1, description="held-out examples each evaluation scores")
+    patience: int = Field(2, ge=1, description="evaluations after the golden metric's best before a flag")
+    tolerance: float = Field(0.01, ge=0, description="relative change that counts as a real rise or fall")
+
+    @model_validator(mode="after")
+    def _one_golden(self) -> HackingMonitor:
+        if (self.golden is None) == (self.golden_data is None):
+            raise ValueError("give exactly one of golden (a model) or golden_data (a JSONL file)")
+        return self
+
+
+DataMode = Literal["offline", "teacher_generated", "on_policy", "online_generation"]
+
+
+class CausalLMData(Strict):
+    format: Literal["text", "jsonl"] = "text"
+    path: str = Field(description="the file; a relative path is looked for here, then in KDFORGE_DATA_DIR")
+    mode: DataMode = Field("offline", description="where training responses come from (see the task's docs)")
+    max_length: int = Field(128, ge=2, description="tokens per example (text: block length; jsonl: cut there)")
+    prompt_field: str = Field("prompt", description="jsonl: the prompt's key")
+    response_field: str = Field("response", description="jsonl: the response's key")
+    chat_template: bool = Field(True, description="jsonl: render with the tokenizer's chat template when it has one")
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    split_seed: int = Field(0, description="jsonl: the shuffle before splitting (text splits are contiguous)")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
+    eval_limit: int | None = Field(None, ge=1, description="use only the first N validation and test examples")
+    fidelity_positions: int = Field(256, ge=1, description="counted positions whose logits fidelity compares")
+    generation: Generation = Generation()
+    on_policy: OnPolicy = OnPolicy()
+    step_by_step: StepByStep | None = Field(None, description="distilling step-by-step (jsonl prompts)")
+    monitor: HackingMonitor | None = Field(None, description="the teacher-hacking monitor")
+    samples: int = Field(3, ge=0, description="held-out prompts whose generations the report shows side by side")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CausalLMData:
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError("data.test_fraction + data.validation_fraction must be < 1, leaving data to train on")
+        if self.format == "text" and (self.mode != "offline" or self.step_by_step is not None):
+            what = "step_by_step" if self.step_by_step is not None else f"mode {self.mode}"
+            raise ValueError(f"{what} needs prompts to answer: use format: jsonl with a prompt per line")
+        if self.step_by_step is not None and self.mode != "offline":
+            raise ValueError("step_by_step writes its own data with the teacher; leave mode: offline")
+        return self
+
+    @property
+    def teacher_writes(self) -> bool:
+        """The teacher writes the training responses (before or during training)."""
+        return self.mode in ("teacher_generated", "online_generation") or self.step_by_step is not None

@@ -1,0 +1,201 @@
+"""Responses written by a model during a causal-LM run: teacher answers, step-by-step rationales, on-policy batches.
+
+The causal-LM task calls these; they know tokenizers and models but nothing of recipes
+beyond the settings they are handed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdforge.data.generate import GenerationStore, sample_continuations
+from kdforge.data.indexed import INDEX_KEY
+from kdforge.data.lm import TokenExample, collate_causal
+from kdforge.signals.fingerprint import value_digest
+from kdforge.tasks.lm_config import Generation, OnPolicy
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed derived from ``parts`` (stable across processes and Python versions)."""
+    return int(value_digest(list(parts))[:8], 16) & 0x7FFFFFFF
+
+
+class ResponseWriter:
+    """A model answering prompts, with its answers kept in a :class:`GenerationStore`.
+
+    ``identity`` names the model and tokenizer (their files' digests): stored answers
+    are reused only for the same writer, prompts and settings.
+    """
+
+    def __init__(
+        self,
+        load_model: Callable[[], nn.Module],
+        tokenizer,
+        cfg: Generation,
+        *,
+        identity: dict[str, Any],
+        store_folder,
+        pad_id: int,
+        stop_ids: Callable[[nn.Module], list[int]],
+        max_length: int,
+    ):
+        self.load_model = load_model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.identity = identity
+        self.store_folder = store_folder
+        self.pad_id = pad_id
+        self.stop_ids = stop_ids
+        self.max_length = max_length
+
+    def store(self, prompt_ids: list[list[int]], purpose: str) -> GenerationStore:
+        settings = self.cfg.model_dump(exclude={"store"})
+        key = {
+            "writer": self.identity,
+            "prompts": value_digest(prompt_ids),
+            "settings": settings,
+            "max_length": self.max_length,
+            "purpose": purpose,
+        }
+        return GenerationStore(self.store_folder, key)
+
+    def responses(self, prompt_ids: list[list[int]], *, purpose: str, description: str) -> list[str]:
+        """The model's answer (text) to each prompt, generated once per (prompts, settings, purpose)."""
+        store = self.store(prompt_ids, purpose)
+        model: nn.Module | None = None
+
+        def make_batch(start: int, stop: int) -> list[dict[str, Any]]:
+            nonlocal model
+            if model is None:
+                model = self.load_model()
+            prompts = prompt_ids[start:stop]
+            room = self.max_length - min(len(p) for p in prompts)
+            continuations = sample_continuations(
+                model,
+                prompts,
+                pad_id=self.pad_id,
+                stop_ids=self.stop_ids(model),
+                max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                seed=derived_seed(self.cfg.seed, purpose, start),
+            )
+            texts = self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
+            return [{"response": text.strip()} for text in texts]
+
+        records = store.build(len(prompt_ids), make_batch, batch_size=self.cfg.batch_size, description=description)
+        return [r["response"] for r in records]
+
+
+class EpochResponses(Dataset):
+    """Training examples whose responses are written afresh for each epoch (``online_generation``).
+
+    The engine calls :meth:`set_epoch` before each pass over the data; the examples of
+    an epoch come from ``examples_for(epoch)``, which generates or reads them back (a
+    resumed run reads the stored ones, so it sees the same data).
+    """
+
+    def __init__(self, examples_for: Callable[[int], list[TokenExample]]):
+        self.examples_for = examples_for
+        self.epoch = 0
+        self.examples = examples_for(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            examples = self.examples_for(epoch)
+            if len(examples) != len(self.examples):
+                raise RuntimeError(f"epoch {epoch} has {len(examples)} examples, not {len(self.examples)}")
+            self.examples, self.epoch = examples, epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> TokenExample:
+        return self.examples[i]
+
+
+_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
+
+
+def split_rationale(text: str) -> tuple[str, str | None]:
+    """A step-by-step response as (rationale, answer): the answer follows the last ``Answer:``.
+
+    Without an ``Answer:`` the whole text is the rationale and the answer is None.
+    """
+    found = list(_ANSWER.finditer(text))
+    if not found:
+        return text.strip(), None
+    last = found[-1]
+    answer = text[last.end() :].strip().splitlines()[0].strip() if text[last.end() :].strip() else ""
+    return text[: last.start()].strip(), answer or None
+
+
+# ----- on-policy (GKD) ---------------------------------------------------------------
+
+
+def on_policy_at(step: int, *, lmbda: float, seed: int) -> bool:
+    """Whether optimizer step ``step`` trains on the student's own answers: a draw with probability lambda.
+
+    Drawn from (seed, step) alone, so a resumed run, or another process, decides the
+    same way for the same step.
+    """
+    if lmbda <= 0:
+        return False
+    if lmbda >= 1:
+        return True
+    return bool(np.random.default_rng([seed, step, 0x6B64]).random() < lmbda)
+
+
+def prompt_prefixes(batch: dict[str, Any]) -> list[list[int]]:
+    """Each row's tokens up to its first learned one: the prompt the response answers."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    prompts = []
+    for row in range(ids.shape[0]):
+        counted = mask[row].nonzero()
+        # loss_mask[j] marks input_ids[j + 1] as a target: the prompt ends at j
+        end = int(counted[0]) + 1 if len(counted) else int(batch["attention_mask"][row].sum())
+        prompts.append(ids[row, :end].tolist())
+    return prompts
+
+
+def student_batch(
+    model: nn.Module,
+    batch: dict[str, Any],
+    cfg: OnPolicy,
+    *,
+    pad_id: int,
+    stop_ids: list[int],
+    max_length: int,
+    seed: int,
+    kinds: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The batch's prompts answered by ``model`` (sampled, no gradient), as a batch of the same layout."""
+    prompts = prompt_prefixes(batch)
+    room = max_length - min(len(p) for p in prompts)
+    continuations = sample_continuations(
+        model,
+        prompts,
+        pad_id=pad_id,
+        stop_ids=stop_ids,
+        max_new_tokens=max(1, min(cfg.max_new_tokens, room)),
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=seed,
+    )
+    examples = []
+    for prompt, continuation in zip(prompts, continuations):
+        ids = (prompt + (continuation or [pad_id]))[:max_length]
+        counted = torch.zeros(len(ids), dtype=torch.bool)
+        counted[len(prompt) :] = True
+        examples.append(TokenExample(torch.tensor(ids, dtype=torch.long), counted))
+    out = collate_causal(examples, pad_id, kinds)
+    if INDEX_KEY in batch:
+        out[INDEX_KEY] = batch[INDEX_KEY]
+    return out
