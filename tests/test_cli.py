@@ -114,14 +114,14 @@ def test_run_with_seeds_then_report(tmp_path, digits_teacher):
     assert "better in" in again.stdout
 
 
-def test_demo_runs_end_to_end_with_one_seed(tmp_path):
-    """`make demo` runs `kdforge demo`; here with one seed (the command is the same, five seeds take longer)."""
+def test_the_digits_demo_runs_end_to_end_by_name_with_one_seed(tmp_path):
+    """`kdforge demo digits`; here with one seed (the command is the same, five seeds take longer)."""
     import json
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "kdforge", "demo", "--seeds", "0", "--output", str(tmp_path)],
+        [sys.executable, "-m", "kdforge", "demo", "digits", "--seeds", "0", "--output", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -133,3 +133,41 @@ def test_demo_runs_end_to_end_with_one_seed(tmp_path):
     assert (tmp_path / "digits-kd" / "report.html").is_file() and (
         tmp_path / "digits-kd" / "model" / "README.md"
     ).is_file()
+
+
+def test_the_lm_demo_runs_end_to_end_with_its_recipe_on_a_tiny_teacher(tmp_path, tiny_lm_teacher):
+    """`make demo` runs `kdforge demo` (the SmolLM2 demo); here its --quick recipe, with the tiny teacher swapped in.
+
+    Everything but the model is the demo's: built-in prompts, teacher-written answers cached
+    with top-k, TAID, the baseline, samples side by side, the report.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    sets = [
+        f"teacher.model={tiny_lm_teacher}",
+        "student.from_teacher.num_layers=2",
+        "data.generation.max_new_tokens=8",
+        "training.steps=4",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "kdforge", "demo", "--quick", "--output", str(tmp_path)]
+        + [arg for s in sets for arg in ("--set", s)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KDFORGE_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "demo-smollm2-quick"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["summary"]) == {"teacher", "student", "baseline"}
+    assert report["teacher_signal"]["signal"] == "cache" and report["throughput_unit"] == "tokens/s"
+    assert [o["loss"] for o in report["objective"]] == ["taid", "cross_entropy"]
+    samples = report["runs"][0]["samples"]
+    assert len(samples) == 3 and all(s["prompt"] and "teacher" in s and "baseline" in s for s in samples)
+    assert "sample 1:" in done.stdout and "student − baseline (perplexity)" in done.stdout
+    assert (tmp_path / "generations").is_dir()  # the teacher's answers stay with the demo's output
+    assert "Sample generations" in (run_dir / "report.html").read_text()

@@ -177,7 +177,7 @@ def _train_phase(
         "final_terms": result.final_terms,
         "train_seconds": time.perf_counter() - started,
         "resumed_from": result.resumed_from,
-        **(task.training_info(result.steps) if objective.needs_teacher else {}),
+        **(task.training_info(result.steps) if phase == "student" else {}),
     }
     evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
     info.update(task.review_evaluations(evaluations))

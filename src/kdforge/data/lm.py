@@ -32,6 +32,8 @@ class TokenExample:
     counted: torch.Tensor  # [L] bool: the token is a target (predicted from the tokens before it)
     #: which of a multi-task run's tasks the example belongs to (distilling step-by-step: label, rationale)
     kind: str | None = None
+    #: the prompt as written (prompt/response data), for showing answers next to it
+    prompt: str | None = None
 
 
 class TokenDataset(Dataset):
@@ -45,8 +47,23 @@ class TokenDataset(Dataset):
         return self.examples[i]
 
 
+#: prefix of the data files kdforge ships (the demo's instruction prompts)
+BUILTIN = "builtin:"
+
+
 def resolve_data_path(path: str, field: str = "data.path") -> Path:
-    """``path`` as given, else relative to ``KDFORGE_DATA_DIR`` (where shared datasets live)."""
+    """``path`` as given, else relative to ``KDFORGE_DATA_DIR`` (where shared datasets live).
+
+    ``builtin:NAME`` is a data file shipped with kdforge (``builtin:instructions.jsonl``).
+    """
+    if path.startswith(BUILTIN):
+        from importlib import resources
+
+        name = path[len(BUILTIN) :]
+        shipped = sorted(p.name for p in (resources.files("kdforge") / "demo").iterdir() if p.name.endswith(".jsonl"))
+        if name not in shipped:
+            raise RecipeError(f"{field}: kdforge ships no {name!r}; built-in data: {', '.join(shipped)}")
+        return Path(str(resources.files("kdforge") / "demo" / name))
     given = Path(path).expanduser()
     candidates = [given] if given.is_absolute() else [given, data_dir() / given]
     for candidate in candidates:
@@ -205,6 +222,9 @@ def encode_pairs(
         counted[prompt_length:] = True
         counted[0] = False  # nothing predicts the first token
         examples.append(TokenExample(torch.tensor(ids, dtype=torch.long), counted, kind) if counted.any() else None)
+    for example, (prompt, _) in zip(examples, pairs):
+        if example is not None:
+            example.prompt = prompt
     return examples
 
 

@@ -21,6 +21,7 @@ Saved models are plain transformers folders (safetensors + config.json + tokeniz
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import shutil
 from functools import cached_property
@@ -53,7 +54,7 @@ from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokeni
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import replace_folder
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, OnlineTeacherConfig, Recipe
+from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, ObjectiveTerm, OnlineTeacherConfig, Recipe
 from kdforge.settings import cache_dir
 from kdforge.signals.fingerprint import files_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
@@ -72,6 +73,15 @@ console = Console(stderr=True)
 
 #: logits one evaluation (or timing) batch may hold: [B, L, V] floats, plus the log-softmax's copy
 LOGITS_BUDGET = 2**25
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can compute logits for chosen positions only (transformers' LMs can)."""
+    forward = getattr(getattr(model, "module", model), "forward", None)  # DDP passes keywords on
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 @TASKS.register("causal_lm")
@@ -493,6 +503,11 @@ class CausalLMTask(Task):
             return Splits(train_set, val_set, test_set, "validation")
         return Splits(train_set, test_set, test_set, "test")
 
+    def baseline_objective(self) -> list[ObjectiveTerm]:
+        """Labels only; for step-by-step, the answers only (standard fine-tuning, no rationales)."""
+        mask = "label_mask" if self.data_cfg.step_by_step is not None else "loss_mask"
+        return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0, mask=mask)]
+
     # ----- on-policy batches (GKD) ----------------------------------------------------
 
     def _on_policy_at(self, step: int) -> bool:
@@ -523,7 +538,8 @@ class CausalLMTask(Task):
         if cfg.mode == "on_policy":
             info["on_policy_steps"] = sum(self._on_policy_at(s) for s in range(steps))
             info["on_policy_lambda"] = cfg.on_policy.lmbda
-        if cfg.step_by_step is not None and hasattr(self, "step_by_step_counts"):
+        if cfg.step_by_step is not None:
+            self._jsonl_splits  # noqa: B018 (reads the stored rationales back and counts them)
             info["step_by_step"] = self.step_by_step_counts
         return info
 
@@ -544,17 +560,28 @@ class CausalLMTask(Task):
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
         device = next(model.parameters()).device
         hidden_wanted = bool(fields & {"hidden", "hidden_states"})
+        input_ids = batch["input_ids"].to(device)
+        # The output at position j predicts token j + 1: drop the last position, whose target
+        # lies beyond the sequence, so outputs line up with labels and loss_mask. Where the
+        # model can, the LM head runs on those positions only: the logits come out contiguous
+        # (a [:, :-1] view of them would be copied by every loss that flattens it, a [B, L, V]
+        # copy per side), and a run that needs no logits computes one position's.
+        keep: dict[str, Any] = {}
+        if _takes_logits_to_keep(model):
+            keep["logits_to_keep"] = torch.arange(input_ids.shape[1] - 1, device=device) if "logits" in fields else 1
         out = model(
-            input_ids=batch["input_ids"].to(device),
+            input_ids=input_ids,
             attention_mask=batch["attention_mask"].to(device),
             output_hidden_states=hidden_wanted,
             use_cache=False,
+            **keep,
         )
-        # The output at position j predicts token j + 1: drop the last position, whose target
-        # lies beyond the sequence, so outputs line up with labels and loss_mask.
         hidden_states = tuple(h[:, :-1] for h in out.hidden_states) if hidden_wanted else None
+        logits = None
+        if "logits" in fields:
+            logits = out.logits if keep else out.logits[:, :-1]
         return ModelOutputs(
-            logits=out.logits[:, :-1] if "logits" in fields else None,
+            logits=logits,
             hidden=hidden_states[-1] if hidden_states is not None and "hidden" in fields else None,
             hidden_states=hidden_states if "hidden_states" in fields else None,
         )
@@ -632,12 +659,13 @@ class CausalLMTask(Task):
         count = min(self.data_cfg.samples, len(dataset))  # type: ignore[arg-type]
         if self.data_cfg.format == "text" or count == 0:
             return None
-        batch = self.collate([dataset[i] for i in range(count)])
+        items = [dataset[i] for i in range(count)]
+        batch = self.collate(items)
         rows = [{"reference": r} for r in self._references(batch)]
         for role, model in models.items():
             prompts, answers = self._greedy(model, batch, self.data_cfg.generation.max_new_tokens)
-            for row, prompt, answer in zip(rows, prompts, answers):
-                row["prompt"] = prompt.strip()
+            for row, item, prompt, answer in zip(rows, items, prompts, answers):
+                row["prompt"] = item.prompt if item.prompt is not None else prompt.strip()
                 row[role] = answer.strip()
         return rows
 
