@@ -5,6 +5,7 @@ import pytest
 from conftest import tiny
 from kdforge.recipe import bundled_recipes, read_raw
 from kdforge.runner import run_recipe
+from kdforge.signals.cache_run import write_recipe_caches
 
 
 def _recipes_of(task: str) -> list[str]:
@@ -19,6 +20,15 @@ LM_TINY = [
     "training.steps=6",
     "training.batch_size=4",
 ]
+
+
+def _cached_where_asked(name: str, tmp_path) -> list[str]:
+    """A recipe whose teacher is a cache gets one in the test's folder, written first (as the demo does)."""
+    return (
+        [f"teacher.path={tmp_path / 'cache'}"]
+        if read_raw(bundled_recipes()[name])["teacher"].get("signal") == "cache"
+        else []
+    )
 
 
 def test_every_bundled_recipe_is_run_by_a_test_below():
@@ -40,7 +50,9 @@ def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher):
 def test_bundled_lm_recipe_runs_with_a_tiny_gguf_teacher(name, tmp_path, tiny_gguf_teacher, shakespeare_dir):
     """The recipe as shipped, with a 4-layer GGUF Llama standing in for its teacher."""
     teacher = [f"teacher.model={tiny_gguf_teacher}", "student.from_teacher={layers: [0, 3]}"]
-    recipe = tiny(name, tmp_path, *teacher, *LM_TINY)
+    recipe = tiny(name, tmp_path, *teacher, *LM_TINY, *_cached_where_asked(name, tmp_path))
+    if recipe.teacher.signal == "cache":
+        write_recipe_caches(recipe)
     report = run_recipe(recipe)
     assert (recipe.run_dir / "report.html").is_file()
     assert (recipe.run_dir / "model" / "config.json").is_file()
@@ -52,7 +64,9 @@ def test_bundled_lm_recipe_runs_with_a_tiny_gguf_teacher(name, tmp_path, tiny_gg
 @pytest.mark.parametrize("name", _recipes_of("causal_lm"))
 def test_bundled_lm_recipe_runs_with_its_own_teacher_at_tiny_size(name, tmp_path, shakespeare_dir):
     pytest.importorskip("gguf", reason="the recipe's teacher is a GGUF file")
-    recipe = tiny(name, tmp_path, *LM_TINY, "evaluation.batch_size=4")
+    recipe = tiny(name, tmp_path, *LM_TINY, "evaluation.batch_size=4", *_cached_where_asked(name, tmp_path))
+    if recipe.teacher.signal == "cache":
+        write_recipe_caches(recipe)
     report = run_recipe(recipe)
     models = report["runs"][0]["models"]
     assert models["teacher"]["metrics"]["perplexity"] < models["baseline"]["metrics"]["perplexity"]
