@@ -344,6 +344,31 @@ def test_topk_teacher_compares_k_plus_one_buckets(name):
     assert got.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_a_topk_teacher_sure_of_its_k_tokens_gives_finite_values_and_gradients(name):
+    """Top-k log-probs that sum to 1 in float32 leave no residual; the tail is floored, not -inf.
+
+    Found on a SmolLM2 cache: reverse KL was +inf wherever the student had mass outside the k tokens.
+    """
+    fn, kw = FUNCTIONS[name]
+    ids = torch.tensor([[[0, 1]]])
+    log_p = torch.log(torch.tensor([[[1.0 - 1e-9, 1e-9]]]))  # sums to exactly 1.0 in float32
+    assert float(log_p.exp().sum()) == 1.0
+    s = torch.zeros(1, 1, 6, requires_grad=True)  # the student spreads mass over all six tokens
+    value = fn(s, (ids, log_p), **kw)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+def test_the_tail_floor_leaves_a_masked_vocabulary_alone():
+    """Where the student has no mass outside the top-k (masked vocabulary), nothing is added to the teacher."""
+    ids = torch.tensor([[0, 1]])
+    log_p = torch.log(torch.tensor([[0.75, 0.25]]))
+    s = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]])
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert forward_kl(s, (ids, log_p)).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_topk_teacher_chunked_and_gradients(monkeypatch):
     g = torch.Generator().manual_seed(23)
     s0, t = torch.randn(3, 5, 20, generator=g), torch.randn(3, 5, 20, generator=g)

@@ -166,3 +166,14 @@ def test_bad_module_values_are_refused_when_the_objective_is_built():
     term = ObjectiveTerm(loss="mi_alpha", params={"student_dim": 3, "teacher_dim": 5, "critic": "concat"})
     with pytest.raises(RecipeError, match=r"^objective\[0\].params: critic must be 'bilinear' or 'mlp'"):
         Objective([term], total_steps=1)
+
+
+def test_a_loss_module_that_needs_full_logits_refuses_a_top_k_teacher_with_the_fix():
+    """dac_kl with a cached (top-k) teacher: the message names the cause, not a 'tuple' field."""
+    from kdforge.errors import RecipeError
+
+    objective = Objective([ObjectiveTerm(loss="dac_kl")], total_steps=1)
+    s = torch.randn(2, 3, 7)
+    topk = (torch.tensor([[[0, 1]] * 3] * 2), torch.log(torch.full((2, 3, 2), 0.4)))
+    with pytest.raises(RecipeError, match=r"objective\[0\]\.loss: 'dac_kl' needs the teacher's full logits.*online"):
+        objective(ModelOutputs(logits=s), ModelOutputs(logits=topk), {}, step=0)

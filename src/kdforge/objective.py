@@ -234,6 +234,11 @@ def _term_mask(bound: BoundTerm, batch: dict[str, Any]) -> torch.Tensor | None:
 def _check_tensors(bound: BoundTerm, *values: Any) -> None:
     """Loss modules compare one tensor per side; a tuple field (every layer) needs a loss that picks one."""
     for side, value in zip(("student", "teacher"), values):
+        if side == "teacher" and bound.term.field == "logits" and isinstance(value, tuple) and len(value) == 2:
+            raise RecipeError(
+                f"{bound.location}.loss: {bound.term.loss!r} needs the teacher's full logits, but the teacher"
+                " signal gives its top-k only (a cache or a server); use signal: online for this run"
+            )
         if value is not None and not isinstance(value, torch.Tensor):
             raise RecipeError(
                 f"{bound.location}.field: {bound.term.loss!r} compares one tensor, but the {side}'s"

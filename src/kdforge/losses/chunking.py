@@ -60,9 +60,21 @@ def check_pair(student: torch.Tensor, teacher: Teacher) -> None:
         )
 
 
-def teacher_tail(log_p_topk: torch.Tensor) -> torch.Tensor:
-    """log of the teacher's residual mass 1 - sum(top-k), ``[..., 1]``; clamped at 0 (stored log-probs are rounded)."""
-    return torch.log((1 - log_p_topk.exp().sum(-1, keepdim=True)).clamp_min(0))
+#: the least residual mass a top-k teacher is taken to leave outside its k tokens
+TAIL_FLOOR = 1e-6
+
+
+def teacher_tail(log_p_topk: torch.Tensor, floor: float = TAIL_FLOOR) -> torch.Tensor:
+    """log of the teacher's residual mass 1 - sum(top-k), ``[..., 1]``, at least ``floor``.
+
+    A teacher sure of its top-k leaves a residual that float32 (and stored, rounded
+    log-probs) turn into exactly 0. Its log, -inf, would make every mode-seeking
+    divergence (reverse KL, skew reverse KL) infinite wherever the student puts any mass
+    outside those k tokens; stored log-probs cannot tell a residual of 1e-9 from 0
+    anyway. The floor adds at most 1e-6 to the teacher's total mass. ``floor=0`` gives the
+    residual as computed (where nothing lies outside the k tokens, e.g. a masked vocabulary).
+    """
+    return torch.log((1 - log_p_topk.exp().sum(-1, keepdim=True)).clamp_min(floor))
 
 
 def _log_mass_outside(log_q: torch.Tensor, ids: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,10 +99,10 @@ def topk_buckets(
     log_q_topk = log_q.gather(-1, ids)
     if ids.shape[-1] >= log_q.shape[-1]:
         return log_q_topk, log_p_topk
-    return (
-        torch.cat([log_q_topk, _log_mass_outside(log_q, ids, scratch)], -1),
-        torch.cat([log_p_topk, teacher_tail(log_p_topk)], -1),
-    )
+    log_q_tail = _log_mass_outside(log_q, ids, scratch)
+    # the teacher's floor only where the student can put mass outside (not in a masked vocabulary)
+    log_p_tail = torch.where(torch.isneginf(log_q_tail), teacher_tail(log_p_topk, 0.0), teacher_tail(log_p_topk))
+    return torch.cat([log_q_topk, log_q_tail], -1), torch.cat([log_p_topk, log_p_tail], -1)
 
 
 def _flat(student: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
