@@ -371,7 +371,8 @@ def test_a_run_with_the_monitor_logs_proxy_and_golden_and_reports_them(
     report = run_recipe(recipe)
     models = report["runs"][0]["models"]
     hack = models["student"]["train"]["teacher_hacking"]
-    assert hack["steps"] == [1, 2, 3, 4] and len(hack["proxy_values"]) == len(hack["golden_values"]) == 4
+    # every eval_every steps, and once more at the end
+    assert hack["steps"] == [1, 2, 3, 4, 5] and len(hack["proxy_values"]) == len(hack["golden_values"]) == 5
     assert all(v > 0 for v in hack["proxy_values"] + hack["golden_values"])
     assert "proxy_kl" in models["student"]["metrics"] and "proxy_kl" not in models["teacher"]["metrics"]
     html = (recipe.run_dir / "report.html").read_text()
@@ -392,6 +393,6 @@ def test_the_monitor_can_score_golden_written_answers_instead_of_a_golden_model(
     )
     report = run_recipe(recipe)
     hack = report["runs"][0]["models"]["student"]["train"]["teacher_hacking"]
-    assert hack["golden"] == "golden_nll" and len(hack["golden_values"]) == 2
+    assert hack["golden"] == "golden_nll" and hack["steps"] == [2, 4, 6]
     with pytest.raises(RecipeError, match="exactly one of golden"):
         lm_recipe(tmp_path, tiny_lm_teacher, pairs_file, "data.format=jsonl", "data.monitor={}")

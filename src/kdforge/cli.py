@@ -259,7 +259,7 @@ def _lm_demo(output: Path, seeds: list[int], quick: bool, overrides: list[str]) 
     ]
     recipe = load_recipe("demo_smollm2", [*common, *(QUICK_DEMO if quick else []), *overrides])
     out.print(f"[bold]1/2[/] the teacher ({recipe.teacher_label()}) answers the prompts; answers and top-k are cached")
-    write_recipe_caches(recipe)
+    write_recipe_caches(recipe, overwrite=True)  # the demo's own folder: a cache of other settings is replaced
     out.print("[bold]2/2[/] distilling into a 6-layer student with TAID, then the labels-only baseline")
     report = run_recipe(recipe, seeds=seeds)
     print_samples(report)

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from kdforge.data.indexed import IndexedDataset, indexed_collate
-from kdforge.engine.metrics_log import read_metrics
+from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.trainer import total_optimizer_steps, train
 from kdforge.errors import RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
@@ -180,6 +180,11 @@ def _train_phase(
         **(task.training_info(result.steps) if phase == "student" else {}),
     }
     evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
+    if evaluations and evaluations[-1]["step"] < result.steps:
+        # the engine evaluates only before the last step; a curve (and a verdict on it) needs the end too
+        record = {"phase": phase, "step": result.steps, "eval": evaluate(model)}
+        MetricsLog(seed_dir / "metrics.jsonl", enabled=_is_main()).write(record)
+        evaluations.append(record)
     info.update(task.review_evaluations(evaluations))
     if _is_main():
         task.save_model(model, folder, card="")

@@ -46,6 +46,7 @@ from kdforge.data.lm import (
     prompt_token_ids,
     read_pairs,
     resolve_data_path,
+    uses_chat_template,
 )
 from kdforge.errors import RecipeError
 from kdforge.eval.hacking import detect_teacher_hacking
@@ -402,6 +403,7 @@ class CausalLMTask(Task):
             pad_id=self.pad_id,
             stop_ids=lambda model: stop_token_ids(self.tokenizer, model),
             max_length=self.data_cfg.max_length,
+            strip=uses_chat_template(self.tokenizer, self.data_cfg.chat_template),
         )
 
     def _teacher_texts(self, indices: list[int], purpose: str, description: str, instruction: str | None = None):

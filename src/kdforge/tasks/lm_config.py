@@ -96,9 +96,14 @@ class HackingMonitor(Strict):
     golden_data: str | None = Field(
         None, description="or: JSONL of held-out prompts with responses written by a golden model"
     )
-    examples: int = Field(16, ge=1, description="held-out examples each evaluation scores")
-    patience: int = Field(2, ge=1, description="evaluations after the golden metric's best before a flag")
-    tolerance: float = Field(0.01, ge=0, description="relative change that counts as a real rise or fall")
+    examples: int = Field(32, ge=1, description="held-out examples each evaluation scores (more: less noise)")
+    patience: int = Field(3, ge=1, description="evaluations after the golden metric's best before a flag")
+    tolerance: float = Field(
+        0.03,
+        ge=0,
+        description="relative change that counts as a real rise or fall; with 32 held-out prompts the golden"
+        " metric moves 1-2% between evaluations by chance (benchmarks/README.md, teacher hacking)",
+    )
 
     @model_validator(mode="after")
     def _one_golden(self) -> HackingMonitor:

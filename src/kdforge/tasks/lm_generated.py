@@ -45,6 +45,7 @@ class ResponseWriter:
         pad_id: int,
         stop_ids: Callable[[nn.Module], list[int]],
         max_length: int,
+        strip: bool = True,
     ):
         self.load_model = load_model
         self.tokenizer = tokenizer
@@ -54,10 +55,14 @@ class ResponseWriter:
         self.pad_id = pad_id
         self.stop_ids = stop_ids
         self.max_length = max_length
+        # a chat turn's content is trimmed; a plain continuation keeps its leading space, which
+        # belongs to its first token
+        self.strip = strip
 
     def store(self, prompt_ids: list[list[int]], purpose: str) -> GenerationStore:
         settings = self.cfg.model_dump(exclude={"store"})
         key = {
+            "strip": self.strip,
             "writer": self.identity,
             "prompts": value_digest(prompt_ids),
             "settings": settings,
@@ -88,7 +93,7 @@ class ResponseWriter:
                 seed=derived_seed(self.cfg.seed, purpose, start),
             )
             texts = self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
-            return [{"response": text.strip()} for text in texts]
+            return [{"response": text.strip() if self.strip else text} for text in texts]
 
         records = store.build(len(prompt_ids), make_batch, batch_size=self.cfg.batch_size, description=description)
         return [r["response"] for r in records]
