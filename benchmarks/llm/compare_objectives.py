@@ -6,8 +6,10 @@ mixed in; SinKD is added to forward KL). The teacher's top-64 log-probs are writ
 with ``kdforge cache`` and read by every run. DAC-KL needs the teacher's dense logits and
 runs the teacher online; reverse KL runs both ways (``reverse_kl`` on the cache, which can
 stop on an infinite loss where the teacher's tail mass rounds to 0, and
-``reverse_kl_online``). One labels-only run (cross-entropy, no teacher term; the teacher is
-loaded only to be evaluated) is the "no distillation" reference.
+``reverse_kl_online``), and so does forward KL (``forward_kl_online``: the control that
+separates the objective from the dense-versus-top-64 teacher signal). One labels-only run
+(cross-entropy, no teacher term; the teacher is loaded only to be evaluated) is the
+"no distillation" reference.
 
 Each objective is one ``kdforge run BASE --seeds ... --set ...`` subprocess, so a crash
 of one leaves the others running. From each run's report.json the script reads, mean and
@@ -77,6 +79,12 @@ CONFIGS = [
         "reverse_kl_online",
         "T = 1; online teacher (dense logits)",
         f"[{_term('reverse_kl')}]",
+        [f"teacher={ONLINE_TEACHER}"],
+    ),
+    Config(
+        "forward_kl_online",
+        "T = 1; online teacher (dense logits): the control for the two rows above",
+        f"[{_term('forward_kl')}]",
         [f"teacher={ONLINE_TEACHER}"],
     ),
     Config(

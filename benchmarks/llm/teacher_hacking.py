@@ -8,28 +8,30 @@ Three tiny Llamas share one byte-level BPE tokenizer (512 tokens, trained on Tin
    answers to ``--teacher-prompts`` prompts (``data.mode: teacher_generated`` with
    ``data.generation.model`` = the oracle), so it is an imperfect copy of the oracle;
 3. the **student** (1 layer, hidden 64, random init): distilled from the teacher with
-   ``forward_kl`` (teacher online) on ``--train-prompts`` prompts for ``--epochs`` epochs,
-   with the teacher-hacking monitor (``data.monitor.golden`` = the oracle) evaluating
-   proxy_kl = KL(teacher || student) and golden_kl = KL(oracle || student) per token on the
-   ``--test-prompts`` held-out prompts (answered by the teacher) once per epoch.
+   ``forward_kl`` (teacher online), with the teacher-hacking monitor
+   (``data.monitor.golden`` = the oracle) evaluating proxy_kl = KL(teacher || student) and
+   golden_kl = KL(oracle || student) per token on ``--test-prompts`` held-out prompts
+   (answered by the teacher) once per epoch.
 
-The student runs twice per seed, identical except for ``data.mode``:
-``teacher_generated`` (the teacher answers each training prompt once; the same fixed set
-every epoch) and ``online_generation`` (fresh teacher answers every epoch). Epoch 0 of both
-is the same stored set. A prompt is a speaker's name line plus the first line of the
-speech, ending in a newline (so the answer starts a new line and the prompt/answer token
-boundary is the one the models see in running text); training, held-out and teacher
-prompts come from disjoint parts of the play text (after the oracle's 200 KB).
+Each ``--settings`` entry PROMPTS:EPOCHS trains on the first PROMPTS training prompts
+(``data.train_limit``; the held-out prompts are the same in every setting) for EPOCHS
+epochs, twice per seed, identical except for ``data.mode``: ``teacher_generated`` (the
+teacher answers each training prompt once; the same fixed set every epoch) and
+``online_generation`` (fresh teacher answers every epoch). Epoch 0 of both is the same
+stored set. A prompt is a speaker's name line plus the first line of the speech, ending in
+a newline (so the answer starts a new line and the prompt/answer token boundary is the one
+the models see in running text); student and teacher prompts come from disjoint parts of
+the play text after the oracle's 200 KB.
 
 The seed sets the student's initial weights, the data order (training.seed) and the
 teacher's sampling (data.generation.seed). Everything runs on CPU in a work folder
 (default a temp dir; ``--work`` keeps it, and reuses a trained oracle and teacher).
 
-Writes ``teacher_hacking.png`` (proxy and golden vs step) next to this script (or
+Writes ``teacher_hacking.png`` (proxy and golden vs epoch) next to this script (or
 ``--png``), a JSON summary into the work folder (or ``--json``), and prints a markdown table.
 
-    .venv/bin/python benchmarks/llm/teacher_hacking.py                     # 1 seed, 50 epochs
-    .venv/bin/python benchmarks/llm/teacher_hacking.py --seeds 0,1,2 --epochs 60 --train-prompts 32
+    .venv/bin/python benchmarks/llm/teacher_hacking.py          # 3 seeds; 64 prompts x 50 epochs, 16 x 200
+    .venv/bin/python benchmarks/llm/teacher_hacking.py --seeds 0 --settings 64:50 --student-layers 2
 """
 
 from __future__ import annotations
@@ -162,14 +164,17 @@ def train_teacher(work: Path, tokenizer, oracle: Path, prompts: Path, steps: int
     return folder
 
 
-def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, args, steps_per_epoch) -> dict:
-    init = work / f"student-init-{seed}"
+def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, setting, args) -> dict:
+    """One distillation run; ``setting`` = (training prompts used, epochs)."""
+    n_train, epochs = setting
+    layers, hidden = args.student_layers, args.student_hidden
+    init = work / f"student-init-{layers}x{hidden}-{seed}"
     if not (init / "config.json").exists():
-        save_random_llama(init, tokenizer, layers=1, hidden=64, seed=300 + seed)
-    test_fraction = args.test_prompts / (args.train_prompts + args.test_prompts)
+        save_random_llama(init, tokenizer, layers=layers, hidden=hidden, seed=300 + seed)
+    steps_per_epoch = -(-n_train // args.batch_size)
     recipe = parse_recipe(
         {
-            "name": f"student-{mode}-seed{seed}",
+            "name": f"student-{layers}x{hidden}-{n_train}p{epochs}e-{mode}-seed{seed}",
             "task": "causal_lm",
             "teacher": {"model": str(teacher)},
             "student": {"model": str(init)},
@@ -179,7 +184,9 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, args, 
                 "mode": mode,
                 "chat_template": False,
                 "max_length": 64,
-                "test_fraction": test_fraction,
+                # the same held-out prompts in every setting; a setting trains on the first n_train of the rest
+                "test_fraction": args.test_prompts / (args.train_prompts + args.test_prompts),
+                "train_limit": n_train,
                 "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 64, "seed": seed},
                 "monitor": {"golden": str(oracle), "examples": args.test_prompts},
                 "samples": 0,
@@ -188,7 +195,7 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, args, 
             "training": {
                 "lr": args.lr,
                 "batch_size": args.batch_size,
-                "steps": args.epochs * steps_per_epoch,
+                "steps": epochs * steps_per_epoch,
                 "log_every": steps_per_epoch,
                 "eval_every": steps_per_epoch,
                 "seed": seed,
@@ -209,6 +216,10 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, args, 
     golden = [*hack["golden_values"], student["metrics"]["golden_kl"]]
     best = min(range(len(golden)), key=golden.__getitem__)
     return {
+        "setting": f"{n_train} prompts x {epochs} epochs",
+        "train_prompts": n_train,
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
         "mode": mode,
         "seed": seed,
         "steps": steps,
@@ -232,55 +243,89 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)), squeeze=False)
     colors = {"teacher_generated": "tab:red", "online_generation": "tab:blue"}
-    seen = set()
-    for r in results:
-        for ax, key in zip(axes, ("proxy", "golden")):
-            label = LABEL[r["mode"]] if (r["mode"], key) not in seen else None
-            seen.add((r["mode"], key))
-            ax.plot(r["steps"], r[key], color=colors[r["mode"]], alpha=0.9, lw=1.5, label=label)
-            if key == "golden":
-                ax.scatter([r["best_golden_step"]], [r["best_golden"]], color=colors[r["mode"]], s=18, zorder=3)
-    axes[0].set_title("proxy: KL(teacher || student), held-out")
-    axes[1].set_title("golden: KL(oracle || student), held-out (dot: best)")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("nats / token")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    for row, setting in zip(axes, settings):
+        seen = set()
+        for r in (r for r in results if r["setting"] == setting):
+            epochs = [s / r["steps_per_epoch"] for s in r["steps"]]
+            for ax, key in zip(row, ("proxy", "golden")):
+                label = LABEL[r["mode"]] if (r["mode"], key) not in seen else None
+                seen.add((r["mode"], key))
+                ax.plot(epochs, r[key], color=colors[r["mode"]], alpha=0.75, lw=1.2, label=label)
+                if key == "golden":
+                    best = r["best_golden_step"] / r["steps_per_epoch"]
+                    ax.scatter([best], [r["best_golden"]], color=colors[r["mode"]], s=16, zorder=3)
+        row[0].set_title(f"{setting}: proxy KL(teacher || student)", fontsize=10)
+        row[1].set_title(f"{setting}: golden KL(oracle || student), dot = best", fontsize=10)
+        for ax, key in zip(row, ("proxy", "golden")):
+            # the first epochs fall from ~2 nats; the late ones are what hacking is about
+            late = [v for r in results if r["setting"] == setting for s, v in zip(r["steps"], r[key])
+                    if s >= 0.2 * r["steps"][-1]]  # fmt: skip
+            span = max(late) - min(late)
+            ax.set_ylim(min(late) - 0.1 * span, max(late) + 0.3 * span)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("nats / token (held-out)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"figure: {path}")
 
 
-def table(results: list[dict], steps_per_epoch: int) -> str:
+def table(results: list[dict]) -> str:
     lines = [
-        "| data | seed | final golden_kl | best golden_kl (step, epoch) | final proxy_kl | best proxy_kl"
-        " | test perplexity | monitor flagged | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|:-:|---:|",
+        "| setting | data | seed | final golden_kl | best golden_kl (epoch) | golden rise after best"
+        " | final proxy_kl | best proxy_kl | monitor flagged | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|",
     ]
     for r in results:
-        epoch = r["best_golden_step"] / steps_per_epoch
+        epoch = r["best_golden_step"] / r["steps_per_epoch"]
+        rise = r["final_golden"] / r["best_golden"] - 1
         lines.append(
-            f"| {LABEL[r['mode']]} | {r['seed']} | {r['final_golden']:.4f} | {r['best_golden']:.4f}"
-            f" ({r['best_golden_step']}, {epoch:g}) | {r['final_proxy']:.4f} | {r['best_proxy']:.4f}"
-            f" | {r['perplexity']:.2f} | {'yes' if r['flagged'] else 'no'} | {r['seconds']:.0f} |"
+            f"| {r['setting']} | {LABEL[r['mode']]} | {r['seed']} | {r['final_golden']:.4f}"
+            f" | {r['best_golden']:.4f} ({epoch:g}) | {100 * rise:+.1f}% | {r['final_proxy']:.4f}"
+            f" | {r['best_proxy']:.4f} | {'yes' if r['flagged'] else 'no'} | {r['seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def mean_table(results: list[dict]) -> str:
+    def stat(values: list[float]) -> str:
+        t = torch.tensor(values, dtype=torch.float64)
+        return f"{float(t.mean()):.4f} ± {float(t.std()):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+    lines = [
+        "| setting | data | seeds | final golden_kl | best golden_kl | final proxy_kl | flagged |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        for mode in MODES:
+            rs = [r for r in results if r["setting"] == setting and r["mode"] == mode]
+            lines.append(
+                f"| {setting} | {LABEL[mode]} | {len(rs)} | {stat([r['final_golden'] for r in rs])}"
+                f" | {stat([r['best_golden'] for r in rs])} | {stat([r['final_proxy'] for r in rs])}"
+                f" | {sum(r['flagged'] for r in rs)}/{len(rs)} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", default="0", help="comma-separated")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--train-prompts", type=int, default=64)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    parser.add_argument(
+        "--settings", default="64:50,16:200", help="PROMPTS:EPOCHS,... (training prompts used, epochs over them)"
+    )
+    parser.add_argument("--train-prompts", type=int, default=64, help="training prompts written (the most used)")
     parser.add_argument("--test-prompts", type=int, default=32)
     parser.add_argument("--teacher-prompts", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--student-layers", type=int, default=1)
+    parser.add_argument("--student-hidden", type=int, default=64)
     parser.add_argument("--oracle-steps", type=int, default=600)
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
@@ -290,6 +335,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
+    if any(n > args.train_prompts for n, _ in settings):
+        raise SystemExit("a setting uses more prompts than --train-prompts")
     work = args.work or Path(tempfile.mkdtemp(prefix="kdforge-teacher-hacking-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("KDFORGE_CACHE_DIR", str(work / "cache"))
@@ -312,41 +360,43 @@ def main() -> None:
     teacher = train_teacher(work, tokenizer, oracle, teacher_prompts, args.teacher_steps)
     print(f"oracle and teacher ready after {time.perf_counter() - started:.0f} s")
 
-    steps_per_epoch = -(-args.train_prompts // args.batch_size)
     results = []
-    for seed in seeds:
-        for mode in MODES:
-            r = student_run(
-                work, tokenizer, oracle, teacher, student_prompts,
-                mode=mode, seed=seed, args=args, steps_per_epoch=steps_per_epoch,
-            )  # fmt: skip
-            print(
-                f"{mode} seed {seed}: golden best {r['best_golden']:.4f} at step {r['best_golden_step']},"
-                f" final {r['final_golden']:.4f}; proxy final {r['final_proxy']:.4f};"
-                f" flagged {r['flagged']} ({r['seconds']:.0f} s)"
-            )
-            results.append(r)
+    for setting in settings:
+        for seed in seeds:
+            for mode in MODES:
+                r = student_run(
+                    work, tokenizer, oracle, teacher, student_prompts,
+                    mode=mode, seed=seed, setting=setting, args=args,
+                )  # fmt: skip
+                print(
+                    f"{r['setting']}, {mode}, seed {seed}: golden best {r['best_golden']:.4f} at step"
+                    f" {r['best_golden_step']}, final {r['final_golden']:.4f}; proxy final {r['final_proxy']:.4f};"
+                    f" flagged {r['flagged']} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
+                results.append(r)
 
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     title = (
-        f"kdforge {commit}: oracle 4L/128 -> teacher 2L/64 -> student 1L/64, forward_kl, "
-        f"{args.train_prompts} train / {args.test_prompts} held-out prompts, {args.epochs} epochs, "
-        f"seeds {args.seeds}"
+        f"kdforge {commit}: oracle 4L/128 -> teacher 2L/64 -> student {args.student_layers}L/{args.student_hidden},"
+        f" forward_kl, lr {args.lr:g}, batch {args.batch_size}, {args.test_prompts} held-out prompts,"
+        f" seeds {args.seeds}"
     )
     plot(results, args.png, title)
     summary = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": commit,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "steps_per_epoch": steps_per_epoch,
         "seconds": time.perf_counter() - started,
         "results": results,
     }
     json_path = args.json or work / "teacher_hacking.json"
     json_path.write_text(json.dumps(summary, indent=2))
-    print(table(results, steps_per_epoch))
+    print(table(results))
+    print()
+    print(mean_table(results))
     print(f"total {time.perf_counter() - started:.0f} s; work folder {work}; summary {json_path}")
 
 

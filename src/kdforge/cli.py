@@ -283,9 +283,7 @@ def _digits_demo(output: Path, seeds: list[int], overrides: list[str]) -> None:
     teacher = load_recipe("digits_teacher", common)
     out.print(f"[bold]1/2[/] training the teacher ({teacher.name})")
     run_recipe(teacher)
-    student = load_recipe(
-        "digits_kd", [*common, f"teacher.model={(teacher.run_dir / 'model').as_posix()}", *overrides]
-    )
+    student = load_recipe("digits_kd", [*common, f"teacher.model={(teacher.run_dir / 'model').as_posix()}", *overrides])
     out.print(f"[bold]2/2[/] distilling into the student ({student.name}), with a labels-only baseline per seed")
     report = run_recipe(student, seeds=seeds)
     print_summary(report, student.run_dir)

@@ -308,9 +308,7 @@ class CausalLMTask(Task):
         cfg = self.data_cfg
         sbs = cfg.step_by_step
         need_response = not cfg.teacher_writes or (sbs is not None and sbs.label_source == "data")
-        records = read_pairs(
-            self.data_path, cfg.prompt_field, cfg.response_field, need_response=need_response
-        )
+        records = read_pairs(self.data_path, cfg.prompt_field, cfg.response_field, need_response=need_response)
         if not records:
             raise RecipeError(f"data.path: {self.data_path} holds no JSON lines")
         return records
@@ -514,9 +512,7 @@ class CausalLMTask(Task):
 
     def _on_policy_at(self, step: int) -> bool:
         cfg = self.data_cfg
-        return cfg.mode == "on_policy" and on_policy_at(
-            step, lmbda=cfg.on_policy.lmbda, seed=self.recipe.training.seed
-        )
+        return cfg.mode == "on_policy" and on_policy_at(step, lmbda=cfg.on_policy.lmbda, seed=self.recipe.training.seed)
 
     def training_batch(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """With probability lambda (data.on_policy.lambda) per step, the student's own answers to the prompts."""

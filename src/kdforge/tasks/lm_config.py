@@ -55,9 +55,7 @@ class Generation(Strict):
     batch_size: int = Field(16, ge=1, description="prompts answered together")
     seed: int = Field(0, description="the sampling seed (each batch and epoch derives its own from it)")
     model: str | None = Field(None, description="the model that writes; default: teacher.model")
-    store: str | None = Field(
-        None, description="folder of stored generations; default KDFORGE_CACHE_DIR/generations"
-    )
+    store: str | None = Field(None, description="folder of stored generations; default KDFORGE_CACHE_DIR/generations")
 
 
 class OnPolicy(Strict):
