@@ -234,8 +234,8 @@ def demo(
     """A whole distillation on this machine, offline: the teacher, the student, a baseline and the report.
 
     lm: SmolLM2-135M-Instruct answers 200 built-in prompts, its answers are cached with
-    their top-k log-probs, and a 6-layer student learns them with TAID (about 10 minutes
-    on 2 cores; --quick about 3). digits: an MLP teacher and a 5-seed KD run.
+    their top-k log-probs, and a 6-layer student learns them with TAID (about 6 minutes
+    on 2 quiet cores; --quick about 2). digits: an MLP teacher and a 5-seed KD run.
     """
     if name == "digits":
         _digits_demo(output, _seeds(seeds or "0,1,2,3,4"), set_)
