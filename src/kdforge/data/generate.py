@@ -23,24 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from kdforge.errors import KDForgeError
-from kdforge.settings import progress_enabled
+from kdforge.progress import counting_progress
 from kdforge.signals.fingerprint import value_digest
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress_enabled(),
-        transient=False,
-    )
 
 
 @torch.no_grad()
@@ -176,7 +163,7 @@ class GenerationStore:
             for record in records:  # rewrite the whole batches kept, dropping a torn tail
                 out.write(json.dumps(record) + "\n")
             out.flush()
-            with _progress() as progress:
+            with counting_progress() as progress:
                 bar = progress.add_task(description, total=count, completed=len(records))
                 for start in range(len(records), count, batch_size):
                     batch = make_batch(start, min(start + batch_size, count))

@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Subset
 
 from kdforge.errors import CacheError, RecipeError
 from kdforge.outputs import ModelOutputs
-from kdforge.settings import progress_enabled
+from kdforge.progress import counting_progress
 from kdforge.signals.cache_store import CacheDtype, CacheWriter, FieldSpec, Manifest
 from kdforge.signals.cached import split_outputs
 from kdforge.signals.fingerprint import files_digest, value_digest
@@ -115,7 +114,7 @@ def write_teacher_cache(
     if start:
         console.print(f"[dim]{output}: resuming after example {start} of {len(train)}")
     loader = DataLoader(Subset(train, range(start, len(train))), batch_size=batch_size, collate_fn=task.collate)
-    with _progress() as progress:
+    with counting_progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"teacher cache {output}", total=len(train), completed=start)
         for batch in loader:
             examples = split_outputs(signal.outputs(batch, frozenset(fields)), batch, specs, temperature)
@@ -123,19 +122,6 @@ def write_teacher_cache(
                 writer.add(example)
             progress.advance(bar, len(examples))
     return writer.close()
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not progress_enabled(),
-        transient=True,
-    )
 
 
 def write_recipe_caches(
