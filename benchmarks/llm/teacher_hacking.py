@@ -209,11 +209,13 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, settin
     report = run_recipe(recipe)
     student = report["runs"][0]["models"]["student"]
     hack = student["train"]["teacher_hacking"]
-    # the monitor evaluates at every eval_every step before the last; the final evaluation
-    # (the same held-out split, the same two metrics) is in the student's test metrics
-    steps = [*hack["steps"], student["train"]["steps"]]
-    proxy = [*hack["proxy_values"], student["metrics"]["proxy_kl"]]
-    golden = [*hack["golden_values"], student["metrics"]["golden_kl"]]
+    # since 3e8df65 the monitor's series ends with an evaluation after the last step; before
+    # that, the final point (the same held-out split, the same metrics) came from the test metrics
+    steps, proxy, golden = list(hack["steps"]), list(hack["proxy_values"]), list(hack["golden_values"])
+    if steps[-1] < student["train"]["steps"]:
+        steps.append(student["train"]["steps"])
+        proxy.append(student["metrics"]["proxy_kl"])
+        golden.append(student["metrics"]["golden_kl"])
     best = min(range(len(golden)), key=golden.__getitem__)
     return {
         "setting": f"{n_train} prompts x {epochs} epochs",
