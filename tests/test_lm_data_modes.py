@@ -3,6 +3,7 @@ distilling step-by-step, and the teacher-hacking monitor."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,6 +44,20 @@ def mode_recipe(tmp_path, teacher_ref, path, mode, *overrides, **sections):
         f"data.mode={mode}",
         "data.max_length=32",
         "data.generation.max_new_tokens=10",
+        *overrides,
+        **sections,
+    )
+
+
+def answers_recipe(tmp_path, teacher_ref, path, *overrides, **sections):
+    """The file's own answers (offline), no baseline: the runs of the mask and monitor tests."""
+    return lm_recipe(
+        tmp_path,
+        teacher_ref,
+        path,
+        "data.format=jsonl",
+        "data.max_length=40",
+        "evaluation.baseline=false",
         *overrides,
         **sections,
     )
@@ -303,15 +318,23 @@ def test_step_by_step_trains_two_prefixed_tasks_and_evaluates_only_the_label_tas
     assert student["train"]["step_by_step"] == {"written": 40, "usable": 40}
     assert task.baseline_objective()[0].mask == "label_mask"
 
+    # answer_accuracy compares greedy answers with the references, spaces and case aside
+    def answers(model, batch, max_new_tokens):
+        references = task._references(batch)
+        return references, [f"  {r.upper()} " if i % 2 else r for i, r in enumerate(references)]
+
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=len(task.tokenizer)))  # only its size is read
+    monkeypatch.setattr(task, "_greedy", answers)
+    assert task._answer_accuracy(model, splits.test) == 1.0
+    monkeypatch.setattr(task, "_greedy", lambda model, batch, n: ([], ["maybe"] * len(batch["labels"])))
+    assert task._answer_accuracy(model, splits.test) == 0.0
+
 
 def test_a_mask_the_batch_lacks_is_a_recipe_error_naming_the_term(tmp_path, tiny_lm_teacher, pairs_file):
-    recipe = lm_recipe(
+    recipe = answers_recipe(
         tmp_path,
         tiny_lm_teacher,
         pairs_file,
-        "data.format=jsonl",
-        "data.max_length=40",
-        "evaluation.baseline=false",
         objective=[{"loss": "cross_entropy", "mask": "label_mask"}],
     )
     with pytest.raises(RecipeError, match=r"objective\[0\]\.mask: the batch has no 'label_mask'"):
@@ -357,13 +380,10 @@ def test_a_run_with_the_monitor_logs_proxy_and_golden_and_reports_them(
     tmp_path, tiny_lm_teacher, lm_tokenizer, pairs_file
 ):
     golden = save_llama(tmp_path / "golden", lm_tokenizer, layers=2)
-    recipe = lm_recipe(
+    recipe = answers_recipe(
         tmp_path,
         tiny_lm_teacher,
         pairs_file,
-        "data.format=jsonl",
-        "data.max_length=40",
-        "evaluation.baseline=false",
         f"data.monitor={{golden: {golden}, examples: 4}}",
         "training.eval_every=1",
         "training.steps=5",
@@ -381,13 +401,10 @@ def test_a_run_with_the_monitor_logs_proxy_and_golden_and_reports_them(
 
 def test_the_monitor_can_score_golden_written_answers_instead_of_a_golden_model(tmp_path, tiny_lm_teacher, pairs_file):
     golden_data = write_jsonl(tmp_path / "golden.jsonl", [{"prompt": "To be", "response": "or not to be"}] * 3)
-    recipe = lm_recipe(
+    recipe = answers_recipe(
         tmp_path,
         tiny_lm_teacher,
         pairs_file,
-        "data.format=jsonl",
-        "data.max_length=40",
-        "evaluation.baseline=false",
         f"data.monitor={{golden_data: {golden_data}}}",
         "training.eval_every=2",
     )

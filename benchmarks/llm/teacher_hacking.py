@@ -95,17 +95,14 @@ def write_jsonl(path: Path, prompts: list[str]) -> Path:
 COMMON_EVAL = {"batch_size": 64, "throughput_batches": 1, "throughput_repeats": 1}
 
 
-def train_oracle(work: Path, tokenizer, text_path: Path, steps: int) -> Path:
-    folder = work / "runs" / "oracle" / "model"
-    if (folder / "config.json").exists():
-        return folder
-    init = save_random_llama(work / "oracle-init", tokenizer, layers=4, hidden=128, seed=100)
-    recipe = parse_recipe(
+def labels_only_recipe(name: str, init: Path, data: dict, steps: int, work: Path):
+    """A causal-LM run with no teacher: ``init`` trained on ``data`` with cross-entropy (oracle, teacher)."""
+    return parse_recipe(
         {
-            "name": "oracle",
+            "name": name,
             "task": "causal_lm",
             "student": {"model": str(init)},
-            "data": {"format": "text", "path": str(text_path), "max_length": 64, "test_fraction": 0.05},
+            "data": data,
             "objective": [{"loss": "cross_entropy"}],
             "training": {
                 "lr": 3e-3,
@@ -119,6 +116,15 @@ def train_oracle(work: Path, tokenizer, text_path: Path, steps: int) -> Path:
             "output": {"dir": str(work / "runs"), "overwrite": True},
         }
     )
+
+
+def train_oracle(work: Path, tokenizer, text_path: Path, steps: int) -> Path:
+    folder = work / "runs" / "oracle" / "model"
+    if (folder / "config.json").exists():
+        return folder
+    init = save_random_llama(work / "oracle-init", tokenizer, layers=4, hidden=128, seed=100)
+    data = {"format": "text", "path": str(text_path), "max_length": 64, "test_fraction": 0.05}
+    recipe = labels_only_recipe("oracle", init, data, steps, work)
     report = run_recipe(recipe)
     print(f"oracle: test perplexity {report['runs'][0]['models']['student']['metrics']['perplexity']:.2f}")
     return folder
@@ -129,33 +135,16 @@ def train_teacher(work: Path, tokenizer, oracle: Path, prompts: Path, steps: int
     if (folder / "config.json").exists():
         return folder
     init = save_random_llama(work / "teacher-init", tokenizer, layers=2, hidden=64, seed=200)
-    recipe = parse_recipe(
-        {
-            "name": "teacher",
-            "task": "causal_lm",
-            "student": {"model": str(init)},
-            "data": {
-                "format": "jsonl",
-                "path": str(prompts),
-                "mode": "teacher_generated",
-                "chat_template": False,
-                "max_length": 64,
-                "test_fraction": 0.05,
-                "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 100, "model": str(oracle)},
-            },
-            "objective": [{"loss": "cross_entropy"}],
-            "training": {
-                "lr": 3e-3,
-                "batch_size": 32,
-                "steps": steps,
-                "log_every": 50,
-                "schedule": {"name": "cosine", "warmup_steps": 20},
-                "device": "cpu",
-            },
-            "evaluation": COMMON_EVAL,
-            "output": {"dir": str(work / "runs"), "overwrite": True},
-        }
-    )
+    data = {
+        "format": "jsonl",
+        "path": str(prompts),
+        "mode": "teacher_generated",
+        "chat_template": False,
+        "max_length": 64,
+        "test_fraction": 0.05,
+        "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 100, "model": str(oracle)},
+    }
+    recipe = labels_only_recipe("teacher", init, data, steps, work)
     report = run_recipe(recipe)
     print(
         "teacher: perplexity on held-out oracle answers"
@@ -212,7 +201,7 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, settin
     # since 3e8df65 the monitor's series ends with an evaluation after the last step; before
     # that, the final point (the same held-out split, the same metrics) came from the test metrics
     steps, proxy, golden = list(hack["steps"]), list(hack["proxy_values"]), list(hack["golden_values"])
-    if steps[-1] < student["train"]["steps"]:
+    if not steps or steps[-1] < student["train"]["steps"]:
         steps.append(student["train"]["steps"])
         proxy.append(student["metrics"]["proxy_kl"])
         golden.append(student["metrics"]["golden_kl"])

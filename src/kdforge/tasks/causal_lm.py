@@ -21,6 +21,7 @@ Saved models are plain transformers folders (safetensors + config.json + tokeniz
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import shutil
@@ -50,6 +51,7 @@ from kdforge.data.lm import (
 )
 from kdforge.errors import RecipeError
 from kdforge.eval.hacking import detect_teacher_hacking
+from kdforge.losses.logits import cross_entropy, forward_kl
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
 from kdforge.models.refs import resolve_model_ref
@@ -78,10 +80,14 @@ LOGITS_BUDGET = 2**25
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward can compute logits for chosen positions only (transformers' LMs can)."""
-    forward = getattr(getattr(model, "module", model), "forward", None)  # DDP passes keywords on
+    return _forward_takes_logits_to_keep(type(getattr(model, "module", model)))  # DDP passes keywords on
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(forward).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
         return False
 
 
@@ -282,12 +288,11 @@ class CausalLMTask(Task):
         files = [self.data_path]
         if self.data_cfg.format == "jsonl" and self.data_cfg.teacher_writes:
             self._jsonl_splits  # noqa: B018 (writes the responses when they are not stored yet)
-            files.extend(sorted(self._stores_used))
+            train, val, test = self._record_splits
+            purpose, instruction = self._written_data
+            prompt_ids = self._teacher_prompt_ids([*train, *val, *test], instruction)
+            files.append(self._writer.store(prompt_ids, purpose).path)
         return files
-
-    @cached_property
-    def _stores_used(self) -> set[Path]:
-        return set()
 
     @cached_property
     def _largest_token_id(self) -> int:
@@ -404,19 +409,25 @@ class CausalLMTask(Task):
             strip=uses_chat_template(self.tokenizer, self.data_cfg.chat_template),
         )
 
-    def _teacher_texts(self, indices: list[int], purpose: str, description: str, instruction: str | None = None):
+    @property
+    def _written_data(self) -> tuple[str, str | None]:
+        """(purpose, instruction) of the teacher's answers that make the data of every split."""
+        sbs = self.data_cfg.step_by_step
+        return ("step_by_step", sbs.instruction) if sbs is not None else ("responses", None)
+
+    def _teacher_prompt_ids(self, indices: list[int], instruction: str | None = None) -> list[list[int]]:
         prompts = [self._records[i][0] for i in indices]
         if instruction is not None:
             prompts = [instruction.replace("{prompt}", p) for p in prompts]
-        prompt_ids = prompt_token_ids(self.tokenizer, prompts, chat_template=self.data_cfg.chat_template)
-        writer = self._writer
+        return prompt_token_ids(self.tokenizer, prompts, chat_template=self.data_cfg.chat_template)
+
+    def _teacher_texts(self, indices: list[int], purpose: str, description: str, instruction: str | None = None):
+        prompt_ids = self._teacher_prompt_ids(indices, instruction)
         with PartialState().main_process_first():  # one process writes, the others read what it wrote
-            texts = writer.responses(prompt_ids, purpose=purpose, description=description)
-        self._stores_used.add(writer.store(prompt_ids, purpose).path)
-        return texts
+            return self._writer.responses(prompt_ids, purpose=purpose, description=description)
 
     def _generated_responses(self, indices: list[int], epoch: int) -> dict[int, str]:
-        purpose = "responses" if epoch == 0 else f"epoch-{epoch}"
+        purpose = self._written_data[0] if epoch == 0 else f"epoch-{epoch}"
         description = "teacher writes responses" + (f" (epoch {epoch})" if epoch else "")
         return dict(zip(indices, self._teacher_texts(indices, purpose, description)))
 
@@ -424,11 +435,15 @@ class CausalLMTask(Task):
         responses = self._generated_responses(indices, epoch)
         return self._encode([(self._records[i][0], responses[i]) for i in indices])
 
-    def _step_by_step_examples(self, train, val, test):
+    @cached_property
+    def _step_by_step(self) -> tuple[list[TokenExample], list[TokenExample], list[TokenExample], dict[str, int]]:
+        """Training (both tasks), validation and test examples (label task), and how many answers were usable."""
         sbs = self.data_cfg.step_by_step
         assert sbs is not None
+        train, val, test = self._record_splits
         used = [*train, *val, *test]
-        texts = self._teacher_texts(used, "step_by_step", "teacher writes rationales", instruction=sbs.instruction)
+        purpose, instruction = self._written_data
+        texts = self._teacher_texts(used, purpose, "teacher writes rationales", instruction=instruction)
         parsed = dict(zip(used, (split_rationale(t) for t in texts)))
         missing = 0
 
@@ -453,21 +468,21 @@ class CausalLMTask(Task):
                 "data.step_by_step.instruction: too few teacher responses have a rationale and an 'Answer:' line;"
                 " reword the instruction, use label_source: data, or a stronger teacher"
             )
-        self.step_by_step_counts = {"written": len(used), "usable": len(used) - missing}
+        counts = {"written": len(used), "usable": len(used) - missing}
         train_examples = self._encode([(self._records[i][0], label(i)) for i in train_ok], "label")
         train_examples += self._encode([(self._records[i][0], parsed[i][0]) for i in train_ok], "rationale")
 
         def labels_only(indices: list[int]) -> list[TokenExample]:
             return self._encode([(self._records[i][0], label(i)) for i in indices], "label")
 
-        return train_examples, labels_only(val_ok), labels_only(test_ok)
+        return train_examples, labels_only(val_ok), labels_only(test_ok), counts
 
     @cached_property
     def _jsonl_splits(self) -> tuple[list[TokenExample], list[TokenExample], list[TokenExample]]:
         cfg = self.data_cfg
         train, val, test = self._record_splits
         if cfg.step_by_step is not None:
-            return self._step_by_step_examples(train, val, test)
+            return self._step_by_step[:3]
         # the teacher answers every prompt used, in one store; the file's responses otherwise
         responses = (
             self._generated_responses([*train, *val, *test], epoch=0)
@@ -537,8 +552,7 @@ class CausalLMTask(Task):
             info["on_policy_steps"] = sum(self._on_policy_at(s) for s in range(steps))
             info["on_policy_lambda"] = cfg.on_policy.lmbda
         if cfg.step_by_step is not None:
-            self._jsonl_splits  # noqa: B018 (reads the stored rationales back and counts them)
-            info["step_by_step"] = self.step_by_step_counts
+            info["step_by_step"] = self._step_by_step[3]
         return info
 
     @property
@@ -704,16 +718,23 @@ class CausalLMTask(Task):
             raise RecipeError(f"data.monitor.golden_data: {path} holds no example that fits data.max_length")
         return TokenDataset(examples)
 
-    def _mean_kl(self, reference: nn.Module, model: nn.Module, dataset: Dataset, limit: int) -> float:
-        """Mean over the learned tokens of KL(reference || model), full vocabulary, per token."""
+    def _token_mean(self, model: nn.Module, dataset: Dataset, value, limit: int | None = None) -> float:
+        """Mean over the learned tokens of ``value(model_logits, batch)`` (a per-batch token mean), batch-weighted."""
         total, count = 0.0, 0
         for batch in self._eval_batches(model, dataset, limit):
-            mask = batch["loss_mask"]
-            log_p = F.log_softmax(self.adapter(reference, batch, frozenset({"logits"})).logits.float()[mask], dim=-1)
-            log_q = F.log_softmax(self.adapter(model, batch, frozenset({"logits"})).logits.float()[mask], dim=-1)
-            total += float((log_p.exp() * (log_p - log_q)).sum())
-            count += int(mask.sum())
+            tokens = int(batch["loss_mask"].sum())
+            total += float(value(self.adapter(model, batch, frozenset({"logits"})).logits, batch)) * tokens
+            count += tokens
         return total / max(count, 1)
+
+    def _mean_kl(self, reference: nn.Module, model: nn.Module, dataset: Dataset, limit: int) -> float:
+        """KL(reference || model) per learned token, full vocabulary (the loss library's forward_kl at T = 1)."""
+
+        def kl(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+            target = self.adapter(reference, batch, frozenset({"logits"})).logits
+            return forward_kl(logits, target.to(logits.device), mask=batch["loss_mask"].to(logits.device))
+
+        return self._token_mean(model, dataset, kl, limit)
 
     def _monitor_metrics(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """Proxy (to the teacher) and golden (to the golden model, or NLL of golden-written answers) distances."""
@@ -727,14 +748,11 @@ class CausalLMTask(Task):
         else:
             golden_set = self._golden_examples
             assert golden_set is not None
-            nll, count = 0.0, 0
-            for batch in self._eval_batches(model, golden_set):
-                logits = self.adapter(model, batch, frozenset({"logits"})).logits.float()
-                mask = batch["loss_mask"]
-                log_q = F.log_softmax(logits[mask], dim=-1)
-                nll -= float(log_q.gather(-1, batch["labels"][mask].unsqueeze(-1)).sum())
-                count += int(mask.sum())
-            metrics["golden_nll"] = nll / max(count, 1)
+
+            def nll(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+                return cross_entropy(logits, batch["labels"].to(logits.device))
+
+            metrics["golden_nll"] = self._token_mean(model, golden_set, nll)
         return metrics
 
     def review_evaluations(self, records: list[dict[str, Any]]) -> dict[str, Any]:
