@@ -39,6 +39,10 @@ class ServedTeacherError(KDForgeError):
     """A served teacher cannot be reached or answered something unusable."""
 
 
+class DataError(RecipeError):
+    """A dataset is missing, or a file in it is unreadable or malformed (the message names file and line)."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message on one line, for a one-line error (torch's messages can run to several)."""
     lines = str(exc).strip().splitlines()

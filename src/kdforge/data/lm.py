@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from kdforge.data.paths import resolve_data_path as find_data_path
 from kdforge.errors import RecipeError
-from kdforge.settings import data_dir
 
 
 @dataclass
@@ -64,15 +64,10 @@ def resolve_data_path(path: str, field: str = "data.path") -> Path:
         if name not in shipped:
             raise RecipeError(f"{field}: kdforge ships no {name!r}; built-in data: {', '.join(shipped)}")
         return Path(str(resources.files("kdforge") / "demo" / name))
-    given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [given, data_dir() / given]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    if any(c.exists() for c in candidates):
+    found = find_data_path(path, field)
+    if not found.is_file():
         raise RecipeError(f"{field}: {path} is a folder; point at the file itself")
-    where = "" if given.is_absolute() else f" (looked in the current folder and in KDFORGE_DATA_DIR={data_dir()})"
-    raise RecipeError(f"{field}: {path} does not exist{where}")
+    return found
 
 
 def _read_text(file: Path, field: str) -> str:
