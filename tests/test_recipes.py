@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import tiny
+from conftest import SHARED_DATA, tiny
 from kdforge.recipe import bundled_recipes, read_raw
 from kdforge.runner import run_recipe
 from kdforge.signals.cache_run import write_recipe_caches
@@ -32,7 +32,8 @@ def _cached_where_asked(name: str, tmp_path) -> list[str]:
 
 
 def test_every_bundled_recipe_is_run_by_a_test_below():
-    assert set(bundled_recipes()) == {*_recipes_of("classification"), *_recipes_of("causal_lm")}
+    tested = ("classification", "causal_lm", "embedding", "ranking")
+    assert set(bundled_recipes()) == {name for task in tested for name in _recipes_of(task)}
 
 
 @pytest.mark.parametrize("name", _recipes_of("classification"))
@@ -71,3 +72,40 @@ def test_bundled_lm_recipe_runs_with_its_own_teacher_at_tiny_size(name, tmp_path
     models = report["runs"][0]["models"]
     assert models["teacher"]["metrics"]["perplexity"] < models["baseline"]["metrics"]["perplexity"]
     assert (recipe.run_dir / "model" / "model.safetensors").is_file()
+
+
+#: encoder recipes at tiny size: SciFact's first texts and queries, short texts, a small collection
+ENCODER_TINY = [
+    "training.steps=3",
+    "training.batch_size=4",
+    "data.max_length=32",
+    "data.test.query_limit=6",
+    "data.test.corpus_limit=40",
+    "data.test.latency_queries=2",
+    "evaluation.batch_size=32",
+]
+
+
+@pytest.fixture
+def scifact_dir(monkeypatch):
+    if not (SHARED_DATA / "scifact" / "corpus.jsonl").is_file():
+        pytest.skip(f"SciFact is not at {SHARED_DATA}/scifact (set KDFORGE_DATA_DIR)")
+    monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+
+
+@pytest.mark.parametrize("name", _recipes_of("embedding"))
+def test_bundled_embedding_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+    extra = ["data.train_limit=12", "data.test.wikiqa_limit=4"]
+    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    models = report["runs"][0]["models"]
+    assert {"ndcg@10", "recall@100", "mrr@10"} <= set(models["student"]["metrics"])
+    assert (tmp_path / name / "model" / "modules.json").is_file()
+
+
+@pytest.mark.parametrize("name", _recipes_of("ranking"))
+def test_bundled_ranking_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+    extra = ["data.query_limit=8", "data.corpus_limit=30", "data.negatives=4", "data.negatives_per_example=2"]
+    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    models = report["runs"][0]["models"]
+    assert set(models) == {"teacher", "student", "baseline"}
+    assert models["student"]["train"]["steps"] == 3

@@ -170,7 +170,10 @@ class Objective:
             bound.begin(step)
             if bound.state is not None:
                 extra.update(bound.state.loss_params())
-            prediction = student.get(term.field)
+            prediction = _pick_layer(bound, student.get(term.field), term.layer, "student")
+            if target is not None and bound.spec.target == "teacher":
+                layer = term.layer if term.teacher_layer is None else term.teacher_layer
+                target = _pick_layer(bound, target, layer, "teacher")
             mask = _term_mask(bound, batch)
             if bound.module is not None:
                 _check_tensors(bound, prediction, target)
@@ -217,9 +220,15 @@ class Objective:
                 t.pending_step, t.pending = saved["pending_step"], list(saved["pending"])
 
 
+#: batch key of a task's default mask per output field (``{"attentions": "token_mask"}``): a
+#: term on a token-level field counts real tokens without the recipe naming the mask
+FIELD_MASKS = "field_masks"
+
+
 def _term_mask(bound: BoundTerm, batch: dict[str, Any]) -> torch.Tensor | None:
-    """The mask the term names (``loss_mask`` by default; a batch without masks counts everything)."""
-    name = bound.term.mask
+    """The mask the term names; by default the task's mask for the term's field, else ``loss_mask``
+    (a batch without masks counts everything)."""
+    name = bound.term.mask or batch.get(FIELD_MASKS, {}).get(bound.term.field) or "loss_mask"
     if name in batch:
         return batch[name]
     if name == "loss_mask":
@@ -229,6 +238,24 @@ def _term_mask(bound: BoundTerm, batch: dict[str, Any]) -> torch.Tensor | None:
         f"{bound.location}.mask: the batch has no {name!r}; this task's batches offer"
         f" {', '.join(offered) or 'no named masks'}"
     )
+
+
+def _pick_layer(bound: BoundTerm, value: Any, layer: int | None, side: str) -> Any:
+    """One layer of a per-layer field (a tuple with one entry per layer), when the term names one."""
+    if layer is None:
+        return value
+    key = "layer" if side == "student" or bound.term.teacher_layer is None else "teacher_layer"
+    if not isinstance(value, tuple):
+        raise RecipeError(
+            f"{bound.location}.{key}: the {side}'s {bound.term.field!r} is one tensor, not one per layer;"
+            " remove the layer setting"
+        )
+    if not -len(value) <= layer < len(value):
+        raise RecipeError(
+            f"{bound.location}.{key}: layer {layer} does not exist; the {side}'s {bound.term.field!r} has"
+            f" {len(value)} layers (0 to {len(value) - 1}, or -1 for the last)"
+        )
+    return value[layer]
 
 
 def _check_tensors(bound: BoundTerm, *values: Any) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-OUTPUT_FIELDS = ("logits", "hidden", "hidden_states", "attentions", "qkv", "embeddings", "scores")
+OUTPUT_FIELDS = ("logits", "hidden", "hidden_states", "attentions", "qkv", "values", "embeddings", "scores")
 
 
 @dataclass
@@ -22,6 +22,8 @@ class ModelOutputs:
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     qkv: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None
+    #: one [B, L, D] value projection per layer (MiniLM's value relation)
+    values: tuple[torch.Tensor, ...] | None = None
     embeddings: torch.Tensor | None = None
     scores: torch.Tensor | None = None
 

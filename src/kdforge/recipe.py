@@ -89,11 +89,18 @@ class ObjectiveTerm(Strict):
     params: dict[str, Any] = {}
     schedule: TermSchedule | None = None
     name: str | None = Field(None, description="label in logs; default: the loss name")
-    mask: str = Field(
-        "loss_mask",
+    mask: str | None = Field(
+        None,
         description="the batch's boolean mask of positions this term counts (a task may offer several,"
-        " e.g. label_mask and rationale_mask for distilling step-by-step)",
+        " e.g. label_mask and rationale_mask for distilling step-by-step); default: the mask the task"
+        " gives for the term's field, else loss_mask",
     )
+    layer: int | None = Field(
+        None,
+        description="for a per-layer field (hidden_states, attentions, qkv, values): the layer compared;"
+        " negative counts from the last (-1: the last layer, as MiniLM)",
+    )
+    teacher_layer: int | None = Field(None, description="the teacher's layer, when it differs from layer")
 
 
 class OnlineTeacherConfig(Strict):

@@ -170,6 +170,7 @@ def _train_phase(
         resume=resume,
         state_hooks=(objective.state_dict, objective.load_state_dict),
         loss_modules=objective.loss_modules(),
+        sampler=task.train_sampler(recipe.training.seed),
     )
     info = {
         "steps": result.steps,
@@ -212,10 +213,17 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
         roles["student"]["fidelity"] = fidelity(reference, student_eval.logits)
 
     if teacher is not None and recipe.evaluation.baseline and objective.needs_teacher:
-        baseline_obj = Objective(task.baseline_objective(), steps)
-        baseline, baseline_train = _train_phase(
-            task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR
-        )
+        baseline_terms = task.baseline_objective()
+        if baseline_terms is None:  # no labels to train on: the student as initialised is the baseline
+            set_seed(recipe.training.seed)
+            baseline, baseline_train = task.build_student(), {"steps": 0, "untrained": True}
+            if _is_main():
+                task.save_model(baseline, seed_dir / BASELINE_DIR, card="")
+        else:
+            baseline_obj = Objective(baseline_terms, steps)
+            baseline, baseline_train = _train_phase(
+                task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR
+            )
         baseline_eval = task.evaluate(baseline, splits.test)
         roles["baseline"] = {
             "metrics": baseline_eval.metrics,
@@ -284,5 +292,7 @@ def run_recipe(
 def write_cards(task: Task, seed_dir: Path, result: dict[str, Any]) -> None:
     for role, folder in (("student", MODEL_DIR), ("baseline", BASELINE_DIR)):
         if role in result["models"] and (seed_dir / folder).exists():
-            text = model_card.render(task.recipe, result["models"], role=role, load_hint=task.load_hint)
+            text = model_card.render(
+                task.recipe, result["models"], role=role, load_hint=task.load_hint, library=task.card_library
+            )
             atomic_write_text(seed_dir / folder / "README.md", text)

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from kdforge.engine.metrics_log import MetricsLog
@@ -158,17 +158,22 @@ def train(
     resume: bool = False,
     state_hooks: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
     loss_modules: nn.Module | None = None,
+    sampler: Sampler[int] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; checkpoints go to ``run_dir/checkpoints/<phase>``.
 
     ``loss_modules`` holds the loss's learnable parameters, which ``loss_fn`` uses:
     they are trained in place with the model's (their own parameter group, the same
     settings), on its device, and checkpointed with it.
+
+    ``sampler`` replaces the default shuffle (a task that composes its batches, such as
+    TAS-B's one-topic batches, yields them flat in order); like the default one, its
+    order must depend only on its seed and ``set_epoch``, so a resumed run sees the same data.
     """
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
-    sampler = EpochShuffleSampler(len(dataset), seed=cfg.seed)
+    sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
     loss_params = _place_loss_modules(loss_modules, accelerator)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -240,7 +245,7 @@ def train(
             # Accelerate's loaders re-seed the sampler from their own count of passes made in
             # this process; a resumed process must start that count at the saved epoch.
             batches.set_epoch(state.epoch)
-            sampler.set_epoch(state.epoch)
+            sampler.set_epoch(state.epoch)  # type: ignore[attr-defined]
             if hasattr(dataset, "set_epoch"):  # a dataset that changes per epoch (fresh generations)
                 dataset.set_epoch(state.epoch)
             for batch in batches:

@@ -207,3 +207,40 @@ def margin_mse_scores(
     errors = _margin_squared_errors(student[:, 0], student[:, 1:], teacher[:, 0], teacher[:, 1:])
     pairs = None if mask is None else mask[:, :1] & mask[:, 1:]
     return masked_mean(errors, pairs)
+
+
+@register_loss("contrastive", target="labels")
+def contrastive(
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE over each query's candidates: cross-entropy of softmax(s/T) against the relevant candidate.
+
+    The labels-only objective of dense retrieval (Karpukhin et al. 2020, DPR; van den Oord
+    et al. 2018), with hard negatives as extra candidates; sentence-transformers'
+    ``MultipleNegativesRankingLoss`` is the in-batch form, with scale 20 = 1 / 0.05. It is
+    the no-distillation baseline of the ranking task.
+
+    Args:
+        student: ``[B, N]`` scores of each query's candidates (cosine similarities, typically).
+        labels: ``[B]`` the column of each query's relevant candidate.
+        temperature: T > 0 divides the scores; default 0.05. No T^2 factor (no teacher).
+        mask: ``[B, N]`` booleans, True = a real candidate. Default: all real.
+
+    Returns:
+        Scalar: mean negative log-likelihood of the relevant candidate over the queries.
+    """
+    check_temperature(temperature)
+    if student.ndim != 2 or labels.shape != student.shape[:1]:
+        raise ValueError(
+            f"contrastive needs scores [B, N] and labels [B]; got {tuple(student.shape)} and {tuple(labels.shape)}"
+        )
+    scores = upcast(student) / temperature
+    if mask is not None:
+        if mask.shape != student.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match scores {tuple(student.shape)}")
+        scores = scores.masked_fill(~mask.bool(), torch.finfo(scores.dtype).min)
+    return F.cross_entropy(scores, labels.long())

@@ -11,12 +11,19 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def render(recipe: Recipe, models: dict[str, Any], *, role: str, load_hint: str) -> str:
+def render(recipe: Recipe, models: dict[str, Any], *, role: str, load_hint: str, library: str = "kdforge") -> str:
     teacher = recipe.teacher_label()
-    what = "no-distillation baseline (labels only)" if role == "baseline" else "student"
+    what = "student"
+    if role == "baseline":
+        untrained = models.get("baseline", {}).get("train", {}).get("untrained")
+        what = (
+            "no-distillation baseline ("
+            + ("the student as initialised, untrained" if untrained else "labels only")
+            + ")"
+        )
     lines = [
         "---",
-        "library_name: kdforge",
+        f"library_name: {library}",
         "tags: [knowledge-distillation, kdforge" + (f", {recipe.task}" if recipe.task else "") + "]",
         "---",
         f"# {recipe.name}: {what}",

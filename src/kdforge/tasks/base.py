@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import ObjectiveTerm, Recipe
@@ -50,6 +50,8 @@ class Task(ABC):
     higher_is_better: ClassVar[bool] = True
     #: Python that loads a saved model, for its model card ("{folder}" is filled in)
     load_hint: ClassVar[str]
+    #: the model card's library_name (where the Hub files the saved model)
+    card_library: ClassVar[str] = "kdforge"
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -85,9 +87,14 @@ class Task(ABC):
     def load_saved(self, folder: Path) -> nn.Module:
         """Load what :meth:`save_model` wrote (used by ``--resume`` of finished phases)."""
 
-    def baseline_objective(self) -> list[ObjectiveTerm]:
-        """The no-distillation objective: labels only."""
+    def baseline_objective(self) -> list[ObjectiveTerm] | None:
+        """The no-distillation objective: labels only; None where the data has no labels (the
+        baseline is then the student as initialised, untrained)."""
         return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0)]
+
+    def train_sampler(self, seed: int) -> Sampler[int] | None:
+        """The order of training examples, when the task composes its batches (TAS-B); None: shuffled."""
+        return None
 
     def training_batch(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """The batch a distillation step trains on: ``batch`` itself, unless the task makes its own

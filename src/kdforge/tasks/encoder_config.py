@@ -1,0 +1,120 @@
+"""Recipe sections of the text-encoder tasks (``embedding`` and ``ranking``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kdforge.recipe import Strict
+
+Pooling = Literal["mean", "cls", "max"]
+
+
+class EncoderStudent(Strict):
+    """The student encoder: a pretrained compact model, or a subset of the teacher's layers."""
+
+    kind: Literal["encoder"] = "encoder"
+    model: str | None = Field(
+        None,
+        description="a pretrained compact encoder: sentence-transformers or transformers folder, hub id,"
+        " package:NAME, or an ONNX BERT (it takes the teacher's tokenizer)",
+    )
+    layers: list[int] | None = Field(None, description="the teacher's layers to keep, e.g. [0, 2, 5]")
+    num_layers: int | None = Field(
+        None, ge=1, description="keep this many of the teacher's layers, evenly spaced (first and last included)"
+    )
+    pooling: Pooling = Field("mean", description="pooling of a model without a sentence-transformers config")
+    normalize: bool = Field(True, description="L2-normalise the embeddings of such a model")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncoderStudent:
+        given = [name for name in ("model", "layers", "num_layers") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of student.model (a pretrained compact encoder), student.layers or"
+                f" student.num_layers (a subset of the teacher's layers); got {', '.join(given) or 'none'}"
+            )
+        return self
+
+
+class RetrievalTest(Strict):
+    """Where teacher, student and baseline are evaluated: a BEIR-layout folder, and WikiQA."""
+
+    beir: str = Field(
+        "scifact",
+        description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/); relative"
+        " paths are looked up in KDFORGE_DATA_DIR",
+    )
+    split: str = Field("test", description="the qrels file evaluated (qrels/SPLIT.tsv)")
+    query_limit: int | None = Field(None, ge=1, description="evaluate the first N judged queries only")
+    corpus_limit: int | None = Field(
+        None, ge=1, description="search the judged documents of those queries plus the first N others only"
+    )
+    k: int = Field(100, ge=10, description="documents retrieved per query (Recall@k)")
+    wikiqa: str | None = Field(None, description="a WikiQA folder: also MAP and MRR over each question's candidates")
+    wikiqa_split: str = "test"
+    wikiqa_limit: int | None = Field(None, ge=1, description="the first N WikiQA questions only")
+    latency_queries: int = Field(20, ge=1, description="single queries timed for the latency figure")
+
+
+class EncoderData(Strict):
+    """What both encoder tasks share: token lengths and the evaluation."""
+
+    max_length: int = Field(256, ge=8, description="tokens kept per text (documents)")
+    test: RetrievalTest = Field(default_factory=RetrievalTest)
+
+
+class EmbeddingData(EncoderData):
+    """Unlabeled texts to distill on: a BEIR folder's documents and training queries, or your own file."""
+
+    beir: str | None = Field("scifact", description="BEIR folder whose texts are the training data")
+    texts: list[Literal["corpus", "queries"]] = Field(
+        default_factory=lambda: ["corpus", "queries"],
+        description="which of the folder's texts: its documents, and the queries of train_split",
+    )
+    train_split: str = "train"
+    text_file: str | None = Field(None, description="a .txt (one text per line) or .jsonl ('text') file instead")
+    train_limit: int | None = Field(None, ge=1, description="the first N training texts only")
+
+    @model_validator(mode="after")
+    def _some_texts(self) -> EmbeddingData:
+        if self.beir is None and self.text_file is None:
+            raise ValueError("give data.beir or data.text_file: the texts to distill on")
+        return self
+
+
+class RankingData(EncoderData):
+    """(query, positive, negatives) from a BEIR folder's training qrels, negatives mined with the teacher."""
+
+    beir: str = Field("scifact", description="BEIR folder with the training queries and qrels")
+    train_split: str = "train"
+    query_max_length: int = Field(64, ge=4, description="tokens kept per query")
+    negatives: int = Field(
+        30, ge=1, description="negatives mined per query: the teacher's top documents that are not positives"
+    )
+    skip_top: int = Field(0, ge=0, description="skip the teacher's N best non-positives (unlabelled positives)")
+    negatives_per_example: int = Field(1, ge=1, description="K: negatives scored with each (query, positive)")
+    sampler: Literal["tasb", "random"] = Field(
+        "tasb", description="tasb: one topic cluster per batch and margin-balanced pairs; random: neither"
+    )
+    clusters: int | None = Field(
+        None, ge=1, description="k-means clusters of the training queries (default: queries / (2 * batch size))"
+    )
+    bins: int = Field(10, ge=1, description="margin bins per query (TAS-B)")
+    miner: str | None = Field(
+        None, description="the bi-encoder that mines negatives (default: the teacher; needed for a cross-encoder)"
+    )
+    query_limit: int | None = Field(None, ge=1, description="the first N training queries only")
+    corpus_limit: int | None = Field(
+        None, ge=1, description="mine among the judged documents plus the first N others only (quick runs)"
+    )
+
+    @model_validator(mode="after")
+    def _enough_negatives(self) -> RankingData:
+        if self.negatives_per_example > self.negatives:
+            raise ValueError(
+                f"negatives_per_example ({self.negatives_per_example}) exceeds the mined negatives"
+                f" ({self.negatives}); raise data.negatives"
+            )
+        return self
