@@ -13,8 +13,6 @@ documents/s and size. The saved student is a sentence-transformers folder.
 from __future__ import annotations
 
 import shutil
-import statistics
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,7 +27,7 @@ from transformers import AutoTokenizer
 
 from kdforge.data.beir import BeirData, load_beir, load_wikiqa, resolve_data_path, wikiqa_to_beir
 from kdforge.errors import RecipeError
-from kdforge.eval.retrieval import retrieval_metrics, search
+from kdforge.eval.retrieval import evaluate_candidate_ranking, evaluate_dense_retrieval, query_latency
 from kdforge.models.from_teacher import evenly_spaced_layers
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sentence_encoder import (
@@ -245,38 +243,25 @@ class EncoderTask(Task):
     def query_max_length(self) -> int:
         return self.data_cfg.max_length
 
-    def _retrieval(self, model: SentenceTransformer, data: BeirData, k: int, label: str) -> dict[str, float]:
-        query_ids = list(data.queries)
-        doc_ids = list(data.corpus)
-        q = self.encode(model, [data.queries[i] for i in query_ids], self.query_max_length(), f"{label} queries")
-        d = self.encode(model, [data.corpus[i] for i in doc_ids], self.data_cfg.max_length, f"{label} documents")
-        if getattr(model, "similarity_fn_name", "cosine") != "dot":
-            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-            d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-        run: dict[str, dict[str, float]] = {}
-        if data.pools is not None:  # each query ranks its own candidates (WikiQA)
-            position = {doc: i for i, doc in enumerate(doc_ids)}
-            for row, qid in enumerate(query_ids):
-                pool = data.pools[qid]
-                scores = d[[position[doc] for doc in pool]] @ q[row]
-                run[qid] = {doc: float(s) for doc, s in zip(pool, scores)}
-            return retrieval_metrics(data.qrels, run, ("map", "mrr"))
-        scores, indices = search(q, d, k)
-        for row, qid in enumerate(query_ids):
-            run[qid] = {doc_ids[j]: float(s) for s, j in zip(scores[row], indices[row]) if j >= 0}
-        return retrieval_metrics(data.qrels, run, ("ndcg@10", f"recall@{k}", "mrr@10"))
+    def encoder(self, model: SentenceTransformer, max_length: int, what: str = ""):
+        """``texts -> [N, D]`` for the retrieval evaluation: unit rows unless the model scores by dot product."""
+        cosine = getattr(model, "similarity_fn_name", "cosine") != "dot"
 
-    @torch.no_grad()
-    def _query_latency_ms(self, model: SentenceTransformer, queries: list[str]) -> float:
-        """Median milliseconds to encode one query (batch of one), after one warm-up."""
-        model.eval()
-        times = []
-        for i, text in enumerate([queries[0], *queries]):
-            start = time.perf_counter()
-            run_encoder(model, self.tokens([text], self.query_max_length()))
-            if i:
-                times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times)
+        def encode(texts: list[str]) -> np.ndarray:
+            emb = self.encode(model, texts, max_length, what)
+            return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12) if cosine else emb
+
+        return encode
+
+    def _retrieval(self, model: SentenceTransformer, data: BeirData, k: int, label: str) -> dict[str, float]:
+        # one call per side: encode() batches by length itself and shows the progress
+        queries = self.encoder(model, self.query_max_length(), f"{label} queries")
+        docs = self.encoder(model, self.data_cfg.max_length, f"{label} documents")
+        everything = max(len(data.corpus), len(data.queries), 1)
+        if data.pools is not None:  # each query ranks its own candidates (WikiQA)
+            return evaluate_candidate_ranking(data, encode_queries=queries, encode_docs=docs, batch_size=everything)
+        metrics = ("ndcg@10", f"recall@{k}", "mrr@10")
+        return evaluate_dense_retrieval(queries, docs, data, k=k, batch_size=everything, metrics=metrics)
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
         assert isinstance(dataset, RetrievalSet)
@@ -287,7 +272,7 @@ class EncoderTask(Task):
                 {f"wikiqa_{k}": v for k, v in self._retrieval(model, dataset.wikiqa, cfg.k, "wikiqa").items()}
             )
         queries = list(dataset.data.queries.values())[: cfg.latency_queries]
-        metrics["query_ms"] = self._query_latency_ms(model, queries)
+        metrics["query_ms"] = query_latency(self.encoder(model, self.query_max_length()), queries)
         return Evaluation(metrics=metrics)
 
     def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:

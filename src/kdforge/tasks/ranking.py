@@ -287,9 +287,9 @@ class RankingTask(EncoderTask):
         data, k = dataset.data, self.data_cfg.test.k
         first = self._miner()
         query_ids, doc_ids = list(data.queries), list(data.corpus)
-        q = self.encode(first, [data.queries[i] for i in query_ids], self.data_cfg.query_max_length, "queries")
-        d = self.encode(first, [data.corpus[i] for i in doc_ids], self.data_cfg.max_length, "documents")
-        _, indices = search(*(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (q, d)), k)
+        q = self.encoder(first, self.data_cfg.query_max_length, "queries")([data.queries[i] for i in query_ids])
+        d = self.encoder(first, self.data_cfg.max_length, "documents")([data.corpus[i] for i in doc_ids])
+        _, indices = search(q, d, k)
         run = {}
         started = time.perf_counter()
         for row, qid in enumerate(query_ids):
