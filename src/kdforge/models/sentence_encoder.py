@@ -122,10 +122,19 @@ def encoder_from_transformer(
     """Wrap an in-memory transformers model and a tokenizer into a sentence encoder."""
     from transformers import AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     with tempfile.TemporaryDirectory(prefix="kdforge-encoder-") as tmp:
         transformer.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
-        return _from_modules(tmp, pooling=pooling, normalize=normalize, max_length=max_length)
+        # a model without a pooler (the ONNX export has none) reloads with a fresh one, which
+        # sentence pooling never uses; transformers' "MISSING pooler" report would only alarm
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return _from_modules(tmp, pooling=pooling, normalize=normalize, max_length=max_length)
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
 
 def with_layers(teacher: SentenceTransformer, layers: list[int], field: str = "student.layers") -> SentenceTransformer:
