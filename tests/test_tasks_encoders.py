@@ -321,3 +321,38 @@ def test_student_section_is_validated(beir_dir, tmp_path, student, fragment):
     with pytest.raises(RecipeError, match=fragment):
         _recipe("embedding", beir_dir, tmp_path, MINILM_TERMS[:1], student=student)
         TASKS.get("embedding")(_recipe("embedding", beir_dir, tmp_path, MINILM_TERMS[:1], student=student))
+
+
+def test_in_batch_scores_put_each_querys_own_candidates_first(beir_dir, tmp_path):
+    from kdforge.tasks.ranking import in_batch_layout
+
+    scores = torch.arange(18.0).view(3, 6)  # 3 queries x (3 queries' 2 candidates)
+    expected = [[0, 1, 2, 3, 4, 5], [8, 9, 6, 7, 10, 11], [16, 17, 12, 13, 14, 15]]
+    assert in_batch_layout(scores).tolist() == expected
+
+    recipe = _recipe(
+        "ranking",
+        beir_dir,
+        tmp_path,
+        [{"loss": "margin_mse", "field": "scores"}, {"loss": "listwise_kl", "field": "scores"}],
+        "evaluation.baseline=false",
+        data={"negatives": 4, "negatives_per_example": 1, "in_batch": True},
+    )
+    task = TASKS.get("ranking")(recipe)
+    batch = task.collate([task.splits().train[i] for i in range(4)])
+    student = task.build_student().eval()
+    with torch.no_grad():
+        wide = task.adapter(student, batch, frozenset({"scores"})).scores
+    assert wide.shape == (4, 8)
+    narrow = TASKS.get("ranking")(
+        parse_recipe({**recipe.model_dump(mode="json"), "data": {**recipe.data, "in_batch": False}})
+    )
+    with torch.no_grad():
+        own = narrow.adapter(student, batch, frozenset({"scores"})).scores
+    assert torch.allclose(wide[:, :2], own, atol=1e-6)  # the own candidates, in place
+    assert run_recipe(recipe)["runs"][0]["models"]["student"]["train"]["steps"] == 3
+
+    raw = recipe.model_dump(mode="json")
+    raw["teacher"] = {"signal": "cache", "path": str(tmp_path / "cache"), "model": TEACHER}
+    with pytest.raises(RecipeError, match="data.in_batch: a cache"):
+        TASKS.get("ranking")(parse_recipe(raw))

@@ -121,7 +121,6 @@ def encoder_from_transformer(
 ) -> SentenceTransformer:
     """Wrap an in-memory transformers model and a tokenizer into a sentence encoder."""
     from transformers import AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     with tempfile.TemporaryDirectory(prefix="kdforge-encoder-") as tmp:

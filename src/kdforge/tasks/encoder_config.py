@@ -105,6 +105,11 @@ class RankingData(EncoderData):
     miner: str | None = Field(
         None, description="the bi-encoder that mines negatives (default: the teacher; needed for a cross-encoder)"
     )
+    in_batch: bool = Field(
+        False,
+        description="score every query against all documents of its batch ([B, B(1+K)], its own first): TAS-B's"
+        " in-batch negatives; needs a teacher that can score new pairs (online or served, not a cache)",
+    )
     query_limit: int | None = Field(None, ge=1, description="the first N training queries only")
     corpus_limit: int | None = Field(
         None, ge=1, description="mine among the judged documents plus the first N others only (quick runs)"

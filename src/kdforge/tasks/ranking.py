@@ -45,7 +45,7 @@ from kdforge.eval.retrieval import retrieval_metrics, search
 from kdforge.models.refs import resolve_model_ref
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
-from kdforge.recipe import ObjectiveTerm
+from kdforge.recipe import CacheTeacherConfig, ObjectiveTerm
 from kdforge.settings import cache_dir
 from kdforge.signals.fingerprint import files_digest, value_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits
@@ -86,11 +86,38 @@ def _is_cross_encoder(path: Path | None) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
+def in_batch_layout(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, B(1+K)]`` query-by-document scores reordered so that each row starts with its own
+    (positive, K negatives) and continues with the other queries' documents, in batch order.
+
+    With the positive still in column 0, ``margin_mse`` pairs it with every other document
+    of the batch and ``listwise_kl`` spreads over all of them: TAS-B's in-batch supervision
+    (Hofstätter et al. 2021), whose topic-clustered batches make these negatives hard.
+    """
+    batch, columns = scores.shape
+    own = columns // batch
+    rows = torch.arange(batch, device=scores.device).unsqueeze(1)
+    everything = torch.arange(columns, device=scores.device).expand(batch, columns)
+    first = rows * own
+    # own block first, then the columns before it, then those after it
+    shifted = torch.where(everything < own, first + everything, everything)
+    shifted = torch.where((everything >= own) & (everything < first + own), everything - own, shifted)
+    return scores.gather(1, shifted)
+
+
 @TASKS.register("ranking")
 class RankingTask(EncoderTask):
     name = "ranking"
     data_schema = RankingData
     output_fields = ("scores", "embeddings")
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        if self.data_cfg.in_batch and isinstance(recipe.teacher, CacheTeacherConfig):
+            raise RecipeError(
+                "data.in_batch: a cache holds each example's own candidates, not the documents a batch happens to"
+                " hold; use an online (or served) teacher, or set data.in_batch: false"
+            )
 
     # ---- teacher -----------------------------------------------------------------------
     def load_teacher(self, ref: str, field: str = "teacher.model") -> nn.Module:
@@ -256,10 +283,11 @@ class RankingTask(EncoderTask):
         d = run_encoder(model, docs)["sentence_embedding"]
         out = ModelOutputs()
         if "scores" in fields:
-            per_query = d.view(len(q), -1, d.shape[-1])
-            if getattr(model, "similarity_fn_name", "cosine") != "dot":
-                q, per_query = F.normalize(q, dim=-1), F.normalize(per_query, dim=-1)
-            out.scores = torch.einsum("bd,bkd->bk", q, per_query)
+            qs, ds = (F.normalize(q, dim=-1), F.normalize(d, dim=-1)) if self._cosine(model) else (q, d)
+            if self.data_cfg.in_batch:
+                out.scores = in_batch_layout(qs @ ds.T)
+            else:
+                out.scores = torch.einsum("bd,bkd->bk", qs, ds.view(len(q), -1, d.shape[-1]))
         if "embeddings" in fields:
             out.embeddings = torch.cat([q, d])
         return out
@@ -272,11 +300,19 @@ class RankingTask(EncoderTask):
                 f"objective: a cross-encoder teacher gives scores only, not {', '.join(sorted(fields - {'scores'}))}"
             )
         queries, docs = batch["query_texts"], batch["doc_texts"]
+        home = batch["labels"].device
+        if self.data_cfg.in_batch:  # every query against every document of the batch
+            pairs = [(query, doc) for query in queries for doc in docs]
+            scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
+            return ModelOutputs(scores=in_batch_layout(scores.float().to(home).view(len(queries), len(docs))))
         per_query = len(docs) // len(queries)
         pairs = [(queries[i // per_query], doc) for i, doc in enumerate(docs)]
         scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
-        home = batch["labels"].device
         return ModelOutputs(scores=scores.float().to(home).view(len(queries), per_query))
+
+    @staticmethod
+    def _cosine(model: nn.Module) -> bool:
+        return getattr(model, "similarity_fn_name", "cosine") != "dot"
 
     # ---- a cross-encoder teacher in the report ---------------------------------------------
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
