@@ -239,11 +239,9 @@ def run_encoder(
     return result
 
 
-def tokenize(model: SentenceTransformer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Token ids for ``texts`` with the encoder's tokenizer, padded to the longest, cut at ``max_length``."""
-    tokenizer = model.tokenizer
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+def uses_cosine(model: nn.Module) -> bool:
+    """Whether the model's scores are cosine similarities (the sentence-transformers default), not dot products."""
+    return getattr(model, "similarity_fn_name", "cosine") != "dot"
 
 
 def same_vocabulary(a: SentenceTransformer, b: SentenceTransformer) -> bool:

@@ -35,6 +35,8 @@ from kdforge.models.sentence_encoder import (
     run_encoder,
     same_vocabulary,
     transformer_of,
+    uses_cosine,
+    with_layers,
 )
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
@@ -96,9 +98,16 @@ def internals(model: SentenceTransformer, inputs: dict[str, torch.Tensor], field
 
 def similarity(model: SentenceTransformer, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Scores the way the model is meant to be used: dot product or (default) cosine."""
-    if getattr(model, "similarity_fn_name", "cosine") == "dot":
+    if not uses_cosine(model):
         return a @ b.T
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def scoring_rows(model: nn.Module, emb: np.ndarray) -> np.ndarray:
+    """Embeddings whose inner products are the model's scores: unit rows unless it scores by dot product."""
+    if not uses_cosine(model):
+        return emb
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
 class EncoderTask(Task):
@@ -163,8 +172,6 @@ class EncoderTask(Task):
                 if cfg.num_layers > total:
                     raise RecipeError(f"student.num_layers: {cfg.num_layers} exceeds the teacher's {total} layers")
                 layers = [total - 1] if cfg.num_layers == 1 else evenly_spaced_layers(total, cfg.num_layers)
-            from kdforge.models.sentence_encoder import with_layers
-
             student = with_layers(teacher, layers, "student.layers" if cfg.layers is not None else "student.num_layers")
         if teacher_ref is not None and not same_vocabulary(student, self.load_teacher(teacher_ref)):
             raise RecipeError(
@@ -245,11 +252,9 @@ class EncoderTask(Task):
 
     def encoder(self, model: SentenceTransformer, max_length: int, what: str = ""):
         """``texts -> [N, D]`` for the retrieval evaluation: unit rows unless the model scores by dot product."""
-        cosine = getattr(model, "similarity_fn_name", "cosine") != "dot"
 
         def encode(texts: list[str]) -> np.ndarray:
-            emb = self.encode(model, texts, max_length, what)
-            return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12) if cosine else emb
+            return scoring_rows(model, self.encode(model, texts, max_length, what))
 
         return encode
 

@@ -43,6 +43,7 @@ from kdforge.data.tasb import RandomPairSampler, TASBSampler, cluster_queries
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import retrieval_metrics, search
 from kdforge.models.refs import resolve_model_ref
+from kdforge.models.sentence_encoder import run_encoder, uses_cosine
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
 from kdforge.recipe import CacheTeacherConfig, ObjectiveTerm
@@ -50,7 +51,7 @@ from kdforge.settings import cache_dir
 from kdforge.signals.fingerprint import files_digest, value_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits
 from kdforge.tasks.encoder_config import RankingData
-from kdforge.tasks.encoders import EncoderTask, RetrievalSet, limit_collection
+from kdforge.tasks.encoders import EncoderTask, RetrievalSet, limit_collection, scoring_rows
 
 
 @dataclass
@@ -185,9 +186,7 @@ class RankingTask(EncoderTask):
         texts = [data.queries[q] for q in query_ids]
         q_emb = self._cached_encode(miner, miner_ref, texts, cfg.query_max_length, "training queries")
         d_emb = self._cached_encode(miner, miner_ref, [data.corpus[d] for d in doc_ids], cfg.max_length, "corpus")
-        if getattr(miner, "similarity_fn_name", "cosine") != "dot":
-            q_emb = q_emb / np.maximum(np.linalg.norm(q_emb, axis=1, keepdims=True), 1e-12)
-            d_emb = d_emb / np.maximum(np.linalg.norm(d_emb, axis=1, keepdims=True), 1e-12)
+        q_emb, d_emb = scoring_rows(miner, q_emb), scoring_rows(miner, d_emb)
         mined = mine_negatives(q_emb, d_emb, positives, cfg.negatives, skip_top=cfg.skip_top)
 
         per_chunk = cfg.negatives_per_example
@@ -229,16 +228,9 @@ class RankingTask(EncoderTask):
     def _score_pairs(self, teacher: nn.Module, query: str, docs: list[str]) -> np.ndarray:
         if isinstance(teacher, CrossEncoder):
             return np.asarray(teacher.predict([(query, d) for d in docs], show_progress_bar=False), dtype=np.float32)
-        q = self.encode(teacher, [query], self.data_cfg.query_max_length)
-        d = self.encode(teacher, docs, self.data_cfg.max_length)
-        return self._similarity_np(teacher, q, d)[0]
-
-    @staticmethod
-    def _similarity_np(model, q: np.ndarray, d: np.ndarray) -> np.ndarray:
-        if getattr(model, "similarity_fn_name", "cosine") != "dot":
-            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-            d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
-        return q @ d.T
+        q = self.encoder(teacher, self.data_cfg.query_max_length)([query])
+        d = self.encoder(teacher, self.data_cfg.max_length)(docs)
+        return d @ q[0]
 
     def splits(self) -> Splits:
         test = self.test_set()
@@ -273,7 +265,6 @@ class RankingTask(EncoderTask):
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
         if isinstance(model, CrossEncoder):
             return self._cross_encoder_outputs(model, batch, fields)
-        from kdforge.models.sentence_encoder import run_encoder
 
         queries = {
             k.removeprefix("query_"): v for k, v in batch.items() if k.startswith("query_") and k != "query_texts"
@@ -283,7 +274,7 @@ class RankingTask(EncoderTask):
         d = run_encoder(model, docs)["sentence_embedding"]
         out = ModelOutputs()
         if "scores" in fields:
-            qs, ds = (F.normalize(q, dim=-1), F.normalize(d, dim=-1)) if self._cosine(model) else (q, d)
+            qs, ds = (F.normalize(q, dim=-1), F.normalize(d, dim=-1)) if uses_cosine(model) else (q, d)
             if self.data_cfg.in_batch:
                 out.scores = in_batch_layout(qs @ ds.T)
             else:
@@ -309,10 +300,6 @@ class RankingTask(EncoderTask):
         pairs = [(queries[i // per_query], doc) for i, doc in enumerate(docs)]
         scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
         return ModelOutputs(scores=scores.float().to(home).view(len(queries), per_query))
-
-    @staticmethod
-    def _cosine(model: nn.Module) -> bool:
-        return getattr(model, "similarity_fn_name", "cosine") != "dot"
 
     # ---- a cross-encoder teacher in the report ---------------------------------------------
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
