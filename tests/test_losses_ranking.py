@@ -272,7 +272,22 @@ def test_listnet_matches_the_oracle_kl_plus_teacher_entropy(temperature):
 def test_registry_entries():
     assert LOSSES.get("listwise_kl").fn is listwise_kl
     assert LOSSES.get("listnet").fn is listnet
-    assert LOSSES.get("listwise_kl").param_names() == {"temperature"}
+    assert LOSSES.get("listwise_kl").param_names() == {"temperature", "teacher_temperature"}
     assert LOSSES.get("listnet").param_names() == {"temperature"}
     assert LOSSES.get("margin_mse").param_names() == set()
     assert all(LOSSES.get(n).target == "teacher" for n in ("margin_mse", "listwise_kl", "listnet"))
+
+
+def test_listwise_kl_teacher_temperature_rescales_the_teacher_only():
+    """Geng et al.: ensemble scores in [0, 1] times 30, then KL at T = 1 (teacher_temperature 1/30)."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, 7, generator=g) * 5, torch.rand(3, 7, generator=g)
+    p = torch.softmax(t * 30, -1)
+    expected = (p * (p.log() - torch.log_softmax(s, -1))).sum(-1).mean()
+    torch.testing.assert_close(listwise_kl(s, t, teacher_temperature=1 / 30), expected)
+    # with both temperatures given: t / T_t against s / T, times T^2
+    p = torch.softmax(t / 0.1, -1)
+    expected = (p * (p.log() - torch.log_softmax(s / 2.0, -1))).sum(-1).mean() * 4.0
+    torch.testing.assert_close(listwise_kl(s, t, temperature=2.0, teacher_temperature=0.1), expected)
+    with pytest.raises(ValueError, match="temperature"):
+        listwise_kl(s, t, teacher_temperature=0.0)

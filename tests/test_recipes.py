@@ -32,7 +32,7 @@ def _cached_where_asked(name: str, tmp_path) -> list[str]:
 
 
 def test_every_bundled_recipe_is_run_by_a_test_below():
-    tested = ("classification", "causal_lm", "embedding", "ranking")
+    tested = ("classification", "causal_lm", "embedding", "ranking", "sparse_retriever", "vq_index")
     assert set(bundled_recipes()) == {name for task in tested for name in _recipes_of(task)}
 
 
@@ -100,6 +100,16 @@ def test_bundled_embedding_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir)
     models = report["runs"][0]["models"]
     assert {"ndcg@10", "recall@100", "mrr@10"} <= set(models["student"]["metrics"])
     assert (tmp_path / name / "model" / "modules.json").is_file()
+
+
+@pytest.mark.parametrize("name", _recipes_of("sparse_retriever"))
+def test_bundled_sparse_retriever_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+    extra = ["data.query_limit=8", "data.corpus_limit=30", "data.negatives=4", "training.batch_size=2"]
+    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    models = report["runs"][0]["models"]
+    assert set(models) == {"student", "baseline"}  # an ensemble teacher has no single model to evaluate
+    assert {"ndcg@10", "query_ms", "doc_nonzeros", "bytes_per_doc"} <= set(models["student"]["metrics"])
+    assert report["teacher_signal"]["members"][1]["model"] == "bm25"
 
 
 @pytest.mark.parametrize("name", _recipes_of("ranking"))

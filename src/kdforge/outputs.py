@@ -10,7 +10,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
-OUTPUT_FIELDS = ("logits", "hidden", "hidden_states", "attentions", "qkv", "values", "embeddings", "scores")
+OUTPUT_FIELDS = (
+    "logits",
+    "hidden",
+    "hidden_states",
+    "attentions",
+    "qkv",
+    "values",
+    "embeddings",
+    "scores",
+    "doc_weights",
+    "ivf_scores",
+)
 
 
 @dataclass
@@ -26,6 +37,10 @@ class ModelOutputs:
     values: tuple[torch.Tensor, ...] | None = None
     embeddings: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    #: [B, 1+K, V] a learned sparse retriever's document term weights over the vocabulary (for flops)
+    doc_weights: torch.Tensor | None = None
+    #: [B, N] a learned index's coarse (IVF centroid) scores of the same candidates as ``scores``
+    ivf_scores: torch.Tensor | None = None
 
     def get(self, name: str):
         value = getattr(self, name)

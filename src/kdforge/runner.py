@@ -131,7 +131,7 @@ def _train_phase(
     """Train (or, on resume, reload a finished) model for one phase."""
     folder = seed_dir / folder_name
     records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
-    if resume and (folder / "config.json").exists():
+    if resume and task.is_saved(folder):
         console.print(f"[dim]{phase}: finished earlier, loading {folder}")
         last = records[-1] if records else {}
         return task.load_saved(folder), {"steps": last.get("step"), "final_loss": last.get("loss"), "resumed": True}
@@ -207,7 +207,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
     roles["student"] = {
         "metrics": student_eval.metrics,
         "train": student_train,
-        **_speed_and_size(task, student, splits.test, [seed_dir / MODEL_DIR / "model.safetensors"]),
+        **_speed_and_size(task, student, splits.test, task.saved_weight_files(seed_dir / MODEL_DIR)),
     }
     if reference is not None:
         roles["student"]["fidelity"] = fidelity(reference, student_eval.logits)
@@ -229,7 +229,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
             "metrics": baseline_eval.metrics,
             "train": baseline_train,
             **({"fidelity": fidelity(reference, baseline_eval.logits)} if reference is not None else {}),
-            **_speed_and_size(task, baseline, splits.test, [seed_dir / BASELINE_DIR / "model.safetensors"]),
+            **_speed_and_size(task, baseline, splits.test, task.saved_weight_files(seed_dir / BASELINE_DIR)),
         }
     models = {"teacher": teacher.model} if teacher is not None and teacher.model is not None else {}
     models["student"] = student

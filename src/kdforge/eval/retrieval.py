@@ -274,17 +274,27 @@ def query_latency(
     With ``doc_emb`` [N, D], each query's time also includes its exact top-``k`` search in
     an index built once beforehand (as a server would hold it).
     """
-    queries = list(queries)
-    if not queries:
-        raise ValueError("no queries to time")
     index = flat_ip_index(doc_emb) if doc_emb is not None else None
     k = min(k, index.ntotal) if index is not None else k
 
+    def serve(query: str) -> None:
+        emb = encode([query])
+        if index is not None:
+            index.search(_as_matrix(emb, "an encoder's output"), k)
+
+    return serving_latency(serve, queries, repeats)
+
+
+def serving_latency(serve: Callable[[str], object], queries: Sequence[str], repeats: int = 3) -> float:
+    """Milliseconds ``serve`` takes per query, one query at a time: the mean over ``queries`` of
+    one timing, median over ``repeats`` timings, after one untimed warm-up pass."""
+    queries = list(queries)
+    if not queries:
+        raise ValueError("no queries to time")
+
     def one_at_a_time(_) -> None:
         for query in queries:
-            emb = encode([query])
-            if index is not None:
-                index.search(_as_matrix(emb, "an encoder's output"), k)
+            serve(query)
 
     # the median rate of the repeats is the median latency's reciprocal
     rate = throughput(one_at_a_time, {}, batches=1, repeats=repeats, items=len(queries))

@@ -58,9 +58,10 @@ def listwise_kl(
     teacher_scores: torch.Tensor,
     *,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Listwise KL(softmax(t/T) || softmax(s/T)) over each query's candidates, mean over queries, times T^2.
+    """Listwise KL(softmax(t/T_t) || softmax(s/T)) over each query's candidates, mean over queries, times T^2.
 
     The listwise variant of ranking distillation (Lin et al. 2020, "Distilling Dense
     Representations for Ranking using Tightly-Coupled Teachers"; sentence-transformers
@@ -72,6 +73,10 @@ def listwise_kl(
         student_scores: ``[B, N]`` student scores of N candidates per query (gradients flow here).
         teacher_scores: ``[B, N]`` teacher scores of the same candidates.
         temperature: T > 0 divides both score tensors; default 1.
+        teacher_temperature: T_t > 0 divides the teacher's scores instead, when they live on
+            another scale than the student's: an ensemble's min-max normalised scores lie in
+            [0, 1], which Geng et al. multiply by 30 (T_t = 1/30) before a KL at T = 1.
+            Default: T.
         mask: ``[B, N]`` booleans, True = a real candidate; masked candidates are left
             out of both softmaxes. Default: all candidates are real.
 
@@ -81,6 +86,9 @@ def listwise_kl(
     """
     check_temperature(temperature)
     mask = _check_scores(student_scores, teacher_scores, mask)
+    if teacher_temperature is not None:
+        check_temperature(teacher_temperature)
+        teacher_scores = upcast(teacher_scores) * (temperature / teacher_temperature)
     log_q, log_p = _listwise_log_probs(student_scores, teacher_scores, temperature, mask)
     # p = 0 (masked or -inf candidates) contributes 0, even where log q is -inf
     per_query = kl_per_position(log_p, log_q)

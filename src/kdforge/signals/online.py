@@ -46,7 +46,8 @@ class OnlineTeacher(TeacherSignal):
     @torch.no_grad()
     def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
         home = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        device = self.device or next(self.model.parameters()).device
+        # a teacher without weights (BM25) runs where the batch is
+        device = self.device or next((p.device for p in self.model.parameters()), home)
         if device != home or self.dtype is not None:
             batch = _to(batch, device, self.dtype)
         out = self.adapter(self.model, batch, fields)

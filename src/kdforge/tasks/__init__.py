@@ -4,6 +4,7 @@ from kdforge.tasks import causal_lm as _causal_lm  # noqa: F401  (registers the 
 from kdforge.tasks import classification as _classification  # noqa: F401  (registers the task)
 from kdforge.tasks import embedding as _embedding  # noqa: F401  (registers the task)
 from kdforge.tasks import ranking as _ranking  # noqa: F401  (registers the task)
+from kdforge.tasks import sparse_retriever as _sparse_retriever  # noqa: F401  (registers the task)
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
 
 __all__ = ["TASKS", "Task", "Splits", "Evaluation"]

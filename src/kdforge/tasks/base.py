@@ -87,6 +87,14 @@ class Task(ABC):
     def load_saved(self, folder: Path) -> nn.Module:
         """Load what :meth:`save_model` wrote (used by ``--resume`` of finished phases)."""
 
+    def saved_weight_files(self, folder: Path) -> list[Path]:
+        """The files of a :meth:`save_model` folder that hold the model (its size in reports)."""
+        return [folder / "model.safetensors"]
+
+    def is_saved(self, folder: Path) -> bool:
+        """Whether ``folder`` holds a finished :meth:`save_model` (``--resume`` then loads it)."""
+        return (folder / "config.json").exists()
+
     def baseline_objective(self) -> list[ObjectiveTerm] | None:
         """The no-distillation objective: labels only; None where the data has no labels (the
         baseline is then the student as initialised, untrained)."""

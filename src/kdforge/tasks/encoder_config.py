@@ -123,3 +123,41 @@ class RankingData(EncoderData):
                 f" ({self.negatives}); raise data.negatives"
             )
         return self
+
+
+class SparseStudent(Strict):
+    """The document encoder of an inference-free sparse retriever (queries need no model)."""
+
+    kind: Literal["sparse"] = "sparse"
+    model: str = Field(
+        description="a BERT-style model with a masked-LM head, or a bi-encoder without one (a head tied to its"
+        " word embeddings is made), or a saved sparse encoder"
+    )
+    layers: list[int] | None = Field(None, description="keep only these of the model's layers, e.g. [0, 2, 5]")
+    head_bias: float = Field(
+        -5.0, description="starting bias of a newly made head (lower: fewer non-zero terms at step 0)"
+    )
+    query_weights: Literal["idf", "binary"] = Field(
+        "idf",
+        description="idf: a query token weighs its IDF on the corpus (IDF-aware matching, Geng et al.);"
+        " binary: every query token weighs 1 (plain FLOPS, the ablation)",
+    )
+
+
+class BM25Config(Strict):
+    """BM25 (bm25s) as a teacher (``teacher.model: bm25``) and in reports."""
+
+    k1: float = Field(1.5, ge=0)
+    b: float = Field(0.75, ge=0, le=1)
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    stemmer: str | None = Field("english", description="PyStemmer language, or null for none")
+    stopwords: str | None = Field("en", description="bm25s stopword list, or null for none")
+
+
+class SparseData(RankingData):
+    """Ranking data for the sparse retriever: in-batch negatives on by default, and BM25's settings."""
+
+    in_batch: bool = Field(
+        True, description="score every query against all documents of its batch (Geng et al.'s in-batch negatives)"
+    )
+    bm25: BM25Config = Field(default_factory=BM25Config)

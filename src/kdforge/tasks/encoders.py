@@ -129,11 +129,12 @@ class EncoderTask(Task):
 
     def _load(self, ref: str, field: str) -> SentenceTransformer:
         cfg = self.student_cfg
+        # a student section without pooling settings (a sparse student) leaves the defaults
         return load_encoder(
             ref,
             field=field,
-            pooling=cfg.pooling,
-            normalize=cfg.normalize,
+            pooling=getattr(cfg, "pooling", "mean"),
+            normalize=getattr(cfg, "normalize", True),
             max_length=self.data_cfg.max_length,
             tokenizer_from=self.teacher_ref(),
         )

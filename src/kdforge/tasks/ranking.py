@@ -74,10 +74,10 @@ class TripleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.triples.query)
 
-    def __getitem__(self, index: int) -> tuple[str, list[str]]:
+    def __getitem__(self, index: int) -> tuple[str, list[str], list[str]]:
         t = self.triples
         docs = [t.positive[index], *t.negatives[index]]
-        return t.queries[t.query[index]], [t.corpus[d] for d in docs]
+        return t.queries[t.query[index]], [t.corpus[d] for d in docs], docs
 
 
 def _is_cross_encoder(path: Path | None) -> bool:
@@ -250,15 +250,16 @@ class RankingTask(EncoderTask):
             "query_clusters": int(len(np.unique(t.query_cluster))),
         }
 
-    def collate(self, items: list[tuple[str, list[str]]]) -> dict[str, Any]:
-        queries = [q for q, _ in items]
-        docs = [d for _, ds in items for d in ds]
+    def collate(self, items: list[tuple[str, list[str], list[str]]]) -> dict[str, Any]:
+        queries = [q for q, _, _ in items]
+        docs = [d for _, ds, _ in items for d in ds]
         q = self.tokens(queries, self.data_cfg.query_max_length)
         d = self.tokens(docs, self.data_cfg.max_length)
         batch: dict[str, Any] = {f"query_{k}": v for k, v in q.items()}
         batch.update({f"doc_{k}": v for k, v in d.items()})
         batch["labels"] = torch.zeros(len(items), dtype=torch.long)  # the positive is candidate 0
         batch["query_texts"], batch["doc_texts"] = queries, docs  # for scorers with their own tokenizer
+        batch["candidate_ids"] = [d for _, _, ids in items for d in ids]  # for scorers that index the corpus (BM25)
         return batch
 
     # ---- outputs -----------------------------------------------------------------------

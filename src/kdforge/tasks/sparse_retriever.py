@@ -1,0 +1,295 @@
+"""Task ``sparse_retriever``: an inference-free learned sparse retriever distilled from dense and BM25 teachers.
+
+Geng et al. 2024 (arXiv 2411.04403): the student encodes documents only
+(:mod:`kdforge.models.sparse_encoder`); a query is its tokens weighted by their IDF
+on the corpus, so serving a query runs no model, and search is a sum over the query
+tokens' posting lists of an inverted index (:mod:`kdforge.eval.sparse_index`).
+
+Training data are the ranking task's (query, positive, negatives) with in-batch
+negatives; the teachers are any of the ranking task's (a bi-encoder, a
+cross-encoder) and BM25 (``teacher.model: bm25``, through bm25s), usually as an
+ensemble, whose ``scores`` are min-max normalised per query and averaged
+(:mod:`kdforge.signals.ensemble`). Outputs:
+
+- ``scores``: the student's (query, document) scores, laid out as the ranking task's;
+- ``doc_weights``: ``[B, 1+K, V]`` document term weights, for ``flops`` (the batch
+  mean per candidate slot, as Geng et al.'s code), warmed up quadratically through
+  the term's weight schedule.
+
+Evaluation: nDCG@10, Recall@k and MRR@10 on the test collection through the inverted
+index, the median latency of one query (tokenize, weigh, search), the documents'
+average non-zero terms, the index's bytes per document and its build time.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sentence_transformers import SparseEncoder
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer
+
+from kdforge.data.beir import BeirData, load_beir
+from kdforge.errors import RecipeError
+from kdforge.eval.retrieval import retrieval_metrics, serving_latency
+from kdforge.eval.sparse_index import SparseIndex, query_terms
+from kdforge.models.bm25 import BM25_REF, BM25Scorer, BM25Settings
+from kdforge.models.refs import resolve_model_ref
+from kdforge.models.sparse_encoder import (
+    build_sparse_encoder,
+    document_transformer,
+    document_weights,
+    idf_weights,
+    query_embedding,
+    query_vectors,
+)
+from kdforge.outputs import ModelOutputs
+from kdforge.progress import counting_progress
+from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, ObjectiveTerm, OnlineTeacherConfig
+from kdforge.tasks.base import TASKS, Evaluation
+from kdforge.tasks.encoder_config import SparseData, SparseStudent
+from kdforge.tasks.encoders import RetrievalSet
+from kdforge.tasks.ranking import RankingTask, in_batch_layout
+
+DOC_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _model_teachers(recipe) -> list[str]:
+    """The teacher models a recipe names, ensemble members included, in order."""
+    teacher = recipe.teacher
+    members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
+    return [m.model for m in members if isinstance(m, (OnlineTeacherConfig, CacheTeacherConfig)) and m.model]
+
+
+@TASKS.register("sparse_retriever")
+class SparseRetrieverTask(RankingTask):
+    name = "sparse_retriever"
+    student_schema = SparseStudent
+    data_schema = SparseData
+    output_fields = ("scores", "doc_weights")
+    load_hint = (
+        "from sentence_transformers import SparseEncoder\n"
+        "model = SparseEncoder({folder!r})\n"
+        "docs = model.encode_document(texts)  # queries need no model: model.encode_query(queries)"
+    )
+
+    # ---- teachers ----------------------------------------------------------------------
+    def teacher_ref(self) -> str | None:
+        """The dense teacher (it mines the negatives and sets the vocabulary): the first named model but BM25."""
+        return next((ref for ref in _model_teachers(self.recipe) if ref != BM25_REF), None)
+
+    def load_teacher(self, ref: str, field: str = "teacher.model") -> nn.Module:
+        if ref == BM25_REF:
+            return self.bm25
+        return super().load_teacher(ref, field)
+
+    @cached_property
+    def bm25(self) -> BM25Scorer:
+        """BM25 over the whole training corpus (its IDF and lengths are the corpus's, not a batch's)."""
+        cfg = self.data_cfg.bm25
+        return BM25Scorer(self._corpus.corpus, BM25Settings(cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords))
+
+    @cached_property
+    def _corpus(self) -> BeirData:
+        return load_beir(self.data_cfg.beir, self.data_cfg.train_split, field="data.beir")
+
+    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
+        return [] if ref == BM25_REF else super().teacher_weight_files(ref, field)
+
+    # ---- student -----------------------------------------------------------------------
+    def _student_folder(self) -> Path:
+        location = resolve_model_ref(self.student_cfg.model, field="student.model")
+        if location.path is None:
+            raise RecipeError(f"student.model: {self.student_cfg.model!r} must be a local model for a sparse student")
+        path = location.path
+        subfolders = sorted(path.glob("document_*Transformer"))  # a saved sparse encoder
+        return subfolders[0] if subfolders else path
+
+    @cached_property
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(str(self._student_folder()))
+
+    @cached_property
+    def idf(self) -> torch.Tensor:
+        """Query-side token weights: IDF on the training corpus (or 1 for every token: the ablation)."""
+        special = self.tokenizer.all_special_ids
+        if self.student_cfg.query_weights == "binary":
+            weights = torch.ones(len(self.tokenizer))
+            weights[special] = 0.0
+            return weights
+        return idf_weights(self.tokenizer, list(self._corpus.corpus.values()), special)
+
+    def build_student(self) -> nn.Module:
+        cfg = self.student_cfg
+        student = build_sparse_encoder(
+            cfg.model,
+            field="student.model",
+            idf=self.idf,
+            max_length=self.data_cfg.max_length,
+            layers=cfg.layers,
+            head_bias=cfg.head_bias,
+        )
+        teacher_ref = self.teacher_ref()
+        if teacher_ref is not None:
+            teacher = self.load_teacher(teacher_ref)
+            teacher_vocab = getattr(teacher, "tokenizer", None)
+            if teacher_vocab is not None and teacher_vocab.get_vocab() != self.tokenizer.get_vocab():
+                raise RecipeError(
+                    "student.model: its vocabulary differs from the dense teacher's; one tokenization feeds"
+                    " both, so pick a student with the teacher's tokenizer"
+                )
+        return student.train()
+
+    # ---- outputs -----------------------------------------------------------------------
+    def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        if isinstance(model, BM25Scorer):
+            return self._bm25_outputs(model, batch, fields)
+        if not isinstance(model, SparseEncoder):
+            return super().adapter(model, batch, fields)
+        queries = query_vectors(model, batch["query_input_ids"], batch["query_attention_mask"])
+        weights = document_weights(model, {k: batch[f"doc_{k}"] for k in DOC_INPUTS if f"doc_{k}" in batch})
+        out = ModelOutputs()
+        if "scores" in fields:
+            out.scores = self._layout(queries @ weights.T)
+        if "doc_weights" in fields:
+            out.doc_weights = weights.view(len(queries), -1, weights.shape[-1])
+        return out
+
+    def _layout(self, all_pairs: torch.Tensor) -> torch.Tensor:
+        """[B, B(1+K)] scores of every query against every document of the batch, as the ranking task lays them."""
+        if self.data_cfg.in_batch:
+            return in_batch_layout(all_pairs)
+        batch, columns = all_pairs.shape
+        own = columns // batch
+        return all_pairs.view(batch, batch, own)[torch.arange(batch), torch.arange(batch)]
+
+    def _bm25_outputs(self, model: BM25Scorer, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        if fields - {"scores"}:
+            raise RecipeError(f"objective: BM25 gives scores only, not {', '.join(sorted(fields - {'scores'}))}")
+        scores = torch.from_numpy(model.scores(batch["query_texts"], batch["candidate_ids"]))
+        return ModelOutputs(scores=self._layout(scores.to(batch["labels"].device)))
+
+    # ---- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def document_matrix(self, model: SparseEncoder, texts: list[str]) -> sp.csr_matrix:
+        """``[N, V]`` sparse document weights, batches of similar lengths together."""
+        model.eval()
+        size = self.recipe.evaluation.batch_size
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        rows, cols, vals = [], [], []
+        with counting_progress(transient=True) as progress:
+            bar = progress.add_task("encoding documents", total=len(texts), visible=len(texts) > 4 * size)
+            for start in range(0, len(texts), size):
+                index = order[start : start + size]
+                weights = document_weights(model, self.tokens([texts[i] for i in index], self.data_cfg.max_length))
+                r, c = weights.nonzero(as_tuple=True)
+                rows.append(index[r.numpy()])
+                cols.append(c.numpy())
+                vals.append(weights[r, c].float().numpy())
+                progress.advance(bar, len(index))
+        vocab = len(self.tokenizer)
+        if not rows:
+            return sp.csr_matrix((0, vocab), dtype=np.float32)
+        return sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(texts), vocab)
+        )
+
+    def query_matrix(self, model: SparseEncoder, queries: list[str]) -> sp.csr_matrix:
+        """``[Q, V]`` model-free query vectors (tokenizer and IDF only)."""
+        tokens = self.tokens(queries, self.query_max_length())
+        vectors = query_vectors(model, tokens["input_ids"], tokens["attention_mask"])
+        return sp.csr_matrix(vectors.numpy())
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
+        assert isinstance(dataset, RetrievalSet)
+        if isinstance(model, BM25Scorer):
+            return self._evaluate_bm25(dataset.data)
+        if not isinstance(model, SparseEncoder):
+            return super().evaluate(model, dataset)
+        data, k = dataset.data, self.data_cfg.test.k
+        doc_ids, query_ids = list(data.corpus), list(data.queries)
+        index = SparseIndex.build(self.document_matrix(model, [data.corpus[d] for d in doc_ids]))
+        queries = self.query_matrix(model, [data.queries[q] for q in query_ids])
+        run = {}
+        for row, qid in enumerate(query_ids):
+            top, scores = index.search(*query_terms(queries, row), k)
+            run[qid] = {doc_ids[j]: float(s) for j, s in zip(top, scores)}
+        metrics = retrieval_metrics(data.qrels, run, ("ndcg@10", f"recall@{k}", "mrr@10"))
+
+        idf = query_embedding(model).weight.detach()
+
+        def serve(query: str) -> None:  # what a search server does per query: no model runs
+            ids = self.tokenizer(query, truncation=True, max_length=self.query_max_length())["input_ids"]
+            terms = np.unique(np.asarray(ids))
+            weights = idf[terms].numpy()
+            keep = weights > 0
+            index.search(terms[keep], weights[keep], k)
+
+        latency_queries = [data.queries[q] for q in query_ids[: self.data_cfg.test.latency_queries]]
+        metrics.update(
+            query_ms=serving_latency(serve, latency_queries),
+            doc_nonzeros=index.nonzeros_per_document(),
+            bytes_per_doc=index.nbytes() / max(index.documents, 1),
+            index_build_s=index.build_seconds,
+        )
+        return Evaluation(metrics=metrics)
+
+    def _evaluate_bm25(self, data: BeirData) -> Evaluation:
+        """BM25 indexed on the test collection (its IDF is the collection's), searched one query at a time."""
+        cfg = self.data_cfg.bm25
+        bm25 = BM25Scorer(data.corpus, BM25Settings(cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords))
+        k = self.data_cfg.test.k
+        query_ids = list(data.queries)
+        rows, scores = bm25.search([data.queries[q] for q in query_ids], k)
+        run = {
+            qid: {bm25.doc_ids[j]: float(s) for j, s in zip(rows[i], scores[i]) if s > 0}
+            for i, qid in enumerate(query_ids)
+        }
+        metrics = retrieval_metrics(data.qrels, run, ("ndcg@10", f"recall@{k}", "mrr@10"))
+        latency_queries = [data.queries[q] for q in query_ids[: self.data_cfg.test.latency_queries]]
+        postings = bm25.index.scores
+        nbytes = sum(postings[name].nbytes for name in ("data", "indices", "indptr"))
+        metrics.update(
+            query_ms=serving_latency(lambda query: bm25.search([query], k), latency_queries),
+            doc_nonzeros=len(postings["data"]) / max(len(bm25.doc_ids), 1),
+            bytes_per_doc=nbytes / max(len(bm25.doc_ids), 1),
+            index_build_s=bm25.build_seconds,
+        )
+        return Evaluation(metrics=metrics)
+
+    # ---- speed -------------------------------------------------------------------------
+    def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:
+        texts = [dataset[i % len(dataset)] for i in range(batch_size)]
+        return {"texts": texts, **self.tokens(texts, self.data_cfg.max_length)}
+
+    def forward_for_speed(self, model: nn.Module):
+        """Documents encoded per second: the document side's cost (queries cost no model)."""
+        if isinstance(model, BM25Scorer):
+            return lambda batch: model._tokenize(batch["texts"])
+        if isinstance(model, SparseEncoder):
+            return lambda batch: document_weights(model, {k: batch[k] for k in DOC_INPUTS if k in batch})
+        encode = super().forward_for_speed(model)
+        return lambda batch: encode({k: batch[k] for k in DOC_INPUTS if k in batch})
+
+    def baseline_objective(self) -> list[ObjectiveTerm]:
+        """Labels only: InfoNCE over the same candidates at T = 1 (sparse scores are unnormalised sums,
+        tens in size, not cosines, so the bi-encoders' T = 0.05 would saturate the softmax)."""
+        return [ObjectiveTerm(loss="contrastive", field="scores", weight=1.0, params={"temperature": 1.0})]
+
+    # ---- saving (save_model: the encoder tasks' sentence-transformers folder, a SparseEncoder here) ----
+    def load_saved(self, folder: Path) -> nn.Module:
+        model = SparseEncoder(str(folder), device="cpu", local_files_only=True)
+        document_transformer(model)  # a sparse encoder with a query/document router, as saved
+        return model
+
+    def saved_weight_files(self, folder: Path) -> list[Path]:
+        return sorted(folder.rglob("*.safetensors"))
+
+    def is_saved(self, folder: Path) -> bool:
+        return (folder / "modules.json").exists()
