@@ -112,6 +112,16 @@ def test_bundled_sparse_retriever_recipe_runs_at_tiny_size(name, tmp_path, scifa
     assert report["teacher_signal"]["members"][1]["model"] == "bm25"
 
 
+@pytest.mark.parametrize("name", _recipes_of("vq_index"))
+def test_bundled_vq_index_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+    extra = ["student.nlist=4", "student.nbits=4", "data.query_limit=16", "data.document_queries=8", "data.top_k=10"]
+    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    models = report["runs"][0]["models"]
+    assert set(models) == {"teacher", "student", "baseline"}
+    assert models["student"]["metrics"]["code_bytes_per_doc"] == 48 * 4 / 8 + 8
+    assert (tmp_path / name / "model" / "index.faiss").is_file()
+
+
 @pytest.mark.parametrize("name", _recipes_of("ranking"))
 def test_bundled_ranking_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
     extra = ["data.query_limit=8", "data.corpus_limit=30", "data.negatives=4", "data.negatives_per_example=2"]

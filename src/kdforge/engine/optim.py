@@ -15,12 +15,25 @@ from kdforge.recipe import TrainingConfig
 def build_optimizer(
     params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], cfg: TrainingConfig
 ) -> torch.optim.Optimizer:
-    """Parameters, or parameter groups (``{"params": [...]}``) that share the recipe's settings."""
+    """Parameters, or parameter groups (``{"params": [...]}``) that share the recipe's settings; a group's
+    ``lr_scale`` multiplies the recipe's learning rate for that group (the schedule applies to all)."""
     opt = cfg.optimizer
+    if not isinstance(params, torch.Tensor):
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            params = [_scaled(group, cfg.lr) for group in params]
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+
+
+def _scaled(group: dict[str, Any], lr: float) -> dict[str, Any]:
+    group = dict(group)
+    scale = group.pop("lr_scale", None)
+    if scale is not None:
+        group["lr"] = lr * scale
+    return group
 
 
 def lr_factor(name: str, warmup_steps: int, total_steps: int, step: int) -> float:

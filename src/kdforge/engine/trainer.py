@@ -145,6 +145,16 @@ def _average_across_processes(params: list[nn.Parameter], accelerator: Accelerat
             p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
+def model_parameter_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The model's trainable parameters as optimizer groups. A model may split them itself with a
+    ``parameter_groups()`` method whose groups carry an ``lr_scale`` (Distill-VQ trains its IVF centroids
+    10x faster than its PQ codebooks); otherwise one group."""
+    offered = getattr(model, "parameter_groups", None)
+    if callable(offered):
+        return [dict(group, params=[p for p in group["params"] if p.requires_grad]) for group in offered()]
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -176,7 +186,7 @@ def train(
     sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
     loss_params = _place_loss_modules(loss_modules, accelerator)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = model_parameter_groups(model)
     if loss_params:
         groups.append({"params": loss_params})
     optimizer = build_optimizer(groups, cfg)

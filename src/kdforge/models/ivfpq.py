@@ -108,6 +108,16 @@ def build_faiss_index(spec: IVFPQSpec, doc_emb: np.ndarray, seed: int) -> faiss.
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = seed
     ivf.pq.cp.seed = seed
+    wanted = 39 * max(spec.nlist, spec.ksub)  # faiss's own threshold (min_points_per_centroid = 39)
+    if len(x) < wanted:
+        # faiss would print its warning once per k-means (once per sub-quantizer): say it once, then let it train
+        warnings.warn(
+            f"IVF-PQ trained on {len(x)} documents; faiss advises at least {wanted} for {spec.nlist} lists and"
+            f" {spec.ksub} codewords per sub-quantizer (codebooks may be under-trained)",
+            stacklevel=2,
+        )
+        ivf.cp.min_points_per_centroid = 1
+        ivf.pq.cp.min_points_per_centroid = 1
     opq_pq = None
     if spec.opq:
         # OPQ trains its rotation with an internal PQ of 8 bits and a fixed seed unless given one; give it the
@@ -115,6 +125,7 @@ def build_faiss_index(spec: IVFPQSpec, doc_emb: np.ndarray, seed: int) -> faiss.
         opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
         opq_pq = faiss.ProductQuantizer(spec.dim, spec.m, spec.nbits)
         opq_pq.cp.seed = seed
+        opq_pq.cp.min_points_per_centroid = 1
         opq.pq = opq_pq
     index.train(x)
     if opq_pq is not None:
@@ -188,6 +199,13 @@ class IVFPQStudent(nn.Module):
         self.centroids = nn.Parameter(torch.zeros(spec.nlist, spec.dim))
         self.codebooks = nn.Parameter(torch.zeros(spec.m, spec.ksub, spec.dsub))
         self.register_buffer("assignment", torch.zeros(n_docs, dtype=torch.int64))
+        #: the centroids' learning rate over the codebooks' (Distill-VQ: IVF 1e-3, PQ 1e-4)
+        self.ivf_lr_scale = 1.0
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups (kdforge's engine asks the model): codebooks at the recipe's learning rate,
+        centroids at ``ivf_lr_scale`` times it."""
+        return [{"params": [self.codebooks]}, {"params": [self.centroids], "lr_scale": self.ivf_lr_scale}]
 
     # ------------------------------------------------------------ construction and state
 

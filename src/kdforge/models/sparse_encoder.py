@@ -171,8 +171,11 @@ def document_weights(model: SparseEncoder, inputs: dict[str, torch.Tensor]) -> t
     """``[B, V]`` term weights: max over real tokens of log(1 + ReLU(MLM logits)), special tokens 0."""
     transformer = document_transformer(model)
     logits = transformer.auto_model(**inputs).logits
-    mask = inputs["attention_mask"].unsqueeze(-1).to(logits.dtype)
-    weights = (torch.log1p(torch.relu(logits)) * mask).amax(1)
+    padding = ~inputs["attention_mask"].bool().unsqueeze(-1)
+    # log(1 + ReLU(.)) is monotone, so it commutes with the max over tokens: pooling the raw logits
+    # first makes the element-wise work [B, V] instead of [B, L, V] (the largest tensor of the step)
+    # and routes the gradient through the same token
+    weights = torch.log1p(torch.relu(logits.masked_fill(padding, float("-inf")).amax(1)))
     # the query side never has special tokens (their IDF is 0): weights there would only cost space
     special = torch.as_tensor(transformer.tokenizer.all_special_ids, device=weights.device)
     return weights.index_fill(1, special, 0.0)

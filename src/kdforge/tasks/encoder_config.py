@@ -161,3 +161,33 @@ class SparseData(RankingData):
         True, description="score every query against all documents of its batch (Geng et al.'s in-batch negatives)"
     )
     bm25: BM25Config = Field(default_factory=BM25Config)
+
+
+class VQStudent(Strict):
+    """The learned index: IVF lists and product-quantised residuals (Distill-VQ)."""
+
+    kind: Literal["ivfpq"] = "ivfpq"
+    nlist: int = Field(64, ge=1, description="IVF lists (coarse centroids)")
+    m: int = Field(48, ge=1, description="PQ sub-quantizers: bytes per document at 8 bits (must divide the dimension)")
+    nbits: int = Field(8, ge=1, le=16, description="bits per sub-quantizer code")
+    opq: bool = Field(False, description="learn an OPQ rotation first (faiss), kept fixed while training")
+    nprobe: int = Field(8, ge=1, description="lists searched per query (the same for every model in the report)")
+    init: Literal["faiss", "random"] = Field(
+        "faiss", description="faiss: start from faiss's IVF-PQ trained for reconstruction; random: uniform codebooks"
+    )
+    ivf_lr_scale: float = Field(
+        10.0, gt=0, description="the centroids' learning rate / the codebooks' (Distill-VQ: 1e-3 vs 1e-4)"
+    )
+
+
+class VQData(EncoderData):
+    """Training queries (no labels needed) against the test collection, which the index holds."""
+
+    beir: str = Field("scifact", description="BEIR folder whose training queries are used (their texts only)")
+    train_split: str = Field("train", description="the queries judged in qrels/SPLIT.tsv (no judgement is used)")
+    query_max_length: int = Field(64, ge=4, description="tokens kept per query")
+    top_k: int = Field(100, ge=1, description="each query's candidates: the teacher's top K documents")
+    document_queries: int = Field(
+        0, ge=0, description="also use N documents (their own embeddings) as training queries"
+    )
+    query_limit: int | None = Field(None, ge=1, description="the first N training queries only")

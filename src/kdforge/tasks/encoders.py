@@ -41,6 +41,8 @@ from kdforge.models.sentence_encoder import (
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
 from kdforge.recipe import CacheTeacherConfig, OnlineTeacherConfig
+from kdforge.settings import cache_dir
+from kdforge.signals.fingerprint import files_digest, value_digest
 from kdforge.tasks.base import Evaluation, Task
 from kdforge.tasks.encoder_config import EncoderStudent, RetrievalTest
 
@@ -187,7 +189,8 @@ class EncoderTask(Task):
     @cached_property
     def tokenizer(self):
         cfg = self.student_cfg
-        source = cfg.model if cfg.model is not None else self.teacher_ref()
+        own = getattr(cfg, "model", None)  # a student that is not an encoder (an index) reads the teacher's tokens
+        source = own if own is not None else self.teacher_ref()
         location = resolve_model_ref(source, field="student.model")
         if getattr(location, "onnx_file", None):
             location = resolve_model_ref(self.teacher_ref(), field="teacher.model")
@@ -250,6 +253,30 @@ class EncoderTask(Task):
 
     def query_max_length(self) -> int:
         return self.data_cfg.max_length
+
+    def cached_encode(
+        self,
+        model: SentenceTransformer,
+        ref: str,
+        texts: list[str],
+        max_length: int,
+        what: str,
+        field: str = "data.miner",
+    ) -> np.ndarray:
+        """A teacher's embeddings (not normalised), kept in the kdforge cache (``KDFORGE_CACHE_DIR/embeddings``):
+        the same weights, texts and length give the same rows, so later runs read them back."""
+        files = resolve_model_ref(ref, field=field).weight_files()
+        key = value_digest([files_digest(files), ref if not files else "", value_digest(texts), max_length])
+        path = cache_dir() / "embeddings" / f"{key}.npy"
+        if path.is_file():
+            return np.load(path)
+        emb = self.encode(model, texts, max_length, what)
+        if files:  # a hub model without local files has no stable identity to cache under
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, emb)
+            tmp.replace(path)
+        return emb
 
     def encoder(self, model: SentenceTransformer, max_length: int, what: str = ""):
         """``texts -> [N, D]`` for the retrieval evaluation: unit rows unless the model scores by dot product."""

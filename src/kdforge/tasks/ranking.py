@@ -47,8 +47,6 @@ from kdforge.models.sentence_encoder import run_encoder, uses_cosine
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
 from kdforge.recipe import CacheTeacherConfig, ObjectiveTerm
-from kdforge.settings import cache_dir
-from kdforge.signals.fingerprint import files_digest, value_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits
 from kdforge.tasks.encoder_config import RankingData
 from kdforge.tasks.encoders import EncoderTask, RetrievalSet, limit_collection, scoring_rows
@@ -152,21 +150,6 @@ class RankingTask(EncoderTask):
         root = resolve_data_path(self.data_cfg.beir, "data.beir")
         return [root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{self.data_cfg.train_split}.tsv"]
 
-    def _cached_encode(self, model: SentenceTransformer, ref: str, texts: list[str], max_length: int, what: str):
-        """The miner's embeddings, kept in the kdforge cache: the same teacher and texts give the same rows."""
-        files = resolve_model_ref(ref, field="data.miner").weight_files()
-        key = value_digest([files_digest(files), ref if not files else "", value_digest(texts), max_length])
-        path = cache_dir() / "embeddings" / f"{key}.npy"
-        if path.is_file():
-            return np.load(path)
-        emb = self.encode(model, texts, max_length, what)
-        if files:  # a hub model without local files has no stable identity to cache under
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, emb)
-            tmp.replace(path)
-        return emb
-
     @cached_property
     def triples(self) -> TrainingTriples:
         cfg = self.data_cfg
@@ -184,8 +167,8 @@ class RankingTask(EncoderTask):
         miner_ref = cfg.miner or self.teacher_ref()
         miner = self._miner()
         texts = [data.queries[q] for q in query_ids]
-        q_emb = self._cached_encode(miner, miner_ref, texts, cfg.query_max_length, "training queries")
-        d_emb = self._cached_encode(miner, miner_ref, [data.corpus[d] for d in doc_ids], cfg.max_length, "corpus")
+        q_emb = self.cached_encode(miner, miner_ref, texts, cfg.query_max_length, "training queries")
+        d_emb = self.cached_encode(miner, miner_ref, [data.corpus[d] for d in doc_ids], cfg.max_length, "corpus")
         q_emb, d_emb = scoring_rows(miner, q_emb), scoring_rows(miner, d_emb)
         mined = mine_negatives(q_emb, d_emb, positives, cfg.negatives, skip_top=cfg.skip_top)
 
