@@ -280,13 +280,19 @@ def test_too_few_documents_names_the_fix(n, nlist, nbits):
         build_faiss_index(spec, clustered(n=n), seed=0)
 
 
-@pytest.mark.parametrize("opq", [False, True])
-def test_few_documents_still_build(opq):
-    """Below faiss's 39 points per centroid it only warns; OPQ must not need 256 points for its own PQ either."""
-    spec = IVFPQSpec(dim=DIM, nlist=4, m=M, nbits=4, opq=opq)
+def test_few_documents_still_build():
+    """Below faiss's 39 points per centroid it only warns."""
+    spec = IVFPQSpec(dim=DIM, nlist=4, m=M, nbits=4)
     docs = clustered(n=60)
-    module = IVFPQStudent.from_faiss(build_faiss_index(spec, docs, seed=0), docs)
+    with pytest.warns(UserWarning, match="under-trained"):
+        module = IVFPQStudent.from_faiss(build_faiss_index(spec, docs, seed=0), docs)
     assert module.assignment.shape == (60,)
+
+
+def test_opq_needs_256_documents_for_its_own_pq():
+    spec = IVFPQSpec(dim=DIM, nlist=4, m=M, nbits=4, opq=True)
+    with pytest.raises(ValueError, match="student.opq"):
+        build_faiss_index(spec, clustered(n=60), seed=0)
 
 
 def test_build_is_seeded(docs):

@@ -89,6 +89,12 @@ def _as_float32_rows(x: np.ndarray | torch.Tensor, dim: int, what: str) -> np.nd
 
 def _check_enough_points(spec: IVFPQSpec, n: int) -> None:
     # faiss only warns below 39 points per centroid, but k-means cannot make more centroids than it has points
+    if spec.opq and n < 256:
+        # faiss's OPQ learns its rotation with its own 8-bit PQ (256 codewords), whatever the index's nbits
+        raise ValueError(
+            f"OPQ trains its rotation with 256 codewords per sub-quantizer, more than the {n} documents;"
+            " set student.opq: false or use more documents"
+        )
     if n < spec.nlist or n < spec.ksub:
         raise ValueError(
             f"cannot train an IVF-PQ index with nlist={spec.nlist} lists and 2**nbits={spec.ksub} codewords on "
@@ -118,18 +124,7 @@ def build_faiss_index(spec: IVFPQSpec, doc_emb: np.ndarray, seed: int) -> faiss.
         )
         ivf.cp.min_points_per_centroid = 1
         ivf.pq.cp.min_points_per_centroid = 1
-    opq_pq = None
-    if spec.opq:
-        # OPQ trains its rotation with an internal PQ of 8 bits and a fixed seed unless given one; give it the
-        # index's own PQ shape so it needs no more points than the index itself, and the caller's seed
-        opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
-        opq_pq = faiss.ProductQuantizer(spec.dim, spec.m, spec.nbits)
-        opq_pq.cp.seed = seed
-        opq_pq.cp.min_points_per_centroid = 1
-        opq.pq = opq_pq
     index.train(x)
-    if opq_pq is not None:
-        opq.pq = None  # the borrowed quantizer is only for training; do not leave a pointer to a Python object
     index.add(x)
     return index
 
