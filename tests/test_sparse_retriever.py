@@ -208,3 +208,13 @@ def test_binary_query_weights_are_the_plain_flops_ablation(beir_dir, tmp_path): 
     keep = torch.ones_like(task.idf, dtype=torch.bool)
     keep[special] = False
     assert task.idf[keep].eq(1).all()
+
+
+def test_a_hub_student_fails_clearly_offline(beir_dir, tmp_path, monkeypatch):  # noqa: F811
+    from kdforge.errors import ModelRefError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = _sparse_recipe(beir_dir, tmp_path, student={"model": "opensearch-project/some-sparse-model"})
+    task = TASKS.get("sparse_retriever")(recipe)
+    with pytest.raises(ModelRefError, match=r"student.model: 'opensearch-project/some-sparse-model'.*Hub"):
+        task.build_student()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ from sentence_transformers.base.modules import Router, Transformer
 from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding, SpladePooling
 from torch import nn
 
-from kdforge.errors import ModelRefError, RecipeError
-from kdforge.models.refs import resolve_model_ref
+from kdforge.errors import RecipeError
+from kdforge.models.refs import ModelLocation, load_with, resolve_model_ref
 
 
 @contextmanager
@@ -116,20 +117,13 @@ def build_sparse_encoder(
     side weighs tokens by ``idf``. ``ref`` may be a model with an MLM head (kept), a bi-encoder
     without one (a tied head is made), or a saved kdforge/sentence-transformers sparse encoder."""
     location = resolve_model_ref(ref, field=field)
-    if location.path is None:
-        raise ModelRefError(
-            f"{field}: {ref!r} is not a local folder; a sparse student starts from a local model"
-            " (download it where there is a network and give its folder)"
-        )
-    if (location.path / "router_config.json").is_file():
-        model = SparseEncoder(str(location.path), device="cpu", local_files_only=True)
-        document = document_transformer(model)
+    if location.path is not None and (location.path / "router_config.json").is_file():
+        document = document_transformer(SparseEncoder(str(location.path), device="cpu", local_files_only=True))
     else:
         with _quiet_transformers():
-            document, info = _fill_mask_transformer(_transformer_folder(location.path), max_length)
+            document, info = _fill_mask_transformer(location, field, max_length)
         if any(key.startswith("cls.predictions.transform") for key in info):
             _tie_new_head(document.auto_model, head_bias)
-        model = None
     if layers is not None:
         _keep_layers(document.auto_model, layers, field.rsplit(".", 1)[0] + ".layers")
     document.max_seq_length = max_length
@@ -141,14 +135,30 @@ def build_sparse_encoder(
     return model
 
 
-def _fill_mask_transformer(folder: Path, max_length: int) -> tuple[Transformer, set[str]]:
-    """A fill-mask transformer from ``folder`` and the names of the weights it had to make."""
+def model_source(location: ModelLocation) -> str:
+    """What transformers loads for a student reference: the transformer inside a local
+    (sentence-transformers or saved sparse) folder, else the hub id."""
+    if location.path is None:
+        return location.source
+    saved = sorted(location.path.glob("document_*Transformer"))  # a saved sparse encoder's document side
+    return str(saved[0] if saved else _transformer_folder(location.path))
+
+
+def _fill_mask_transformer(location: ModelLocation, field: str, max_length: int) -> tuple[Transformer, set[str]]:
+    """A fill-mask transformer for ``location`` and the names of the weights it had to make."""
     from transformers import AutoModelForMaskedLM
 
-    _, info = AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
-    if not hasattr(_, "cls"):
-        raise RecipeError(f"student.model: {folder} is not a BERT-style model with a masked-LM head or one to tie")
-    document = Transformer(str(folder), transformer_task="fill-mask", max_seq_length=max_length)
+    source = model_source(location)
+    # through load_with: a hub id that cannot be fetched (offline) becomes one clear error naming the field
+    mlm, info = load_with(
+        AutoModelForMaskedLM.from_pretrained,
+        replace(location, path=Path(source)) if location.path else location,
+        field=field,
+        output_loading_info=True,
+    )
+    if not hasattr(mlm, "cls"):
+        raise RecipeError(f"{field}: {location.ref} is not a BERT-style model with a masked-LM head or one to tie")
+    document = Transformer(source, transformer_task="fill-mask", max_seq_length=max_length)
     return document, set(info.get("missing_keys", ()))
 
 

@@ -23,6 +23,7 @@ average non-zero terms, the index's bytes per document and its build time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,13 @@ from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import retrieval_metrics, serving_latency
 from kdforge.eval.sparse_index import SparseIndex, query_terms
 from kdforge.models.bm25 import BM25_REF, BM25Scorer, BM25Settings
-from kdforge.models.refs import resolve_model_ref
+from kdforge.models.refs import load_with, resolve_model_ref
 from kdforge.models.sparse_encoder import (
     build_sparse_encoder,
     document_transformer,
     document_weights,
     idf_weights,
+    model_source,
     query_embedding,
     query_vectors,
 )
@@ -103,17 +105,12 @@ class SparseRetrieverTask(RankingTask):
         return [] if ref == BM25_REF else super().teacher_weight_files(ref, field)
 
     # ---- student -----------------------------------------------------------------------
-    def _student_folder(self) -> Path:
-        location = resolve_model_ref(self.student_cfg.model, field="student.model")
-        if location.path is None:
-            raise RecipeError(f"student.model: {self.student_cfg.model!r} must be a local model for a sparse student")
-        path = location.path
-        subfolders = sorted(path.glob("document_*Transformer"))  # a saved sparse encoder
-        return subfolders[0] if subfolders else path
-
     @cached_property
     def tokenizer(self):
-        return AutoTokenizer.from_pretrained(str(self._student_folder()))
+        location = resolve_model_ref(self.student_cfg.model, field="student.model")
+        if location.path is not None:  # the transformer inside the folder holds the tokenizer
+            location = replace(location, path=Path(model_source(location)))
+        return load_with(AutoTokenizer.from_pretrained, location, field="student.model")
 
     @cached_property
     def idf(self) -> torch.Tensor:
