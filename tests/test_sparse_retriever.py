@@ -16,7 +16,7 @@ from kdforge.models.bm25 import BM25Scorer
 from kdforge.models.sparse_encoder import document_transformer, document_weights, idf_weights
 from kdforge.objective import Objective
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import parse_recipe
+from kdforge.recipe import ObjectiveTerm, parse_recipe
 from kdforge.runner import run_recipe
 from kdforge.signals.ensemble import minmax_per_query
 from kdforge.signals.from_recipe import build_signal
@@ -218,3 +218,18 @@ def test_a_hub_student_fails_clearly_offline(beir_dir, tmp_path, monkeypatch):  
     task = TASKS.get("sparse_retriever")(recipe)
     with pytest.raises(ModelRefError, match=r"student.model: 'opensearch-project/some-sparse-model'.*Hub"):
         task.build_student()
+
+
+def test_margin_mse_is_an_option(task):
+    """Margin-MSE on the same scores: the positive is column 0 of each row, as in the ranking task."""
+    objective = Objective([ObjectiveTerm(loss="margin_mse", field="scores")], total_steps=1)
+    dataset = task.splits().train
+    batch = task.collate([dataset[i] for i in range(2)])
+    student = task.build_student()
+    signal = build_signal(task, task.recipe.teacher, frozenset({"scores"})).signal
+    loss, _ = objective(
+        task.adapter(student, batch, frozenset({"scores"})), signal.outputs(batch, frozenset({"scores"})), batch, 0
+    )
+    loss.backward()
+    grad = document_transformer(student).auto_model.cls.predictions.bias.grad
+    assert torch.isfinite(loss) and grad is not None and grad.abs().sum() > 0

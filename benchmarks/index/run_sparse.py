@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,11 +35,11 @@ os.environ.setdefault("KDFORGE_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import log, results_header  # noqa: E402
+
 METRICS = ("ndcg@10", "recall@100", "query_ms", "doc_nonzeros", "bytes_per_doc", "index_build_s")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
 
 
 def overrides(args, *extra: str) -> list[str]:
@@ -104,17 +104,7 @@ def main() -> None:
     from kdforge.runner import run_recipe
     from kdforge.tasks import TASKS
 
-    results = {
-        "command": "python benchmarks/index/run_sparse.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(args).items()
-            if k not in ("table", "out", "results") and v not in (False, None)
-        ),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rows": {},
-    }
+    results = {**results_header("run_sparse.py", args), "rows": {}}
 
     def save():
         Path(args.results).write_text(json.dumps(results, indent=2))

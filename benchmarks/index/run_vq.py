@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +31,9 @@ os.environ.setdefault("KDFORGE_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC load {os.getloadavg()[0]:.2f}] {msg}", flush=True)
+from common import log, results_header  # noqa: E402
 
 
 def main() -> None:
@@ -57,13 +56,7 @@ def main() -> None:
     from kdforge.runner import run_recipe
     from kdforge.tasks import TASKS
 
-    results = {
-        "command": "python benchmarks/index/run_vq.py "
-        + " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k not in ("table", "out", "results")),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "runs": {},
-    }
+    results = {**results_header("run_vq.py", args), "runs": {}}
     for opq in {"off": [False], "on": [True], "both": [False, True]}[args.opq]:
         name = "opq" if opq else "plain"
         extra = [f"data.test.corpus_limit={args.corpus_limit}"] if args.corpus_limit else []
@@ -87,7 +80,10 @@ def main() -> None:
         log(f"{name}: run took {time.perf_counter() - started:.0f} s")
         task = TASKS.get(recipe.task)(recipe)
         run_dir = recipe.run_dir
-        loaded = {"faiss IVF-PQ": task.load_saved(run_dir / "baseline"), "Distill-VQ": task.load_saved(run_dir / "model")}
+        loaded = {
+            "faiss IVF-PQ": task.load_saved(run_dir / "baseline"),
+            "Distill-VQ": task.load_saved(run_dir / "model"),
+        }
         rows = {"teacher (flat)": models["teacher"]["metrics"]}
         for nprobe in args.nprobe:
             task.student_cfg = task.student_cfg.model_copy(update={"nprobe": nprobe})
@@ -112,8 +108,12 @@ def print_table(results) -> None:
     for name, run in results["runs"].items():
         rows = run["rows"]
         teacher = rows["teacher (flat)"]
-        print(f"\n{name} ({'OPQ + ' if name == 'opq' else ''}IVF-PQ), {run['collection']}, {run['steps']} steps, {run['train_s']:.0f} s of training")
-        print("| index | nDCG@10 | Recall@100 | x teacher nDCG@10 | query ms | index bytes | memory ratio | code bytes / doc |")
+        print(
+            f"\n{name} ({'OPQ + ' if name == 'opq' else ''}IVF-PQ), {run['collection']}, {run['steps']} steps, {run['train_s']:.0f} s of training"
+        )
+        print(
+            "| index | nDCG@10 | Recall@100 | x teacher nDCG@10 | query ms | index bytes | memory ratio | code bytes / doc |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for label, m in rows.items():
             print(
