@@ -61,7 +61,9 @@ def idf_weights(tokenizer, texts: list[str], special_ids: list[int]) -> torch.Te
     vocab = len(tokenizer)
     df = np.zeros(vocab, dtype=np.int64)
     for start in range(0, len(texts), 1024):
-        encoded = tokenizer(texts[start : start + 1024], add_special_tokens=False, truncation=False)["input_ids"]
+        # whole documents (no truncation): verbose=False mutes the "longer than the model" notice
+        encoded = tokenizer(texts[start : start + 1024], add_special_tokens=False, truncation=False, verbose=False)
+        encoded = encoded["input_ids"]
         for ids in encoded:
             df[np.unique(np.asarray(ids, dtype=np.int64))] += 1
     n = len(texts)
