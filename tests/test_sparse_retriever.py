@@ -122,8 +122,8 @@ def test_bm25_teacher_scores_as_bm25s_does(task):
     doc_ids = ["d20", "d21", "f3"]
     scores = bm25.scores(["Are the oceans getting warmer?"], doc_ids)
     retriever = bm25s.BM25()
-    retriever.index(bm25._tokenize(list(corpus.values())), show_progress=False)
-    rows, expected = retriever.retrieve(bm25._tokenize(["Are the oceans getting warmer?"]), k=len(corpus))
+    retriever.index(bm25.tokenize(list(corpus.values())), show_progress=False)
+    rows, expected = retriever.retrieve(bm25.tokenize(["Are the oceans getting warmer?"]), k=len(corpus))
     by_row = dict(zip(rows[0].tolist(), expected[0].tolist()))
     assert scores[0].tolist() == pytest.approx([by_row[bm25.row[d]] for d in doc_ids])
     assert scores[0, 0] > 0 and scores[0, 2] == 0  # the ocean document matches, the filler does not

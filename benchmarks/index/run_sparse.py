@@ -59,25 +59,21 @@ def overrides(args, *extra: str) -> list[str]:
 
 
 def fusion_metrics(task, data, dense_teacher) -> dict[str, float]:
-    """The ensemble's own ranking of the whole collection: per-query min-max of BM25 and dense, averaged."""
+    """The ensemble's own ranking of the whole collection: per-query min-max of BM25 and dense, averaged
+    (the ensemble signal's own combination, applied to every document instead of a batch's)."""
     import numpy as np
+    import torch
 
     from kdforge.eval.retrieval import retrieval_metrics
-    from kdforge.models.bm25 import BM25Scorer, BM25Settings
+    from kdforge.signals.ensemble import minmax_per_query
 
-    cfg = task.data_cfg.bm25
-    bm25 = BM25Scorer(data.corpus, BM25Settings(cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords))
     query_ids, doc_ids = list(data.queries), list(data.corpus)
-    lexical = bm25.scores([data.queries[q] for q in query_ids], doc_ids)
+    lexical = task.bm25_over(data.corpus).scores([data.queries[q] for q in query_ids], doc_ids)
     q = task.encoder(dense_teacher, task.query_max_length())([data.queries[i] for i in query_ids])
     d = task.encoder(dense_teacher, task.data_cfg.max_length)([data.corpus[i] for i in doc_ids])
-    dense = q @ d.T
-
-    def minmax(x):
-        low = x.min(1, keepdims=True)
-        return (x - low) / np.maximum(x.max(1, keepdims=True) - low, 1e-12)
-
-    fused = 0.5 * minmax(lexical) + 0.5 * minmax(dense)
+    fused = (
+        0.5 * minmax_per_query(torch.from_numpy(lexical)) + 0.5 * minmax_per_query(torch.from_numpy(q @ d.T))
+    ).numpy()
     top = np.argsort(-fused, axis=1)[:, :100]
     run = {qid: {doc_ids[j]: float(fused[i, j]) for j in top[i]} for i, qid in enumerate(query_ids)}
     return retrieval_metrics(data.qrels, run, ("ndcg@10", "recall@100"))

@@ -42,12 +42,13 @@ class BM25Scorer(nn.Module):
         self.row = {d: i for i, d in enumerate(self.doc_ids)}
         self._stemmer = _stemmer(settings.stemmer)
         started = time.perf_counter()
-        tokens = self._tokenize([corpus[d] for d in self.doc_ids])
+        tokens = self.tokenize([corpus[d] for d in self.doc_ids])
         self.index = bm25s.BM25(k1=settings.k1, b=settings.b, method=settings.method)
         self.index.index(tokens, show_progress=False)
         self.build_seconds = time.perf_counter() - started
 
-    def _tokenize(self, texts: list[str], ids: bool = True):
+    def tokenize(self, texts: list[str], ids: bool = True):
+        """bm25s tokens of ``texts`` (stopwords removed, stemmed): ids in the index's vocabulary, or strings."""
         import bm25s
 
         return bm25s.tokenize(
@@ -62,14 +63,14 @@ class BM25Scorer(nn.Module):
         """``[len(queries), len(doc_ids)]`` BM25 scores of every query against the named documents."""
         rows = np.array([self._row(d) for d in doc_ids], dtype=np.int64)
         out = np.zeros((len(queries), len(rows)), dtype=np.float32)
-        for i, tokens in enumerate(self._tokenize(queries, ids=False)):
+        for i, tokens in enumerate(self.tokenize(queries, ids=False)):
             # bm25s scores a query against the whole corpus at once (sparse column sums): cheap
             out[i] = self.index.get_scores(tokens)[rows]
         return out
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (corpus rows, scores) per query."""
-        tokens = self._tokenize(queries)
+        tokens = self.tokenize(queries)
         k = min(k, len(self.doc_ids))
         rows, scores = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
         return np.asarray(rows), np.asarray(scores, dtype=np.float32)

@@ -94,8 +94,12 @@ class SparseRetrieverTask(RankingTask):
     @cached_property
     def bm25(self) -> BM25Scorer:
         """BM25 over the whole training corpus (its IDF and lengths are the corpus's, not a batch's)."""
+        return self.bm25_over(self._corpus.corpus)
+
+    def bm25_over(self, corpus: dict[str, str]) -> BM25Scorer:
+        """BM25 with the recipe's ``data.bm25`` settings, indexed on ``corpus``."""
         cfg = self.data_cfg.bm25
-        return BM25Scorer(self._corpus.corpus, BM25Settings(cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords))
+        return BM25Scorer(corpus, BM25Settings(cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords))
 
     @cached_property
     def _corpus(self) -> BeirData:
@@ -239,8 +243,7 @@ class SparseRetrieverTask(RankingTask):
 
     def _evaluate_bm25(self, data: BeirData) -> Evaluation:
         """BM25 indexed on the test collection (its IDF is the collection's), searched one query at a time."""
-        cfg = self.data_cfg.bm25
-        bm25 = BM25Scorer(data.corpus, BM25Settings(cfg.k1, cfg.b, cfg.method, cfg.stemmer, cfg.stopwords))
+        bm25 = self.bm25_over(data.corpus)
         k = self.data_cfg.test.k
         query_ids = list(data.queries)
         rows, scores = bm25.search([data.queries[q] for q in query_ids], k)
@@ -268,7 +271,7 @@ class SparseRetrieverTask(RankingTask):
     def forward_for_speed(self, model: nn.Module):
         """Documents encoded per second: the document side's cost (queries cost no model)."""
         if isinstance(model, BM25Scorer):
-            return lambda batch: model._tokenize(batch["texts"])
+            return lambda batch: model.tokenize(batch["texts"])
         if isinstance(model, SparseEncoder):
             return lambda batch: document_weights(model, {k: batch[k] for k in DOC_INPUTS if k in batch})
         encode = super().forward_for_speed(model)
