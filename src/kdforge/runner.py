@@ -19,11 +19,14 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
+from torch.utils.data import Dataset
 
+from kdforge.active import check_objective, data_plan, prune_splits, run_selection_rounds, selection_baseline_set
 from kdforge.data.indexed import IndexedDataset, indexed_collate
+from kdforge.data.selection import Selection
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.trainer import total_optimizer_steps, train
-from kdforge.errors import RunDirError
+from kdforge.errors import RecipeError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.objective import Objective, teacher_fields_of
@@ -126,19 +129,32 @@ def _train_phase(
     splits,
     seed_dir: Path,
     resume: bool,
-    folder_name: str,
+    folder_name: str | None,
+    *,
+    train_set: Dataset | None = None,
+    model: torch.nn.Module | None = None,
+    signal: TeacherSignal | None = None,
+    steps: int | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train (or, on resume, reload a finished) model for one phase."""
-    folder = seed_dir / folder_name
+    """Train (or, on resume, reload a finished) model for one phase, saved to ``folder_name``.
+
+    ``train_set`` (default: the training split), ``model`` (default: a fresh student) and ``signal``
+    (default: the teacher's) serve the rounds of active distillation; they save nothing (None folder).
+    ``steps`` replaces the recipe's length (a baseline as long as all of those rounds together).
+    """
+    folder = seed_dir / folder_name if folder_name else None
     records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
-    if resume and task.is_saved(folder):
+    if resume and folder is not None and task.is_saved(folder):
         console.print(f"[dim]{phase}: finished earlier, loading {folder}")
         last = records[-1] if records else {}
         return task.load_saved(folder), {"steps": last.get("step"), "final_loss": last.get("loss"), "resumed": True}
 
     recipe = task.recipe
     set_seed(recipe.training.seed)
-    model = task.build_student()
+    if model is None:
+        model = task.build_student()
+    train_set = splits.train if train_set is None else train_set
+    signal = teacher.signal if signal is None and teacher is not None else signal
 
     fidelity_ref = teacher.evaluation.logits if teacher and teacher.evaluation else None
 
@@ -153,17 +169,17 @@ def _train_phase(
         if objective.needs_teacher:
             batch = task.training_batch(m, batch, step)
         student_out = task.adapter(m, batch, objective.student_fields)
-        teacher_out = teacher.signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
         loss, terms = objective(student_out, teacher_out, batch, step)
         return loss, terms, objective.scalars()
 
     started = time.perf_counter()
     result = train(
         model,
-        IndexedDataset(splits.train),
+        IndexedDataset(train_set),
         indexed_collate(task.collate),
         loss_fn,
-        recipe.training,
+        recipe.training if steps is None else recipe.training.model_copy(update={"steps": steps, "epochs": None}),
         phase=phase,
         run_dir=seed_dir,
         evaluate=evaluate,
@@ -188,16 +204,75 @@ def _train_phase(
         evaluations.append(record)
     info.update(task.review_evaluations(evaluations))
     if _is_main():
-        task.save_model(model, folder, card="")
+        if folder is not None:
+            task.save_model(model, folder, card="")
         shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
+    return model, info
+
+
+def _objective(recipe: Recipe, train_size: int) -> Objective:
+    steps = _planned_steps(recipe, train_size)
+    return Objective(recipe.objective, steps, names=recipe.term_names(), seed=recipe.training.seed)
+
+
+def _train_selected(
+    task: Task, selection: Selection, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The student of an active-distillation run: rounds of selection and training (:mod:`kdforge.active`).
+
+    A resumed run whose student is saved loads it; one stopped mid-way starts its rounds again.
+    """
+    recipe = task.recipe
+    folder = seed_dir / MODEL_DIR
+    log_file = seed_dir / "selection.json"
+    if resume and task.is_saved(folder) and log_file.exists():
+        console.print(f"[dim]student: finished earlier, loading {folder}")
+        return task.load_saved(folder), {**json.loads(log_file.read_text()), "resumed": True}
+    if teacher is None:
+        raise RecipeError("data.selection: active distillation chooses which points the teacher labels; add a teacher")
+    objective = _objective(recipe, len(splits.train))
+    check_objective(objective.teacher_fields)
+    rounds: list[dict[str, Any]] = []
+
+    def train_round(r: int, model, dataset, signal):
+        trained, info = _train_phase(
+            task, f"student-round-{r}", _objective(recipe, len(dataset)), teacher, splits, seed_dir, False, None,
+            train_set=dataset, model=model, signal=signal,
+        )  # fmt: skip
+        rounds.append(info)
+        return trained
+
+    model, log = run_selection_rounds(
+        task,
+        selection,
+        splits.train,
+        teacher.signal,
+        train_round,
+        lambda m: task.evaluate(m, splits.eval).metrics,
+        recipe.evaluation.batch_size,
+    )
+    info = {
+        "steps": sum(r["steps"] for r in rounds),
+        "final_loss": rounds[-1]["final_loss"],
+        "final_terms": rounds[-1]["final_terms"],
+        "train_seconds": sum(r["train_seconds"] for r in rounds),
+        "selection": {**log.as_dict(), "pool": len(splits.train)},
+    }
+    if _is_main():
+        task.save_model(model, folder, card="")
+        atomic_write_text(log_file, json.dumps(info, indent=2))
     return model, info
 
 
 def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:
     recipe = task.recipe
+    _, selection = data_plan(task)
     steps = _planned_steps(recipe, len(splits.train))
     objective = Objective(recipe.objective, steps, names=recipe.term_names(), seed=recipe.training.seed)
-    student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
+    if selection is not None:
+        student, student_train = _train_selected(task, selection, teacher, splits, seed_dir, resume)
+    else:
+        student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
 
     roles: dict[str, Any] = {}
     reference = teacher.evaluation.logits if teacher is not None and teacher.evaluation is not None else None
@@ -220,10 +295,15 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
             if _is_main():
                 task.save_model(baseline, seed_dir / BASELINE_DIR, card="")
         else:
-            baseline_obj = Objective(baseline_terms, steps)
+            # under active distillation, the baseline buys as many labels as the student bought teacher outputs
+            # and trains as many optimizer steps as all rounds together
+            labelled = selection_baseline_set(splits.train, student_train, selection)
+            length = student_train["steps"] if labelled is not None else None
+            baseline_obj = Objective(baseline_terms, length or steps)
             baseline, baseline_train = _train_phase(
-                task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR
-            )
+                task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR,
+                train_set=labelled, steps=length,
+            )  # fmt: skip
         baseline_eval = task.evaluate(baseline, splits.test)
         roles["baseline"] = {
             "metrics": baseline_eval.metrics,
@@ -265,6 +345,7 @@ def run_recipe(
     task = TASKS.get(recipe.task, field="task")(recipe)
     splits = task.splits()
     teacher = load_teacher(task, splits.test)
+    splits, pruning = prune_splits(task, splits, teacher.model if teacher is not None else None)
     runs = []
     for seed in seeds:
         seeded = parse_recipe(recipe.model_dump(mode="json"), [f"training.seed={seed}"])
@@ -280,6 +361,8 @@ def run_recipe(
 
     report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
     report["teacher_signal"] = teacher.info if teacher is not None else None
+    if pruning:
+        report["data_plan"] = pruning
     report["throughput_unit"] = task.throughput_unit
     if _is_main():
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
