@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.models import Normalize
+from sentence_transformers.sentence_transformer.modules import Normalize
 from torch import nn
 
 from kdforge.errors import ModelRefError
