@@ -1,8 +1,11 @@
 """Every bundled recipe runs end to end at tiny size."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import SHARED_DATA, tiny
+from kdforge.data.features import MNIST_IMAGES
 from kdforge.recipe import bundled_recipes, read_raw
 from kdforge.runner import run_recipe
 from kdforge.signals.cache_run import write_recipe_caches
@@ -32,11 +35,23 @@ def _cached_where_asked(name: str, tmp_path) -> list[str]:
 
 
 def test_every_bundled_recipe_is_run_by_a_test_below():
-    tested = ("classification", "causal_lm", "embedding", "ranking", "sparse_retriever", "vq_index")
+    tested = (
+        "classification",
+        "causal_lm",
+        "embedding",
+        "ranking",
+        "sparse_retriever",
+        "vq_index",
+        "text_classification",
+    )
     assert set(bundled_recipes()) == {name for task in tested for name in _recipes_of(task)}
 
 
-@pytest.mark.parametrize("name", _recipes_of("classification"))
+def _on_mnist(name: str) -> bool:
+    return read_raw(bundled_recipes()[name])["data"].get("dataset") == "mnist"
+
+
+@pytest.mark.parametrize("name", [n for n in _recipes_of("classification") if not _on_mnist(n)])
 def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher):
     recipe = tiny(name, tmp_path)
     extra = [f"teacher.model={digits_teacher}"] if recipe.teacher else []
@@ -45,6 +60,31 @@ def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher):
     assert (recipe.run_dir / "report.html").is_file()
     assert (recipe.run_dir / "model" / "README.md").is_file()
     assert report["summary"]["student"]["metrics"]["accuracy"]["n"] == 1
+
+
+@pytest.fixture(scope="module")
+def mnist_teacher(tmp_path_factory) -> Path:
+    """A small MNIST teacher trained for a few steps (once per module); returns its model folder."""
+    if not (SHARED_DATA / "mnist" / MNIST_IMAGES).is_file():
+        pytest.skip(f"MNIST is not at {SHARED_DATA}/mnist (set KDFORGE_DATA_DIR)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+        recipe = tiny("mnist_teacher", tmp_path_factory.mktemp("mnist-teacher"), "student.hidden=[32]")
+        run_recipe(recipe)
+    return recipe.run_dir / "model"
+
+
+@pytest.mark.parametrize("name", [n for n in _recipes_of("classification") if _on_mnist(n)])
+def test_bundled_mnist_recipe_runs_at_tiny_size(name, tmp_path, mnist_teacher, monkeypatch):
+    """The recipe as shipped (the teacher's own recipe too), with a small teacher for the KD one."""
+    monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+    recipe = tiny(name, tmp_path)
+    recipe = tiny(name, tmp_path, f"teacher.model={mnist_teacher}") if recipe.teacher else recipe
+    report = run_recipe(recipe)
+    models = report["runs"][0]["models"]
+    assert set(models) == ({"teacher", "student", "baseline"} if recipe.teacher else {"student"})
+    assert models["student"]["train"]["steps"] == 12
+    assert (recipe.run_dir / "model" / "README.md").is_file()
 
 
 @pytest.mark.parametrize("name", _recipes_of("causal_lm"))
@@ -129,3 +169,41 @@ def test_bundled_ranking_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
     models = report["runs"][0]["models"]
     assert set(models) == {"teacher", "student", "baseline"}
     assert models["student"]["train"]["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def sst2_teacher_run(tmp_path_factory) -> Path:
+    """The bundled teacher recipe at tiny size (a few steps on 48 sentences); returns its model folder."""
+    if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"SST-2 is not at {SHARED_DATA}/sst2 (set KDFORGE_DATA_DIR)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+        recipe = tiny("text_teacher_sst2", tmp_path_factory.mktemp("sst2-teacher"), *TEXT_TINY)
+        run_recipe(recipe)
+    return recipe.run_dir / "model"
+
+
+#: text-classification recipes at tiny size: 48 short sentences, small evaluation sets
+TEXT_TINY = [
+    "training.steps=4",
+    "training.batch_size=8",
+    "training.eval_every=null",
+    "data.train_limit=48",
+    "data.validation_limit=16",
+    "data.test_limit=24",
+    "data.max_length=24",
+    "evaluation.batch_size=32",
+]
+
+
+@pytest.mark.parametrize("name", _recipes_of("text_classification"))
+def test_bundled_text_classification_recipe_runs_at_tiny_size(name, tmp_path, sst2_teacher_run, monkeypatch):
+    monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+    recipe = tiny(name, tmp_path, *TEXT_TINY)
+    if recipe.teacher:
+        recipe = tiny(name, tmp_path, *TEXT_TINY, f"teacher.model={sst2_teacher_run}")
+    report = run_recipe(recipe)
+    models = report["runs"][0]["models"]
+    assert set(models) == ({"teacher", "student", "baseline"} if recipe.teacher else {"student"})
+    assert {"accuracy", "macro_f1"} <= set(models["student"]["metrics"])
+    assert (recipe.run_dir / "model" / "classifier.json").is_file()

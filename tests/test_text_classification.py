@@ -191,3 +191,55 @@ def test_each_objective_trains_a_two_layer_student(data_dir, sst2_teacher, tmp_p
     assert student["train"]["steps"] == 4 and torch.isfinite(torch.tensor(student["train"]["final_loss"]))
     assert 0 <= student["metrics"]["accuracy"] <= 1 and "top1_agreement" in student["fidelity"]
     assert TextClassifier.load(recipe.run_dir / "model").predict(["fine"])[0] in ("negative", "positive")
+
+
+class ScriptedTeacher:
+    """A generative teacher that answers with fixed texts, one per prompt, and remembers the prompts."""
+
+    def __init__(self, answers: list[str]):
+        self.answers = list(answers)
+        self.prompts: list[str] = []
+
+    def __call__(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        return self.answers.pop(0) if self.answers else ""
+
+
+def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(data_dir, tmp_path, monkeypatch, caplog):
+    from kdforge.tasks.text_classification import TextClassificationTask
+
+    teacher = ScriptedTeacher(
+        [
+            "1. positive: an absolutely wonderful , moving picture\n"
+            "maybe: is this a class at all\n"
+            "negative but no separator here\n"
+            "negative: a tedious , lifeless mess of a movie",
+            "",
+        ]
+    )
+    monkeypatch.setattr(TextClassificationTask, "generator", lambda self: teacher)
+    recipe = load_recipe(
+        "text_teacher_sst2",
+        [*TEXT_TINY, f"output.dir={tmp_path}", "data.pgkd={teacher: package:not-loaded, rounds: 2, patience: 2}"],
+    )
+    with caplog.at_level("INFO", logger="kdforge.pgkd"):
+        report = run_recipe(recipe)
+    models = report["runs"][0]["models"]
+    pgkd = models["student"]["train"]["pgkd"]
+    first, second = pgkd["rounds"][1], pgkd["rounds"][2]
+    assert (first["generated"], first["accepted"], first["rejected"]) == (4, 2, 2)
+    assert first["rejections"] == {"no label separator": 1, "unknown label": 1}
+    assert first["train_size"] == 48 + 2 and pgkd["training_set_size"] == 50
+    assert {e["label"] for e in first["added"]} == {"positive", "negative"}
+    assert second["accepted"] == 0 and not second["trained"]
+    assert "unknown label" in caplog.text and "no label separator" in caplog.text
+    # the prompt carried the student's per-class report and the classes it was asked to write
+    assert "negative" in teacher.prompts[0] and "positive" in teacher.prompts[0] and "f1" in teacher.prompts[0].lower()
+    # the baseline trains on the labelled data alone, as many steps as the rounds together
+    assert models["baseline"]["train"]["steps"] == models["student"]["train"]["steps"] == 4 + 4
+    assert "Performance-guided distillation" in (recipe.run_dir / "report.html").read_text()
+
+
+def test_pgkd_needs_one_teacher(data_dir, tmp_path):
+    with pytest.raises(KDForgeError, match=r"data.pgkd"):
+        load_recipe("text_teacher_sst2", ["data.pgkd={rounds: 2}"])

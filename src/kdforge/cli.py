@@ -61,6 +61,20 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
             f"student − baseline ({c['metric']}): {format_stat(c['student_minus_baseline'])};"
             f" better in {c['student_better_in']} of {c['runs']} seeds, tied in {c['ties']}"
         )
+    selection = report["runs"][0]["models"].get("student", {}).get("train", {}).get("selection")
+    if selection:
+        out.print(
+            f"active distillation ({selection['strategy']}): {selection['teacher_queries']} teacher queries of a"
+            f" budget of {selection['budget']}, pool {selection['pool']}, {len(selection['rounds'])} rounds"
+        )
+    pgkd = report["runs"][0]["models"].get("student", {}).get("train", {}).get("pgkd")
+    if pgkd:
+        accepted = sum(r["accepted"] for r in pgkd["rounds"])
+        lines = sum(r["generated"] for r in pgkd["rounds"])
+        out.print(f"PGKD: {accepted} of {lines} generated lines accepted; kept round {pgkd['best_round']}")
+    prune = (report.get("data_plan") or {}).get("prune")
+    if prune:
+        out.print(f"data pruning ({prune['by']}): trained on {prune['kept']} of {prune['of']} examples")
     signal = report.get("teacher_signal") or {}
     for member in [signal, *signal.get("members", [])]:
         for name, mass in (member.get("kept_mass") or {}).items():
@@ -287,6 +301,43 @@ def _digits_demo(output: Path, seeds: list[int], overrides: list[str]) -> None:
     out.print(f"[bold]2/2[/] distilling into the student ({student.name}), with a labels-only baseline per seed")
     report = run_recipe(student, seeds=seeds)
     print_summary(report, student.run_dir)
+
+
+students = typer.Typer(no_args_is_help=True, help="Choose a student architecture before training one.")
+app.add_typer(students, name="students")
+
+
+@students.command("rank")
+def students_rank(
+    recipe: str = typer.Argument(..., help="recipe file with candidates:, or the name of a bundled recipe"),
+    set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set teacher.model=runs/t/model"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="training examples in the one scored batch"),
+    seed: int = typer.Option(0, "--seed", help="seeds the batch and every candidate's initial weights"),
+    init: str = typer.Option(
+        "gaussian", "--init", help="candidates' weights: gaussian (N(0,1), the paper's) or default"
+    ),
+) -> None:
+    """Rank the recipe's candidate students for its teacher without training them (DisWOT, CVPR 2023).
+
+    Each candidate, freshly initialised, is compared with the teacher on one training batch:
+    score = -(sample-relation distance + class-gradient distance); higher is better. Writes nothing.
+    """
+    from kdforge.models.diswot import rank_recipe
+    from kdforge.recipe import load_recipe
+
+    if init not in ("gaussian", "default"):
+        raise KDForgeError(f"--init {init}: use gaussian or default")
+    parsed = load_recipe(recipe, set_)
+    rows = rank_recipe(parsed, batch_size=batch_size, seed=seed, init=init)  # type: ignore[arg-type]
+    table = Table(title=f"{parsed.name}: DisWOT ranking for {parsed.teacher_label()} (batch {batch_size}, seed {seed})")
+    for col in ("rank", "candidate", "params", "score", "d_rel", "d_sem"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for i, row in enumerate(rows, start=1):
+        candidate = ", ".join(f"{key}: {value}" for key, value in row.candidate.items())
+        table.add_row(str(i), candidate, f"{row.params:,}", f"{row.score:.4f}", f"{row.d_rel:.4f}", f"{row.d_sem:.4f}")
+    out.print(table)
+    if rows and rows[0].semantic == "classes":
+        out.print("d_sem: kdforge's width-independent form (Gram of class gradients); widths differ from the teacher's")
 
 
 def main(argv: list[str] | None = None) -> None:

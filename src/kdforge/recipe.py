@@ -1,7 +1,8 @@
 """The schema of a run: one YAML file, validated before anything starts.
 
 A recipe has the sections ``task``, ``teacher``, ``student``, ``data``,
-``objective``, ``training``, ``evaluation`` and ``output``. ``student`` and
+``objective``, ``training``, ``evaluation`` and ``output`` (and optionally the
+``candidates`` students ``kdforge students rank`` scores). ``student`` and
 ``data`` are specific to the task, whose registered schemas validate them, so a
 new task never edits this file. Every error names the field path
 (``objective[1].weight: must be >= 0``).
@@ -215,6 +216,12 @@ class Recipe(Strict):
     training: TrainingConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    candidates: list[dict[str, Any]] | None = Field(
+        None,
+        description="candidate students for `kdforge students rank` (DisWOT, training-free): each entry a"
+        " partial student section merged over `student` and validated by the task's student schema when"
+        " ranking (errors name candidates[i].field); a run ignores it",
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -241,7 +248,10 @@ class Recipe(Strict):
         return names
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # no `candidates: null` line: a run folder's recipe.yaml (which --resume compares) and model
+        # cards read as they did before the field existed
+        unused = {"candidates"} if self.candidates is None else None
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=unused), sort_keys=False)
 
 
 # ----- loading ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ whatever model and loss it is given, the task supplies everything task-specific.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -264,13 +265,78 @@ def _train_selected(
     return model, info
 
 
+def _train_with_generated_data(
+    task: Task, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """PGKD (``data.pgkd``): rounds in which a generative teacher writes examples for the weak classes.
+
+    Each round continues from a copy of the last model (the best one is kept, so it must not
+    change under later rounds); the model of lowest validation loss is the student.
+    """
+    from kdforge.data.pgkd import pgkd_loop
+
+    recipe = task.recipe
+    cfg = task.data_cfg.pgkd
+    folder = seed_dir / MODEL_DIR
+    log_file = seed_dir / "pgkd.json"
+    if resume and task.is_saved(folder) and log_file.exists():
+        console.print(f"[dim]student: finished earlier, loading {folder}")
+        return task.load_saved(folder), {**json.loads(log_file.read_text()), "resumed": True}
+    rounds: list[dict[str, Any]] = []
+
+    def train_round(model, examples):
+        dataset = task.dataset_of(examples)
+        start = copy.deepcopy(model) if model is not None else None
+        trained, info = _train_phase(
+            task, f"student-round-{len(rounds)}", _objective(recipe, len(dataset)), teacher, splits, seed_dir,
+            False, None, train_set=dataset, model=start,
+        )  # fmt: skip
+        rounds.append(info)
+        return trained
+
+    result = pgkd_loop(
+        train_round=train_round,
+        predict=task.probabilities,
+        train_set=task.labelled_texts(splits.train),
+        validation=task.labelled_texts(splits.eval),
+        class_names=task.class_names,
+        generator=task.generator(),
+        task_description=task.task_description(),
+        rounds=cfg.rounds,
+        per_class=cfg.per_class,
+        weak_per_round=cfg.weak_classes,
+        mistakes_per_prompt=cfg.mistakes,
+        patience=cfg.patience,
+        prompts_per_round=cfg.prompts_per_round,
+    )
+    pgkd = result.summary()
+    for record in pgkd["rounds"]:  # class names read better than indices in the report
+        record["weak"] = [task.class_names[c] for c in record["weak"]]
+        record["targeted"] = [task.class_names[c] for c in record["targeted"]]
+        record["added"] = [{"label": task.class_names[e["label"]], "text": e["text"]} for e in record["added"]]
+    info = {
+        "steps": sum(r["steps"] for r in rounds),
+        "final_loss": rounds[-1]["final_loss"],
+        "final_terms": rounds[-1]["final_terms"],
+        "train_seconds": sum(r["train_seconds"] for r in rounds),
+        "pgkd": pgkd,
+    }
+    if _is_main():
+        task.save_model(result.model, folder, card="")
+        atomic_write_text(log_file, json.dumps(info, indent=2))
+    return result.model, info
+
+
 def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:
     recipe = task.recipe
     _, selection = data_plan(task)
     steps = _planned_steps(recipe, len(splits.train))
     objective = Objective(recipe.objective, steps, names=recipe.term_names(), seed=recipe.training.seed)
+    generated = getattr(task.data_cfg, "pgkd", None) is not None
     if selection is not None:
         student, student_train = _train_selected(task, selection, teacher, splits, seed_dir, resume)
+    elif generated:
+        student, student_train = _train_with_generated_data(task, teacher, splits, seed_dir, resume)
     else:
         student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
 
@@ -287,7 +353,8 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
     if reference is not None:
         roles["student"]["fidelity"] = fidelity(reference, student_eval.logits)
 
-    if teacher is not None and recipe.evaluation.baseline and objective.needs_teacher:
+    distilled = (teacher is not None and objective.needs_teacher) or generated
+    if recipe.evaluation.baseline and distilled:
         baseline_terms = task.baseline_objective()
         if baseline_terms is None:  # no labels to train on: the student as initialised is the baseline
             set_seed(recipe.training.seed)
@@ -295,10 +362,10 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
             if _is_main():
                 task.save_model(baseline, seed_dir / BASELINE_DIR, card="")
         else:
-            # under active distillation, the baseline buys as many labels as the student bought teacher outputs
-            # and trains as many optimizer steps as all rounds together
+            # under active distillation, the baseline buys as many labels as the student bought teacher outputs;
+            # under it and PGKD, it trains as many optimizer steps as all rounds together
             labelled = selection_baseline_set(splits.train, student_train, selection)
-            length = student_train["steps"] if labelled is not None else None
+            length = student_train["steps"] if labelled is not None or generated else None
             baseline_obj = Objective(baseline_terms, length or steps)
             baseline, baseline_train = _train_phase(
                 task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR,

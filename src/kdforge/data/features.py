@@ -1,18 +1,31 @@
-"""Feature-vector classification data: scikit-learn's bundled digits, or your own .npz.
+"""Feature-vector classification data: scikit-learn's digits, MNIST, or your own .npz.
 
 Digits (1,797 8x8 images, 10 classes) ships inside scikit-learn, so it needs no
-download. An ``.npz`` file needs arrays ``X`` ([N, F] floats) and ``y`` ([N] ints).
+download. MNIST is read from ``KDFORGE_DATA_DIR/mnist``: the 10,000-image test set
+in LeCun's idx format (``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``),
+as pixels / 255 in [10000, 784]. An ``.npz`` file needs arrays ``X`` ([N, F] floats)
+and ``y`` ([N] ints).
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdforge.errors import RecipeError
+from kdforge.errors import DataError, RecipeError
+from kdforge.settings import data_dir
+
+#: the MNIST files kdforge reads, under KDFORGE_DATA_DIR/mnist
+MNIST_IMAGES = "t10k-images-idx3-ubyte.gz"
+MNIST_LABELS = "t10k-labels-idx1-ubyte.gz"
+#: idx magic numbers: two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions
+_IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}
 
 
 class FeatureDataset(Dataset):
@@ -33,6 +46,8 @@ def load_arrays(dataset: str, path: str | None) -> tuple[np.ndarray, np.ndarray]
 
         digits = load_digits()
         return digits.data.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+    if dataset == "mnist":
+        return load_mnist(data_dir() / "mnist")
     if path is None:
         raise RecipeError("data.path: an npz dataset needs a path to a file with arrays X and y")
     file = Path(path).expanduser()
@@ -46,6 +61,60 @@ def load_arrays(dataset: str, path: str | None) -> tuple[np.ndarray, np.ndarray]
     if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
         raise RecipeError(f"data.path: X must be [N, F] and y [N]; got {features.shape} and {labels.shape}")
     return features.astype(np.float32), labels.astype(np.int64)
+
+
+def load_mnist(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's test set from ``folder``: pixels / 255 as float32 [N, 784] and labels int64 [N].
+
+    Parsed once per process and folder (a benchmark runs many recipes in one process);
+    each caller gets its own copy, so no caller can alter another's data.
+    """
+    features, labels = _load_mnist_cached(Path(folder).expanduser().resolve())
+    return features.copy(), labels.copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_mnist_cached(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = _read_idx(folder / MNIST_IMAGES, dims=3)
+    labels = _read_idx(folder / MNIST_LABELS, dims=1)
+    if len(images) != len(labels):
+        raise DataError(
+            f"data.dataset: {folder} holds {len(images)} MNIST images but {len(labels)} labels;"
+            " replace both files with a matching pair"
+        )
+    if labels.size and labels.max() > 9:
+        raise DataError(f"data.dataset: {folder / MNIST_LABELS} has labels above 9; the file is not MNIST labels")
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0, labels.astype(np.int64)
+
+
+def _read_idx(file: Path, dims: int) -> np.ndarray:
+    """One idx file (big-endian header: magic, then one uint32 per dimension, then unsigned bytes)."""
+    if not file.is_file():
+        raise DataError(
+            f"data.dataset: MNIST needs {file}, which does not exist; put {MNIST_IMAGES} and {MNIST_LABELS}"
+            " in a folder named mnist under KDFORGE_DATA_DIR (now "
+            f"{data_dir()}) or set KDFORGE_DATA_DIR to the folder that holds mnist/"
+        )
+    try:
+        raw = gzip.decompress(file.read_bytes())
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"data.dataset: {file} is not a readable gzip file ({exc}); download it again") from None
+    header = 4 * (1 + dims)
+    if len(raw) < header:
+        raise DataError(f"data.dataset: {file} is too short to be an idx file; download it again")
+    magic, *shape = np.frombuffer(raw, dtype=">u4", count=1 + dims).tolist()
+    if magic != _IDX_MAGIC[dims]:
+        raise DataError(
+            f"data.dataset: {file} starts with magic number {magic:#010x}, expected {_IDX_MAGIC[dims]:#010x}"
+            f" (an idx file of unsigned bytes with {dims} dimension(s)); is it the right file?"
+        )
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"data.dataset: {file} should hold {expected} bytes after its header for shape {tuple(shape)},"
+            f" but holds {len(raw) - header}; the file is truncated or corrupt, download it again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def split_indices(n: int, labels: np.ndarray, test: float, validation: float, seed: int):

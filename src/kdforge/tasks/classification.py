@@ -14,12 +14,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from kdforge.data.features import FeatureDataset, load_arrays, split_indices
+from kdforge.data.pruning import Pruning
+from kdforge.data.selection import Selection
 from kdforge.errors import ModelRefError, RecipeError
 from kdforge.models.mlp import MLPClassifier
 from kdforge.models.refs import resolve_model_ref
@@ -38,12 +40,22 @@ class MLPStudent(Strict):
 
 
 class FeatureData(Strict):
-    dataset: Literal["digits", "npz"] = "digits"
+    dataset: Literal["digits", "mnist", "npz"] = Field(
+        "digits", description="digits (scikit-learn), mnist (KDFORGE_DATA_DIR/mnist, 10,000 images), or npz"
+    )
     path: str | None = Field(None, description="the .npz file (X, y) when dataset is npz")
     test_fraction: float = Field(0.25, gt=0, lt=1)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     split_seed: int = 0
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
+    prune: Pruning | None = Field(None, description="train student and baseline on a kept fraction of the data")
+    selection: Selection | None = Field(None, description="active distillation: which points the teacher labels")
+
+    @model_validator(mode="after")
+    def _one_plan(self) -> FeatureData:
+        if self.prune is not None and self.selection is not None:
+            raise ValueError("give data.prune or data.selection, not both")
+        return self
 
 
 @TASKS.register("classification")

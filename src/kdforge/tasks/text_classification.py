@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
+from kdforge.data.pgkd import LabelledText, LocalGenerator, ServedGenerator, TextGenerator
 from kdforge.data.pruning import Pruning
 from kdforge.data.selection import Selection
 from kdforge.data.text_classification import DatasetName, LabelledTexts, data_files, load_split
@@ -61,6 +62,44 @@ class TextClassifierStudent(Strict):
         return self
 
 
+class PGKDSettings(Strict):
+    """Performance-guided distillation: a generative teacher writes examples for the student's weak classes."""
+
+    teacher: str | None = Field(
+        None, description="a local causal LM: folder, .gguf file, hub id or package:NAME (or give url)"
+    )
+    url: str | None = Field(None, description="an OpenAI-compatible completions endpoint instead of a local teacher")
+    model: str | None = Field(None, description="the served model's name")
+    api_key_env: str | None = Field(None, description="environment variable holding the endpoint's API key")
+    rounds: int = Field(3, ge=1, description="teacher rounds after the first training round")
+    per_class: int = Field(8, ge=1, description="examples asked for per weak class")
+    weak_classes: int = Field(2, ge=1, description="the weakest classes (by validation F1) asked for per round")
+    mistakes: int = Field(4, ge=0, description="confident validation mistakes shown per prompt")
+    prompts_per_round: int = Field(1, ge=1)
+    patience: int = Field(1, ge=1, description="rounds without a lower validation loss before stopping")
+    max_new_tokens: int = Field(256, ge=16)
+    temperature: float = Field(0.7, ge=0)
+    seed: int = 0
+    description: str | None = Field(
+        None, description="one sentence saying what the classes mean (default: per dataset)"
+    )
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> PGKDSettings:
+        if (self.teacher is None) == (self.url is None):
+            raise ValueError("give data.pgkd.teacher (a local causal LM) or data.pgkd.url (a served one), not both")
+        return self
+
+
+#: what the classes of each dataset mean, for a generative teacher's prompt
+DESCRIPTIONS = {
+    "sst2": "Classify the sentiment of movie-review sentences as negative or positive.",
+    "trec": "Classify questions by the type of their answer: ABBR abbreviation, DESC description, ENTY entity,"
+    " HUM human, LOC location, NUM numeric value.",
+    "emotion": "Classify the emotion expressed in short English tweets.",
+}
+
+
 class TextClassData(Strict):
     dataset: DatasetName = Field(..., description="sst2, trec or emotion (folders under KDFORGE_DATA_DIR)")
     path: str | None = Field(None, description="the dataset's folder, when not KDFORGE_DATA_DIR/<dataset>")
@@ -75,11 +114,13 @@ class TextClassData(Strict):
     split_seed: int = 0
     prune: Pruning | None = Field(None, description="train student and baseline on a kept fraction of the data")
     selection: Selection | None = Field(None, description="active distillation: which points the teacher labels")
+    pgkd: PGKDSettings | None = Field(None, description="performance-guided distillation with a generative teacher")
 
     @model_validator(mode="after")
     def _one_plan(self) -> TextClassData:
-        if self.prune is not None and self.selection is not None:
-            raise ValueError("give data.prune or data.selection, not both")
+        plans = [name for name in ("prune", "selection", "pgkd") if getattr(self, name) is not None]
+        if len(plans) > 1:
+            raise ValueError(f"give one of data.prune, data.selection, data.pgkd, not {' and '.join(plans)}")
         return self
 
 
@@ -154,6 +195,40 @@ class TextClassificationTask(Task):
 
     def data_files(self) -> list[Path]:
         return data_files(self.data_cfg.dataset, self.data_cfg.path)
+
+    # ---- performance-guided distillation (data.pgkd) --------------------------------------
+    def labelled_texts(self, dataset: Dataset) -> list[LabelledText]:
+        return [
+            LabelledText(item["text"], item["label"], "train") for item in (dataset[i] for i in range(len(dataset)))
+        ]
+
+    def dataset_of(self, examples: list[LabelledText]) -> Dataset:
+        return LabelledSet([e.text for e in examples], [e.label for e in examples])
+
+    def probabilities(self, model: nn.Module, texts: list[str]) -> np.ndarray:
+        return torch.softmax(self.logits(model, LabelledSet(texts, [0] * len(texts))), dim=-1).numpy()
+
+    def generator(self) -> TextGenerator:
+        cfg = self.data_cfg.pgkd
+        if cfg.teacher is not None:
+            return LocalGenerator(
+                cfg.teacher,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed,
+                field="data.pgkd.teacher",
+            )
+        return ServedGenerator(
+            cfg.url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+        )
+
+    def task_description(self) -> str:
+        return self.data_cfg.pgkd.description or DESCRIPTIONS[self.data_cfg.dataset]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = self.tokens([item["text"] for item in items])

@@ -1,0 +1,747 @@
+"""Performance-guided knowledge distillation (PGKD; Di Palo et al., EMNLP 2024, arXiv 2411.05045).
+
+A generative teacher (any causal LM, local or served) writes new labelled training
+examples for the classes the student handles worst. One round:
+
+1. train the student on the training set (round 0: the labelled set alone);
+2. evaluate it on validation data: per-class precision / recall / F1, accuracy, loss;
+3. mine hard negatives: misclassified validation examples the student was most sure of;
+4. prompt the teacher with the class list, the report, the hard negatives and the
+   weakest classes, and ask for ``per_class`` new examples of each weak class;
+5. parse the answer strictly (``<label>: <text>`` per line), keep the valid new lines,
+   add them to the training set, and train the next round;
+6. stop when the validation loss has not improved for ``patience`` rounds; keep the
+   model of lowest validation loss.
+
+The module is task-agnostic: the caller supplies ``train_round`` and ``predict`` (any
+model, any framework) and a :class:`TextGenerator` (``__call__(prompt) -> str``).
+Everything here is deterministic given a deterministic generator and trainer.
+
+Generated text is untrusted: every line is checked, and each rejected line is logged
+(logger ``kdforge.pgkd``, INFO) with its reason. Validation texts count as already
+seen, so a teacher that copies a hard negative from its prompt back into the training
+set, word for word or with a word changed, is refused (the copy would leak validation
+data into training and make the early-stopping signal optimistic); so is any other
+piece of the prompt (a small teacher readily echoes the task's class descriptions).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from kdforge.errors import KDForgeError
+
+LOGGER = logging.getLogger("kdforge.pgkd")
+
+# Rejection reasons: fixed strings, so that a round's rejections can be counted by reason.
+NO_SEPARATOR = "no label separator"
+UNKNOWN_LABEL = "unknown label"
+EMPTY_TEXT = "empty text"
+TOO_SHORT = "too short"
+TOO_LONG = "too long"
+DUPLICATE_SEEN = "duplicate of a known text"
+NEAR_DUPLICATE = "near duplicate of a known text"
+DUPLICATE_OUTPUT = "duplicate within the output"
+REPEATS_INSTRUCTION = "repeats the prompt"
+REPEATS_LABEL = "repeats a label name"
+
+REASONS = (
+    NO_SEPARATOR,
+    UNKNOWN_LABEL,
+    EMPTY_TEXT,
+    TOO_SHORT,
+    TOO_LONG,
+    DUPLICATE_SEEN,
+    DUPLICATE_OUTPUT,
+    NEAR_DUPLICATE,
+    REPEATS_INSTRUCTION,
+    REPEATS_LABEL,
+)
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One training or validation example; ``source`` says where it came from ("train", "teacher round 2")."""
+
+    text: str
+    label: int
+    source: str = "train"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A generated line that was not kept, and why (one of :data:`REASONS`)."""
+
+    line: str
+    reason: str
+
+
+class TextGenerator(Protocol):
+    """Anything that answers a prompt with text (the answer only, without the prompt)."""
+
+    def __call__(self, prompt: str) -> str: ...
+
+
+# ----- evaluation: report, weak classes, hard negatives ------------------------------
+
+
+def class_report(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    class_names: Sequence[str],
+    *,
+    only: Sequence[int] | None = None,
+) -> str:
+    """Per-class precision, recall, F1 and support as text (scikit-learn's ``classification_report``).
+
+    Every class in ``class_names`` gets a row, also one absent from ``y_true`` (support 0);
+    undefined ratios are 0 (``zero_division=0``), so a class the student never predicts
+    reads as precision 0 rather than a warning. ``only``: rows for these classes alone
+    (a task with hundreds of classes would not fit a small teacher's context); the
+    averages then cover those classes only, and scikit-learn prints "micro avg" instead
+    of accuracy.
+    """
+    from sklearn.metrics import classification_report
+
+    labels = list(range(len(class_names))) if only is None else [int(c) for c in only]
+    return classification_report(
+        np.asarray(y_true),
+        np.asarray(y_pred),
+        labels=labels,
+        target_names=[class_names[c] for c in labels],
+        zero_division=0,
+        digits=2,
+    )
+
+
+def _per_class_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """F1 of each class ``0 .. n_classes - 1`` (0 where undefined)."""
+    from sklearn.metrics import f1_score
+
+    return f1_score(y_true, y_pred, labels=list(range(n_classes)), average=None, zero_division=0)
+
+
+def weak_classes(y_true: Sequence[int], y_pred: Sequence[int], n: int) -> list[int]:
+    """The ``n`` classes of lowest F1, weakest first; ties go to the lower class index.
+
+    Only classes present in ``y_true`` are ranked: a class without validation examples
+    has no measured F1, and calling it weak would steer the teacher on no evidence.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = np.asarray(y_pred, dtype=int)
+    if y_true.size == 0 or n <= 0:
+        return []
+    n_classes = int(max(y_true.max(), y_pred.max(initial=0))) + 1
+    f1 = _per_class_f1(y_true, y_pred, n_classes)
+    present = sorted(set(y_true.tolist()))
+    return sorted(present, key=lambda c: (f1[c], c))[:n]
+
+
+def confident_mistakes(texts: Sequence[str], y_true: Sequence[int], probs: np.ndarray, k: int) -> list[dict[str, Any]]:
+    """The ``k`` misclassified examples the student was most confident about (the paper's hard negatives).
+
+    ``probs`` is ``[N, K]`` (each row a distribution); the prediction is its argmax and the
+    confidence the probability of that wrong prediction. Sorted by confidence, highest
+    first; ties keep the input order. Each item: ``text``, ``true``, ``predicted`` (class
+    indices), ``confidence`` (float) and ``index`` (row in ``texts``).
+    """
+    probs = np.asarray(probs)
+    y_true = np.asarray(y_true, dtype=int)
+    if probs.ndim != 2 or probs.shape[0] != len(texts) or y_true.shape != (len(texts),):
+        raise ValueError(f"probs must be [N, K] and y_true [N] for N={len(texts)} texts; got {probs.shape}")
+    predicted = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(texts)), predicted]
+    wrong = np.flatnonzero(predicted != y_true)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][: max(k, 0)]
+    return [
+        {
+            "text": texts[i],
+            "true": int(y_true[i]),
+            "predicted": int(predicted[i]),
+            "confidence": float(confidence[i]),
+            "index": int(i),
+        }
+        for i in order
+    ]
+
+
+# ----- the prompt ------------------------------------------------------------------
+
+#: the format line of the instructions
+FORMAT_LINE = "<label>: <text>"
+_REPORT_HEADER = "How the current classifier does on validation data:"
+_MISTAKES_HEADER = (
+    "Examples it got wrong (do not copy them), with their correct label and the classifier's wrong answer:"
+)
+#: texts that are the format's placeholders rather than examples
+_PLACEHOLDERS = ("text", "<text>", "label", "<label>", "example", "new example", "your example")
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _instructions(class_names: Sequence[str], weak: Sequence[int], per_class: int) -> list[str]:
+    weak_names = ", ".join(class_names[c] for c in weak)
+    return [
+        f"Write {per_class} new, varied examples for each of these classes: {weak_names}.",
+        "Write one example per line, in exactly this form:",
+        FORMAT_LINE,
+        "The label must be written exactly as in the class list. Write nothing else.",
+    ]
+
+
+def build_prompt(
+    task_description: str,
+    class_names: Sequence[str],
+    report: str,
+    mistakes: Sequence[dict[str, Any]],
+    weak: Sequence[int],
+    per_class: int,
+    *,
+    max_text_chars: int = 160,
+) -> str:
+    """The teacher's prompt: the task, the classes, the student's report, its hard negatives, the request.
+
+    Hard negatives are shown in the answer format (``label: text``, the correct label),
+    which doubles as a demonstration of the format for a small teacher; their texts are
+    cut to ``max_text_chars``. With six classes and eight mistakes the prompt stays well
+    under a thousand tokens, small enough for a 135M-parameter instruct model. For tasks
+    with hundreds of classes, pass ``class_report(..., only=weak)``.
+    """
+    if not weak:
+        raise ValueError("build_prompt: no weak classes to ask for")
+    if per_class < 1:
+        raise ValueError(f"build_prompt: per_class must be at least 1, got {per_class}")
+    lines = [task_description.strip(), "", "Classes: " + ", ".join(class_names), ""]
+    lines += [_REPORT_HEADER, report.rstrip(), ""]
+    if mistakes:
+        lines.append(_MISTAKES_HEADER)
+        for m in mistakes:
+            said = f"{class_names[m['predicted']]}, {m['confidence']:.0%} sure"
+            lines.append(f"{class_names[m['true']]}: {_shorten(m['text'], max_text_chars)}   (said {said})")
+        lines.append("")
+    lines += _instructions(class_names, weak, per_class)
+    return "\n".join(lines)
+
+
+# ----- parsing the teacher's answer ------------------------------------------------
+
+# "1." "2)" "(3)" "-" "*" "•" before the label, as list-happy models write
+_LIST_MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.)]|[-*•+])\s*")
+_QUOTES = "\"'`“”‘’*"
+# what small models put around a label: quotes, bold, brackets ("<LOC>" imitates "<label>")
+_LABEL_WRAP = _QUOTES + "[]<>()"
+# the annotation build_prompt puts after a hard negative; a copied or imitated one is not part of a text
+_SAID = re.compile(r"\s*\(said [^()]*\)\s*$", re.IGNORECASE)
+
+
+def text_key(text: str) -> str:
+    """What two texts must share to count as duplicates: case, spacing and punctuation ignored."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
+
+
+def _without_digits(key: str) -> str:
+    return " ".join(re.sub(r"\d+", " ", key).split())
+
+
+def _split_label(line: str, class_names: Sequence[str]) -> tuple[int | None, str | None]:
+    """``(class index, rest)`` of a ``label: text`` line; ``(None, rest)`` for an unknown label;
+    ``(None, None)`` when there is no ``label:`` at all."""
+    body = _LIST_MARKER.sub("", line, count=1).strip().lstrip(_LABEL_WRAP + " ")
+    # longest names first, so that a class named "LOC" never captures "LOCATION: ..."
+    for index in sorted(range(len(class_names)), key=lambda i: -len(class_names[i])):
+        name = class_names[index]
+        if body[: len(name)].casefold() == name.casefold():
+            after = body[len(name) :].lstrip(_LABEL_WRAP + " ")
+            if after.startswith(":"):
+                return index, after[1:]
+    if ":" in body:
+        return None, body.split(":", 1)[1]
+    return None, None
+
+
+def _clean_text(text: str) -> str:
+    text = _SAID.sub("", " ".join(text.split()))
+    # models like to quote their examples; a quote on one side only is left alone
+    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        text = text[1:-1].strip()
+    return text
+
+
+def _instruction_prefixes() -> list[str]:
+    """Keys (digits dropped) that the prompt's own sentences start with, up to their first colon.
+
+    Cut at the colon so that the class list and counts of any particular prompt do not matter.
+    """
+    sentences = [_REPORT_HEADER, _MISTAKES_HEADER, *_instructions(["x"], [0], 1)]
+    prefixes = {_without_digits(text_key(s.split(":")[0])) for s in sentences if s != FORMAT_LINE}
+    return sorted(p for p in prefixes if len(p.split()) >= 3)
+
+
+_INSTRUCTION_PREFIXES = _instruction_prefixes()
+_PLACEHOLDER_KEYS = {text_key(p) for p in (*_PLACEHOLDERS, FORMAT_LINE)}
+
+
+def _repeats_instructions(key: str) -> bool:
+    if key in _PLACEHOLDER_KEYS:
+        return True
+    plain = _without_digits(key)
+    return any(plain.startswith(p) for p in _INSTRUCTION_PREFIXES)
+
+
+def _words(key: str) -> frozenset[str]:
+    return frozenset(key.split())
+
+
+def _near(words: frozenset[str], known: Sequence[frozenset[str]], threshold: float) -> bool:
+    """Whether some known text shares at least ``threshold`` of the words of both (Jaccard index)."""
+    for other in known:
+        union = len(words | other)
+        if union and len(words & other) >= threshold * union:
+            return True
+    return False
+
+
+@dataclass
+class _Known:
+    """What a generated line is compared with: known texts, earlier lines, the prompt."""
+
+    keys: set[str]
+    words: list[frozenset[str]]
+    labels: set[str]
+    prompt: str
+    produced: set[str] = field(default_factory=set)
+
+
+def _check(label: int | None, text: str | None, known: _Known, *, min_chars, max_chars, near_duplicate) -> str | None:
+    """The reason to reject a parsed line, or None to keep it. Exact copies are named before near ones."""
+    if text is None:
+        return NO_SEPARATOR
+    if label is None:
+        return UNKNOWN_LABEL
+    key = text_key(text)
+    if not key:  # nothing but spaces and punctuation ("...")
+        return EMPTY_TEXT
+    if len(text) < min_chars:
+        return TOO_SHORT
+    if len(text) > max_chars:
+        return TOO_LONG
+    if key in known.labels:
+        return REPEATS_LABEL
+    if _repeats_instructions(key):
+        return REPEATS_INSTRUCTION
+    if key in known.keys:
+        return DUPLICATE_SEEN
+    if key in known.produced:
+        return DUPLICATE_OUTPUT
+    if near_duplicate is not None and _near(_words(key), known.words, near_duplicate):
+        return NEAR_DUPLICATE
+    if known.prompt and f" {key} " in known.prompt:
+        return REPEATS_INSTRUCTION  # a piece of the prompt, e.g. a class description from the task
+    return None
+
+
+def parse_examples(
+    output: str,
+    class_names: Sequence[str],
+    *,
+    seen: set[str],
+    min_chars: int = 3,
+    max_chars: int = 300,
+    source: str = "teacher",
+    prompt: str | None = None,
+    near_duplicate: float | None = 0.8,
+) -> tuple[list[LabelledText], list[Rejection]]:
+    """The valid ``label: text`` lines of a teacher's answer, and every other line with its reason.
+
+    Tolerated: a leading list marker (``1.``, ``2)``, ``-``, ``*``, ``•``), quotes, ``**``,
+    brackets or ``<>`` around the label, quotes around the text, any letter case in the
+    label, spaces around the colon, and a copied ``(said ...)`` annotation after the text
+    (build_prompt writes one after each hard negative). Blank lines are skipped (layout,
+    not attempts). Length limits count characters of the cleaned text.
+
+    Rejected as duplicates: a text equal to one in ``seen`` (training and validation
+    texts) or to an earlier line of this output, ignoring case, spacing and punctuation;
+    with ``near_duplicate``, also a text whose word set overlaps a ``seen`` text's by at
+    least that Jaccard index (small teachers copy a shown hard negative with a word
+    dropped, which would leak validation data; one pass over ``seen`` per line). Rejected
+    as repeating the prompt: a format placeholder, an instruction sentence, and, when
+    ``prompt`` is given, any text found word for word in it. ``seen`` is not modified.
+    Each rejection is logged at INFO.
+    """
+    known = _Known(
+        keys={text_key(t) for t in seen},
+        words=[_words(text_key(t)) for t in seen] if near_duplicate is not None else [],
+        labels={text_key(n) for n in class_names},
+        prompt=f" {text_key(prompt)} " if prompt else "",
+    )
+    accepted: list[LabelledText] = []
+    rejected: list[Rejection] = []
+    for raw in output.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        label, rest = _split_label(line, class_names)
+        text = None if rest is None else _clean_text(rest)
+        reason = _check(label, text, known, min_chars=min_chars, max_chars=max_chars, near_duplicate=near_duplicate)
+        if reason is None:
+            known.produced.add(text_key(text))
+            accepted.append(LabelledText(text=text, label=label, source=source))
+        else:
+            LOGGER.info("rejected a generated line (%s): %r", reason, _shorten(line, 120))
+            rejected.append(Rejection(line=line, reason=reason))
+    return accepted, rejected
+
+
+# ----- teachers ----------------------------------------------------------------------
+
+
+class LocalGenerator:
+    """A causal LM on this machine as the teacher (a folder, hub id, ``.gguf`` file or ``package:NAME``).
+
+    The prompt goes through the tokenizer's chat template when it has one (instruct
+    models answer far better in their own turn format). Sampling is reproducible: the
+    n-th call is seeded with ``seed + n`` (in a forked RNG, so the caller's random state
+    is untouched), so a run replays exactly while successive prompts still get
+    different samples. ``temperature`` 0 decodes greedily.
+    """
+
+    def __init__(
+        self,
+        ref: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int = 0,
+        field: str = "pgkd.teacher",
+    ):
+        from kdforge.models.hf_causal_lm import load_causal_lm, load_tokenizer
+
+        self.ref = ref
+        self.model = load_causal_lm(ref, field=field)
+        self.tokenizer = load_tokenizer(ref, field=field)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.calls = 0
+        self.field = field
+
+    def __repr__(self) -> str:
+        return f"LocalGenerator({self.ref!r}, temperature={self.temperature}, seed={self.seed})"
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def __call__(self, prompt: str) -> str:
+        from kdforge.data.generate import sample_continuations, stop_token_ids
+
+        ids = self._prompt_ids(prompt)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + self.max_new_tokens > limit:
+            raise KDForgeError(
+                f"{self.field}: the prompt has {len(ids)} tokens and {self.max_new_tokens} more are asked for,"
+                f" beyond the model's {limit}; show fewer mistakes or shorter texts, or lower max_new_tokens"
+            )
+        stops = stop_token_ids(self.tokenizer, self.model)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        seed = self.seed + self.calls
+        self.calls += 1
+        [new] = sample_continuations(
+            self.model,
+            [ids],
+            pad_id=pad,
+            stop_ids=stops,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+        )
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+class ServedGenerator:
+    """A teacher behind an OpenAI-compatible ``/v1/completions`` endpoint (vLLM, llama.cpp, ``kdforge serve-teacher``).
+
+    The prompt is sent as plain text: a completions endpoint applies no chat template.
+    The API key is read from the environment variable ``api_key_env`` by
+    :class:`~kdforge.signals.served.CompletionsClient`, which keeps it in the request
+    header only; it never appears in this object's repr or in logs. With ``seed`` the
+    n-th call asks the server for seed ``seed + n`` (servers that honour it replay).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        *,
+        api_key_env: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        seed: int | None = None,
+        timeout: float = 120.0,
+    ):
+        from kdforge.signals.served import CompletionsClient
+
+        self.client = CompletionsClient(
+            url, model=model, api_key_env=api_key_env, timeout=timeout, field="pgkd.teacher.url"
+        )
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return f"ServedGenerator({self.client!r}, temperature={self.temperature})"
+
+    def __call__(self, prompt: str) -> str:
+        from kdforge.signals.served import generate
+
+        seed = None if self.seed is None else self.seed + self.calls
+        self.calls += 1
+        [text] = generate(self.client, [prompt], max_tokens=self.max_tokens, temperature=self.temperature, seed=seed)
+        return text
+
+
+# ----- the loop ----------------------------------------------------------------------
+
+
+@dataclass
+class RoundRecord:
+    """What one round did and measured.
+
+    ``targeted``: the classes the teacher was asked for before this round's training
+    (empty in round 0); ``weak``: the weakest classes found by this round's evaluation
+    (the next round's targets). ``generated`` counts non-blank answer lines.
+    """
+
+    round: int
+    train_size: int
+    accuracy: float
+    macro_f1: float
+    val_loss: float
+    weak: list[int]
+    targeted: list[int] = field(default_factory=list)
+    generated: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    added: list[LabelledText] = field(default_factory=list)
+    trained: bool = True
+
+
+@dataclass
+class PGKDResult:
+    """The model of lowest validation loss, its round, the rounds' records and the final training set."""
+
+    model: Any
+    best_round: int
+    history: list[RoundRecord]
+    training_set: list[LabelledText]
+    stop_reason: str
+
+    def summary(self) -> dict[str, Any]:
+        """The history as plain data (for JSON), without the model."""
+        return {
+            "best_round": self.best_round,
+            "stop_reason": self.stop_reason,
+            "training_set_size": len(self.training_set),
+            "rounds": [asdict(r) for r in self.history],
+        }
+
+
+def validation_loss(probs: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean cross-entropy of the true classes under ``probs`` ``[N, K]`` (probabilities floored at 1e-12)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    picked = probs[np.arange(len(labels)), np.asarray(labels, dtype=int)]
+    return float(-np.log(np.clip(picked, 1e-12, None)).mean())
+
+
+@dataclass
+class _Evaluation:
+    probs: np.ndarray
+    predicted: np.ndarray
+    accuracy: float
+    macro_f1: float
+    loss: float
+
+
+def _evaluate(predict, model, validation: Sequence[LabelledText], n_classes: int) -> _Evaluation:
+    from sklearn.metrics import f1_score
+
+    texts = [e.text for e in validation]
+    y_true = np.asarray([e.label for e in validation], dtype=int)
+    probs = np.asarray(predict(model, texts))
+    if probs.shape != (len(texts), n_classes):
+        raise ValueError(f"predict returned {probs.shape}, expected ({len(texts)}, {n_classes})")
+    predicted = probs.argmax(axis=1)
+    return _Evaluation(
+        probs=probs,
+        predicted=predicted,
+        accuracy=float((predicted == y_true).mean()),
+        # macro over the classes that occur (in truth or prediction), as scikit-learn does by default
+        macro_f1=float(f1_score(y_true, predicted, average="macro", zero_division=0)),
+        loss=validation_loss(probs, y_true),
+    )
+
+
+def _slice_cyclic(items: list, start: int, size: int) -> list:
+    """``size`` items from ``start``, wrapping around; never the same item twice in one slice."""
+    if not items:
+        return []
+    return [items[(start + j) % len(items)] for j in range(min(size, len(items)))]
+
+
+def _ask_teacher(
+    generator: TextGenerator,
+    *,
+    evaluation: _Evaluation,
+    validation: Sequence[LabelledText],
+    class_names: Sequence[str],
+    task_description: str,
+    weak: list[int],
+    per_class: int,
+    mistakes_per_prompt: int,
+    prompts_per_round: int,
+    seen: set[str],
+    source: str,
+) -> tuple[list[LabelledText], list[Rejection]]:
+    """Prompt the teacher ``prompts_per_round`` times, each prompt with the next hard negatives.
+
+    With fewer hard negatives than the prompts can show, they come round again (a
+    prompt without any would lose the paper's main signal).
+    """
+    texts = [e.text for e in validation]
+    y_true = [e.label for e in validation]
+    report = class_report(y_true, evaluation.predicted, class_names)
+    mistakes = confident_mistakes(texts, y_true, evaluation.probs, mistakes_per_prompt * prompts_per_round)
+    seen = set(seen)
+    accepted: list[LabelledText] = []
+    rejected: list[Rejection] = []
+    for p in range(prompts_per_round):
+        shown = _slice_cyclic(mistakes, p * mistakes_per_prompt, mistakes_per_prompt)
+        prompt = build_prompt(task_description, class_names, report, shown, weak, per_class)
+        new, bad = parse_examples(generator(prompt), class_names, seen=seen, source=source, prompt=prompt)
+        seen.update(e.text for e in new)  # the next prompt's answer must not repeat these
+        accepted += new
+        rejected += bad
+    return accepted, rejected
+
+
+def pgkd_loop(
+    *,
+    train_round: Callable[[Any, list[LabelledText]], Any],
+    predict: Callable[[Any, list[str]], np.ndarray],
+    train_set: Sequence[LabelledText],
+    validation: Sequence[LabelledText],
+    class_names: Sequence[str],
+    generator: TextGenerator,
+    task_description: str,
+    rounds: int,
+    per_class: int,
+    weak_per_round: int,
+    mistakes_per_prompt: int,
+    patience: int,
+    prompts_per_round: int = 1,
+    examples_kept: int = 5,
+) -> PGKDResult:
+    """Run PGKD: round 0 on ``train_set``, then up to ``rounds`` teacher rounds.
+
+    ``train_round(model_or_None, examples) -> model`` trains on ``examples`` (the whole
+    training set so far: the labelled set plus every accepted generation, whose
+    ``source`` says which round wrote it); it gets None in round 0 and the latest model
+    after, so it may fine-tune or retrain from scratch. ``predict(model, texts)`` returns
+    class probabilities ``[N, K]`` (numpy). After each round the model is scored on
+    ``validation``; the teacher is then asked for ``per_class`` examples of each of the
+    ``weak_per_round`` weakest classes. A round that accepts nothing keeps the model (no
+    retraining on unchanged data) and counts as not improving. The loop stops after
+    ``rounds`` teacher rounds, or once the validation loss has not improved for
+    ``patience`` consecutive rounds. ``history[r].added`` keeps the first
+    ``examples_kept`` accepted examples of round r.
+    """
+    if rounds < 0 or patience < 1 or per_class < 1 or weak_per_round < 1 or prompts_per_round < 1:
+        raise ValueError("pgkd_loop: rounds >= 0, and patience, per_class, weak_per_round, prompts_per_round >= 1")
+    if not validation:
+        raise ValueError("pgkd_loop: the validation set is empty; PGKD needs it to find weak classes and stop")
+    n_classes = len(class_names)
+    examples = list(train_set)
+    seen = {e.text for e in examples} | {e.text for e in validation}
+    y_val = [e.label for e in validation]
+
+    model = train_round(None, list(examples))
+    evaluation = _evaluate(predict, model, validation, n_classes)
+    history = [_record(0, examples, evaluation, weak_classes(y_val, evaluation.predicted, weak_per_round))]
+    best_model, best = model, 0
+    stop_reason = f"ran all {rounds} teacher rounds"
+
+    for r in range(1, rounds + 1):
+        if r - 1 - best >= patience:
+            stop_reason = f"validation loss did not improve for {patience} rounds (best: round {best})"
+            break
+        targeted = history[-1].weak
+        added, rejected = _ask_teacher(
+            generator,
+            evaluation=evaluation,
+            validation=validation,
+            class_names=class_names,
+            task_description=task_description,
+            weak=targeted,
+            per_class=per_class,
+            mistakes_per_prompt=mistakes_per_prompt,
+            prompts_per_round=prompts_per_round,
+            seen=seen,
+            source=f"teacher round {r}",
+        )
+        if added:
+            examples += added
+            seen.update(e.text for e in added)
+            model = train_round(model, list(examples))
+            evaluation = _evaluate(predict, model, validation, n_classes)
+        record = _record(r, examples, evaluation, weak_classes(y_val, evaluation.predicted, weak_per_round))
+        record.targeted = list(targeted)
+        record.generated = len(added) + len(rejected)
+        record.accepted = len(added)
+        record.rejected = len(rejected)
+        record.rejections = dict(sorted(Counter(x.reason for x in rejected).items()))
+        record.added = added[:examples_kept]
+        record.trained = bool(added)
+        history.append(record)
+        LOGGER.info(
+            "round %d: %d generated, %d accepted; validation loss %.4f, accuracy %.4f",
+            r,
+            record.generated,
+            record.accepted,
+            record.val_loss,
+            record.accuracy,
+        )
+        if record.val_loss < history[best].val_loss:
+            best_model, best = model, r
+    return PGKDResult(
+        model=best_model, best_round=best, history=history, training_set=examples, stop_reason=stop_reason
+    )
+
+
+def _record(r: int, examples: list[LabelledText], evaluation: _Evaluation, weak: list[int]) -> RoundRecord:
+    return RoundRecord(
+        round=r,
+        train_size=len(examples),
+        accuracy=evaluation.accuracy,
+        macro_f1=evaluation.macro_f1,
+        val_loss=evaluation.loss,
+        weak=weak,
+    )
