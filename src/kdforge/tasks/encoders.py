@@ -80,6 +80,14 @@ def limit_collection(data: BeirData, query_limit: int | None, corpus_limit: int 
     return BeirData(corpus, queries, qrels, pools)
 
 
+def tokenizer_files_of(ref: str | None) -> list[Path]:
+    """The tokenizer files of teacher ``ref``'s folder (a cache is valid only for the same tokenizer)."""
+    location = resolve_model_ref(ref, field="teacher.model") if ref else None
+    if location is None or location.path is None:
+        return []
+    return sorted(p for p in location.path.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
+
+
 def field_masks(fields: tuple[str, ...] = TOKEN_FIELDS, mask: str = "token_mask") -> dict[str, str]:
     return {name: mask for name in fields}
 
@@ -204,13 +212,7 @@ class EncoderTask(Task):
         return resolve_model_ref(ref, field=field).weight_files()
 
     def tokenizer_files(self) -> list[Path]:
-        ref = self.teacher_ref()
-        if ref is None:
-            return []
-        location = resolve_model_ref(ref, field="teacher.model")
-        if location.path is None:
-            return []
-        return sorted(p for p in location.path.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
+        return tokenizer_files_of(self.teacher_ref())
 
     # ---- evaluation -----------------------------------------------------------------------
     def test_set(self) -> RetrievalSet:

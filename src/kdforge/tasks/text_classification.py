@@ -40,7 +40,7 @@ from kdforge.objective import FIELD_MASKS
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import CacheTeacherConfig, OnlineTeacherConfig, Strict
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
-from kdforge.tasks.encoders import field_masks
+from kdforge.tasks.encoders import field_masks, tokenizer_files_of
 
 
 class TextClassifierStudent(Strict):
@@ -351,11 +351,7 @@ class TextClassificationTask(Task):
         return [*location.weight_files(), *([location.path / "head.safetensors"] if location.path else [])]
 
     def tokenizer_files(self) -> list[Path]:
-        ref = self.teacher_ref()
-        location = resolve_model_ref(ref, field="teacher.model") if ref else None
-        if location is None or location.path is None:
-            return []
-        return sorted(p for p in location.path.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))
+        return tokenizer_files_of(self.teacher_ref())
 
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
         out = model.run(
