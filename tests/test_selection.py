@@ -215,3 +215,22 @@ def test_selection_needs_a_teacher_and_logit_terms(tmp_path, digits_teacher):
 def test_a_bundled_recipe_validates_with_a_plan():
     recipe = load_recipe("digits_kd", ["data.selection={strategy: margin, budget: 100, rounds: 2}"])
     assert recipe.data["selection"]["budget"] == 100
+
+
+@pytest.mark.parametrize(("fraction", "alpha"), [(1.0, 0.5), (0.5, 1.0), (0.1, 0.25)])
+def test_a_pruning_sweep_cell_runs_at_tiny_size(fraction, alpha, tmp_path, digits_teacher):
+    """One cell of the data-pruning sweep: (1 - alpha) CE + alpha KD on a kept fraction f, as the benchmark sets it."""
+    recipe = tiny(
+        "digits_kd",
+        tmp_path,
+        f"teacher.model={digits_teacher}",
+        "data.train_limit=null",
+        f"data.prune={{fraction: {fraction}, by: random, seed: 0}}",
+        f"objective[0].weight={1 - alpha}",
+        f"objective[1].weight={alpha}",
+        "evaluation.baseline=false",
+    )
+    assert [t.weight for t in recipe.objective] == [1 - alpha, alpha]
+    report = run_recipe(recipe)
+    assert report["data_plan"]["prune"]["kept"] == round(1347 * fraction)
+    assert report["runs"][0]["models"]["student"]["train"]["steps"] == 12
