@@ -234,3 +234,14 @@ def test_a_pruning_sweep_cell_runs_at_tiny_size(fraction, alpha, tmp_path, digit
     report = run_recipe(recipe)
     assert report["data_plan"]["prune"]["kept"] == round(1347 * fraction)
     assert report["runs"][0]["models"]["student"]["train"]["steps"] == 12
+
+
+def test_the_selection_seed_follows_the_training_seed_unless_set(tmp_path):
+    from kdforge.active import selection_seed
+
+    recipe = tiny("digits_kd", tmp_path, "data.selection={strategy: random, budget: 10}", "training.seed=7")
+    task = TASKS.get(recipe.task)(recipe)
+    assert selection_seed(task, task.data_cfg.selection) == 7
+    fixed = tiny("digits_kd", tmp_path, "data.selection={strategy: random, budget: 10, seed: 3}", "training.seed=7")
+    task = TASKS.get(fixed.task)(fixed)
+    assert selection_seed(task, task.data_cfg.selection) == 3

@@ -126,7 +126,7 @@ def run_selection_rounds(
     ``train_round(r, model, dataset, teacher)`` trains ``model`` (None: a fresh student) on the points
     bought so far and returns it.
     """
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(selection_seed(task, cfg))
     log = SelectionLog(cfg.strategy, cfg.budget)
     bought: dict[int, torch.Tensor] = {}
     chosen = np.array([], dtype=np.int64)
@@ -153,10 +153,16 @@ def run_selection_rounds(
     return model, log
 
 
-def selection_baseline_set(pool: Dataset, student_train: dict[str, Any], cfg: Selection | None) -> Dataset | None:
+def selection_seed(task: Task, cfg: Selection) -> int:
+    return cfg.seed if cfg.seed is not None else task.recipe.training.seed
+
+
+def selection_baseline_set(
+    task: Task, pool: Dataset, student_train: dict[str, Any], cfg: Selection | None
+) -> Dataset | None:
     """The labels-only baseline of an active run: as many random labelled points as teacher queries bought."""
     if cfg is None:
         return None
     count = student_train.get("selection", {}).get("teacher_queries", cfg.budget)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(selection_seed(task, cfg))
     return Subset(pool, np.sort(rng.choice(len(pool), size=min(count, len(pool)), replace=False)).tolist())

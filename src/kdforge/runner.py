@@ -364,7 +364,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
         else:
             # under active distillation, the baseline buys as many labels as the student bought teacher outputs;
             # under it and PGKD, it trains as many optimizer steps as all rounds together
-            labelled = selection_baseline_set(splits.train, student_train, selection)
+            labelled = selection_baseline_set(task, splits.train, student_train, selection)
             length = student_train["steps"] if labelled is not None or generated else None
             baseline_obj = Objective(baseline_terms, length or steps)
             baseline, baseline_train = _train_phase(

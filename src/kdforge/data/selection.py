@@ -45,7 +45,9 @@ class Selection(Strict):
     initial: int | None = Field(
         None, ge=1, description="points queried at random before the first round (default: budget / rounds)"
     )
-    seed: int = Field(0, description="seed of the random choices")
+    seed: int | None = Field(
+        None, description="seed of the random choices (default: the run's training.seed, so --seeds varies them)"
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> Selection:
