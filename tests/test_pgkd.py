@@ -46,6 +46,7 @@ CLASSES = ["sports", "weather", "food"]
         "[food]: 'Fresh bread with butter'",
         "  food:    Fresh   bread with butter  ",
         "food: Fresh bread with butter   (said sports, 80% sure)",
+        "food: Fresh bread with butter (sports, 80% sure)",
     ],
 )
 def test_every_tolerated_form_parses_to_the_same_example(line):

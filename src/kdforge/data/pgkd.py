@@ -241,7 +241,8 @@ _QUOTES = "\"'`“”‘’*"
 # what small models put around a label: quotes, bold, brackets ("<LOC>" imitates "<label>")
 _LABEL_WRAP = _QUOTES + "[]<>()"
 # the annotation build_prompt puts after a hard negative; a copied or imitated one is not part of a text
-_SAID = re.compile(r"\s*\(said [^()]*\)\s*$", re.IGNORECASE)
+# (SmolLM2 also drops the "said": "(ENTY, 97% sure)")
+_SAID = re.compile(r"\s*\((?:said [^()]*|[^()]*\d+\s*% sure)\)\s*$", re.IGNORECASE)
 
 
 def text_key(text: str) -> str:
