@@ -56,6 +56,7 @@ def overrides(args: argparse.Namespace, teacher: str, fraction: float, alpha: fl
         "training.epochs=null",
         f"training.steps={args.steps}",
         f"training.batch_size={args.batch_size}",
+        f"training.lr={args.lr}",
         f"training.seed={seed}",
         f"data.prune={{fraction: {fraction}, by: random, seed: {seed}}}",
         # alpha = 0 is the labels-only student: no separate baseline is needed
@@ -152,8 +153,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run, whatever f")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run, whatever f")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule, 50 warmup steps)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[100], help="the student's hidden widths")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--teacher", help="teacher model folder (default: the one in results-hinton.json)")

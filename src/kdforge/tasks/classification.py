@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from kdforge.data.features import FeatureDataset, load_arrays, split_indices
+from kdforge.data.features import MNIST_IMAGES, MNIST_LABELS, FeatureDataset, load_arrays, split_indices
 from kdforge.data.pruning import Pruning
 from kdforge.data.selection import Selection
 from kdforge.errors import ModelRefError, RecipeError
@@ -28,6 +28,7 @@ from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import is_kdforge_folder, load_kdforge_model, save_kdforge_model
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import Strict
+from kdforge.settings import data_dir
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
 
 
@@ -119,6 +120,8 @@ class ClassificationTask(Task):
         return resolve_model_ref(ref, field=field).weight_files()
 
     def data_files(self) -> list[Path]:
+        if self.data_cfg.dataset == "mnist":  # a teacher cache's fingerprint covers the images it was made of
+            return [data_dir() / "mnist" / MNIST_IMAGES, data_dir() / "mnist" / MNIST_LABELS]
         return [Path(self.data_cfg.path)] if self.data_cfg.dataset == "npz" and self.data_cfg.path else []
 
     def _load(self, ref: str, field: str) -> nn.Module:
