@@ -245,3 +245,15 @@ def test_the_selection_seed_follows_the_training_seed_unless_set(tmp_path):
     fixed = tiny("digits_kd", tmp_path, "data.selection={strategy: random, budget: 10, seed: 3}", "training.seed=7")
     task = TASKS.get(fixed.task)(fixed)
     assert selection_seed(task, task.data_cfg.selection) == 3
+
+
+def test_only_the_first_round_warms_up_and_for_at_most_a_tenth_of_its_steps():
+    from kdforge.runner import _round_training
+
+    recipe = load_recipe(
+        "digits_kd", ["training.schedule.warmup_steps=50", "training.epochs=1", "training.batch_size=10"]
+    )
+    assert _round_training(recipe, 0, 200).schedule.warmup_steps == 2  # 20 steps in the round
+    assert _round_training(recipe, 0, 10_000).schedule.warmup_steps == 50
+    assert _round_training(recipe, 1, 200).schedule.warmup_steps == 0
+    assert recipe.training.schedule.warmup_steps == 50  # the recipe itself is untouched

@@ -31,7 +31,7 @@ from kdforge.errors import RecipeError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.objective import Objective, teacher_fields_of
-from kdforge.recipe import Recipe, parse_recipe
+from kdforge.recipe import Recipe, TrainingConfig, parse_recipe
 from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
 from kdforge.report.html import write_report
@@ -135,13 +135,13 @@ def _train_phase(
     train_set: Dataset | None = None,
     model: torch.nn.Module | None = None,
     signal: TeacherSignal | None = None,
-    steps: int | None = None,
+    training: TrainingConfig | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train (or, on resume, reload a finished) model for one phase, saved to ``folder_name``.
 
     ``train_set`` (default: the training split), ``model`` (default: a fresh student) and ``signal``
     (default: the teacher's) serve the rounds of active distillation; they save nothing (None folder).
-    ``steps`` replaces the recipe's length (a baseline as long as all of those rounds together).
+    ``training`` replaces the recipe's training section (a round's warm-up, a baseline as long as all rounds).
     """
     folder = seed_dir / folder_name if folder_name else None
     records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
@@ -180,7 +180,7 @@ def _train_phase(
         IndexedDataset(train_set),
         indexed_collate(task.collate),
         loss_fn,
-        recipe.training if steps is None else recipe.training.model_copy(update={"steps": steps, "epochs": None}),
+        training or recipe.training,
         phase=phase,
         run_dir=seed_dir,
         evaluate=evaluate,
@@ -216,6 +216,19 @@ def _objective(recipe: Recipe, train_size: int) -> Objective:
     return Objective(recipe.objective, steps, names=recipe.term_names(), seed=recipe.training.seed)
 
 
+def _round_training(recipe: Recipe, r: int, train_size: int) -> TrainingConfig:
+    """The training section of round ``r`` of active distillation or PGKD.
+
+    The rounds continue one run, so only round 0 warms up, for at most a tenth of its
+    steps: a recipe's warm-up of 50 steps would otherwise restart every round and, in
+    rounds of a few dozen steps, the learning rate would never reach its peak. Each
+    round's own schedule then decays (warm restarts, round after round).
+    """
+    cfg = recipe.training
+    warmup = 0 if r > 0 else min(cfg.schedule.warmup_steps, _planned_steps(recipe, train_size) // 10)
+    return cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"warmup_steps": warmup})})
+
+
 def _train_selected(
     task: Task, selection: Selection, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -238,7 +251,7 @@ def _train_selected(
     def train_round(r: int, model, dataset, signal):
         trained, info = _train_phase(
             task, f"student-round-{r}", _objective(recipe, len(dataset)), teacher, splits, seed_dir, False, None,
-            train_set=dataset, model=model, signal=signal,
+            train_set=dataset, model=model, signal=signal, training=_round_training(recipe, r, len(dataset)),
         )  # fmt: skip
         rounds.append(info)
         return trained
@@ -290,6 +303,7 @@ def _train_with_generated_data(
         trained, info = _train_phase(
             task, f"student-round-{len(rounds)}", _objective(recipe, len(dataset)), teacher, splits, seed_dir,
             False, None, train_set=dataset, model=start,
+            training=_round_training(recipe, len(rounds), len(dataset)),
         )  # fmt: skip
         rounds.append(info)
         return trained
@@ -369,7 +383,8 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
             baseline_obj = Objective(baseline_terms, length or steps)
             baseline, baseline_train = _train_phase(
                 task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR,
-                train_set=labelled, steps=length,
+                train_set=labelled,
+                training=recipe.training.model_copy(update={"steps": length, "epochs": None}) if length else None,
             )  # fmt: skip
         baseline_eval = task.evaluate(baseline, splits.test)
         roles["baseline"] = {
