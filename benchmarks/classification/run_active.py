@@ -10,8 +10,9 @@ active distillation); each round trains ``--epochs`` over all points bought so f
 
 Each run's baseline (kdforge adds it) is the same cut student trained on the labels of as
 many random pool points as the teacher was queried on, for as many optimizer steps as all
-rounds together. ``kdforge run --seeds`` changes only ``training.seed``, not
-``data.selection.seed``, so every seed is its own ``run_recipe`` with both set to the seed.
+rounds together. Every seed is its own ``run_recipe`` with ``training.seed`` and
+``data.selection.seed`` both set to it (written when ``--seeds`` did not change the latter;
+it now defaults to ``training.seed``, and setting both gives the same runs).
 
 Rows are written to results-active.json as they finish; a rerun skips rows already there.
 
@@ -130,7 +131,10 @@ def table(results: dict[str, Any]) -> str:
             f" {'/'.join(str(r['student_steps']) + '=' + str(r['baseline_steps']) for r in group)} |"
         )
     lines += ["", "Per-round validation accuracy (first seed of each group; points bought so far in brackets):", ""]
-    lines += ["| budget | strategy | seed | " + " | ".join(f"round {i}" for i in range(4)) + " |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| budget | strategy | seed | " + " | ".join(f"round {i}" for i in range(4)) + " |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (budget, strategy), group in sorted(groups.items(), key=lambda g: (g[0][0], STRATEGIES.index(g[0][1]))):
         first = min(group, key=lambda r: r["seed"])
         cells = [f"{r.get('eval_accuracy', float('nan')):.4f} ({r['total']})" for r in first["rounds"]]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -186,7 +185,8 @@ def table(results: dict[str, Any]) -> str:
             f" {entry.get('train_size', {}).get('student', '?')}; test examples: {entry.get('test_size', '?')};"
             f" teacher epochs {s.get('teacher_epochs')}, student epochs {s.get('epochs')}, batch {s.get('batch_size')}",
             "",
-            "| model | seeds | accuracy | macro-F1 | top-1 agreement | params | examples/s | × teacher | steps | run wall s |",
+            "| model | seeds | accuracy | macro-F1 | top-1 agreement | params | examples/s | × teacher | steps |"
+            " run wall s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         rows = entry.get("rows", {})
@@ -198,10 +198,11 @@ def table(results: dict[str, Any]) -> str:
             n = row["accuracy"]["n"] if row.get("accuracy") else 0
             speed = row.get("throughput")
             ratio = row.get("speedup_vs_teacher")
+            steps = "/".join(str(x) for x in row.get("train_steps") or [])
             lines.append(
                 f"| {row['label']} | {n} | {fmt(row['accuracy'])} | {fmt(row['macro_f1'])} |"
                 f" {fmt(row.get('top1_agreement'))} | {row['params']:,} | {fmt(speed, 1)} |"
-                f" {'–' if ratio is None else f'{ratio:.2f}'} | {'/'.join(str(x) for x in row.get('train_steps') or [])} |"
+                f" {'–' if ratio is None else f'{ratio:.2f}'} | {steps} |"
                 f" {row.get('wall_s', 0):.0f} |"
             )
         lines.append("")
