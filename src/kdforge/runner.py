@@ -229,53 +229,72 @@ def _round_training(recipe: Recipe, r: int, train_size: int) -> TrainingConfig:
     return cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"warmup_steps": warmup})})
 
 
+class _Rounds:
+    """Rounds of training that continue one student (active distillation, PGKD), each a phase of its own.
+
+    Only a finished student is kept (``MODEL_DIR`` plus ``log_name``, what the report says of the
+    rounds): a resumed run loads it, and one stopped mid-way starts its rounds again.
+    """
+
+    def __init__(self, task: Task, teacher: TeacherView | None, splits, seed_dir: Path, log_name: str):
+        self.task, self.teacher, self.splits, self.seed_dir = task, teacher, splits, seed_dir
+        self.folder = seed_dir / MODEL_DIR
+        self.log_file = seed_dir / log_name
+        self.infos: list[dict[str, Any]] = []
+
+    def finished(self, resume: bool) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+        if not (resume and self.task.is_saved(self.folder) and self.log_file.exists()):
+            return None
+        console.print(f"[dim]student: finished earlier, loading {self.folder}")
+        return self.task.load_saved(self.folder), {**json.loads(self.log_file.read_text()), "resumed": True}
+
+    def train(self, model: torch.nn.Module | None, dataset: Dataset, signal: TeacherSignal | None = None):
+        """The next round: ``model`` (None: a fresh student) trained on ``dataset``."""
+        recipe, r = self.task.recipe, len(self.infos)
+        trained, info = _train_phase(
+            self.task, f"student-round-{r}", _objective(recipe, len(dataset)), self.teacher, self.splits,
+            self.seed_dir, False, None, train_set=dataset, model=model, signal=signal,
+            training=_round_training(recipe, r, len(dataset)),
+        )  # fmt: skip
+        self.infos.append(info)
+        return trained
+
+    def save(self, model: torch.nn.Module, **about: Any) -> dict[str, Any]:
+        """Save the student; returns its training info: the rounds summed, and ``about`` them."""
+        info = {
+            "steps": sum(r["steps"] for r in self.infos),
+            "final_loss": self.infos[-1]["final_loss"],
+            "final_terms": self.infos[-1]["final_terms"],
+            "train_seconds": sum(r["train_seconds"] for r in self.infos),
+            **about,
+        }
+        if _is_main():
+            self.task.save_model(model, self.folder, card="")
+            atomic_write_text(self.log_file, json.dumps(info, indent=2))
+        return info
+
+
 def _train_selected(
     task: Task, selection: Selection, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The student of an active-distillation run: rounds of selection and training (:mod:`kdforge.active`).
-
-    A resumed run whose student is saved loads it; one stopped mid-way starts its rounds again.
-    """
-    recipe = task.recipe
-    folder = seed_dir / MODEL_DIR
-    log_file = seed_dir / "selection.json"
-    if resume and task.is_saved(folder) and log_file.exists():
-        console.print(f"[dim]student: finished earlier, loading {folder}")
-        return task.load_saved(folder), {**json.loads(log_file.read_text()), "resumed": True}
+    """The student of an active-distillation run: rounds of selection and training (:mod:`kdforge.active`)."""
+    rounds = _Rounds(task, teacher, splits, seed_dir, "selection.json")
+    done = rounds.finished(resume)
+    if done is not None:
+        return done
     if teacher is None:
         raise RecipeError("data.selection: active distillation chooses which points the teacher labels; add a teacher")
-    objective = _objective(recipe, len(splits.train))
-    check_objective(objective.teacher_fields)
-    rounds: list[dict[str, Any]] = []
-
-    def train_round(r: int, model, dataset, signal):
-        trained, info = _train_phase(
-            task, f"student-round-{r}", _objective(recipe, len(dataset)), teacher, splits, seed_dir, False, None,
-            train_set=dataset, model=model, signal=signal, training=_round_training(recipe, r, len(dataset)),
-        )  # fmt: skip
-        rounds.append(info)
-        return trained
-
+    check_objective(_objective(task.recipe, len(splits.train)).teacher_fields)
     model, log = run_selection_rounds(
         task,
         selection,
         splits.train,
         teacher.signal,
-        train_round,
+        lambda r, model, dataset, signal: rounds.train(model, dataset, signal),
         lambda m: task.evaluate(m, splits.eval).metrics,
-        recipe.evaluation.batch_size,
+        task.recipe.evaluation.batch_size,
     )
-    info = {
-        "steps": sum(r["steps"] for r in rounds),
-        "final_loss": rounds[-1]["final_loss"],
-        "final_terms": rounds[-1]["final_terms"],
-        "train_seconds": sum(r["train_seconds"] for r in rounds),
-        "selection": {**log.as_dict(), "pool": len(splits.train)},
-    }
-    if _is_main():
-        task.save_model(model, folder, card="")
-        atomic_write_text(log_file, json.dumps(info, indent=2))
-    return model, info
+    return model, rounds.save(model, selection={**log.as_dict(), "pool": len(splits.train)})
 
 
 def _train_with_generated_data(
@@ -288,28 +307,15 @@ def _train_with_generated_data(
     """
     from kdforge.data.pgkd import pgkd_loop
 
-    recipe = task.recipe
+    rounds = _Rounds(task, teacher, splits, seed_dir, "pgkd.json")
+    done = rounds.finished(resume)
+    if done is not None:
+        return done
     cfg = task.data_cfg.pgkd
-    folder = seed_dir / MODEL_DIR
-    log_file = seed_dir / "pgkd.json"
-    if resume and task.is_saved(folder) and log_file.exists():
-        console.print(f"[dim]student: finished earlier, loading {folder}")
-        return task.load_saved(folder), {**json.loads(log_file.read_text()), "resumed": True}
-    rounds: list[dict[str, Any]] = []
-
-    def train_round(model, examples):
-        dataset = task.dataset_of(examples)
-        start = copy.deepcopy(model) if model is not None else None
-        trained, info = _train_phase(
-            task, f"student-round-{len(rounds)}", _objective(recipe, len(dataset)), teacher, splits, seed_dir,
-            False, None, train_set=dataset, model=start,
-            training=_round_training(recipe, len(rounds), len(dataset)),
-        )  # fmt: skip
-        rounds.append(info)
-        return trained
-
     result = pgkd_loop(
-        train_round=train_round,
+        train_round=lambda model, examples: rounds.train(
+            copy.deepcopy(model) if model is not None else None, task.dataset_of(examples)
+        ),
         predict=task.probabilities,
         train_set=task.labelled_texts(splits.train),
         validation=task.labelled_texts(splits.eval),
@@ -328,17 +334,7 @@ def _train_with_generated_data(
         record["weak"] = [task.class_names[c] for c in record["weak"]]
         record["targeted"] = [task.class_names[c] for c in record["targeted"]]
         record["added"] = [{"label": task.class_names[e["label"]], "text": e["text"]} for e in record["added"]]
-    info = {
-        "steps": sum(r["steps"] for r in rounds),
-        "final_loss": rounds[-1]["final_loss"],
-        "final_terms": rounds[-1]["final_terms"],
-        "train_seconds": sum(r["train_seconds"] for r in rounds),
-        "pgkd": pgkd,
-    }
-    if _is_main():
-        task.save_model(result.model, folder, card="")
-        atomic_write_text(log_file, json.dumps(info, indent=2))
-    return result.model, info
+    return result.model, rounds.save(result.model, pgkd=pgkd)
 
 
 def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:

@@ -56,17 +56,12 @@ class TextClassifier(nn.Module):
     def tokenizer(self):
         return self.encoder.tokenizer
 
-    def run(self, inputs: dict[str, torch.Tensor], **internals: bool) -> dict[str, Any]:
-        """Logits [B, C], the pooled embedding ``hidden`` [B, H] and the encoder internals asked for
-        (``hidden_states``, ``attentions``, ``qkv``: see :func:`run_encoder`)."""
-        out = run_encoder(self.encoder, inputs, **internals)
-        pooled = out.pop("sentence_embedding")
-        out["hidden"] = pooled
-        out["logits"] = self.head(self.dropout(pooled))
-        return out
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of pooled embeddings [B, H] (what the head reads)."""
+        return self.head(self.dropout(pooled))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.run(inputs)["logits"]
+        return self.classify(run_encoder(self.encoder, inputs)["sentence_embedding"])
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64) -> list[str]:

@@ -40,7 +40,7 @@ from kdforge.objective import FIELD_MASKS
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import CacheTeacherConfig, OnlineTeacherConfig, Strict
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
-from kdforge.tasks.encoders import field_masks, tokenizer_files_of
+from kdforge.tasks.encoders import field_masks, internals, tokenizer_files_of
 
 
 class TextClassifierStudent(Strict):
@@ -354,14 +354,9 @@ class TextClassificationTask(Task):
         return tokenizer_files_of(self.teacher_ref())
 
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
-        out = model.run(
-            batch,
-            hidden_states="hidden_states" in fields,
-            attentions="attentions" in fields,
-            qkv=bool(fields & {"qkv", "values"}),
-        )
-        if "values" in fields:
-            out["values"] = tuple(v for _, _, v in out["qkv"])
+        out = internals(model.encoder, batch, fields)
+        pooled = out.pop("sentence_embedding")
+        out.update(hidden=pooled, logits=model.classify(pooled))
         return ModelOutputs(**{name: out[name] for name in fields if name in out})
 
     # ---- evaluation ------------------------------------------------------------------------
