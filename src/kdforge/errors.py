@@ -28,7 +28,25 @@ class CheckpointError(KDForgeError):
 
 
 class Interrupted(KDForgeError):
-    """The run was stopped by a signal after saving a checkpoint."""
+    """The run was stopped by a signal after saving its work (a checkpoint, a cache shard)."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 130 if self.signal_name == "SIGINT" else 143
+
+
+class NonFiniteError(KDForgeError):
+    """A loss, a gradient or a teacher output is NaN or inf at some step of training."""
+
+    def __init__(self, message: str, term: str | None = None):
+        super().__init__(message)
+        #: what produced it: an objective term's name, ``total``, ``gradient`` or ``teacher.<field>``
+        self.term = term
 
 
 class CacheError(KDForgeError):

@@ -50,3 +50,17 @@ class ModelOutputs:
 
     def present(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+def _broken(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        # -inf is a legal logit or log-prob (a masked token, a zero probability); NaN and +inf are not
+        return value.is_floating_point() and bool((torch.isnan(value) | torch.isposinf(value)).any())
+    if isinstance(value, (tuple, list)):
+        return any(_broken(v) for v in value)
+    return False
+
+
+def nonfinite_fields(outputs: ModelOutputs) -> list[str]:
+    """The fields of ``outputs`` holding a NaN or +inf (a broken teacher, an overflowing dtype, a bad cache)."""
+    return [f.name for f in fields(outputs) if _broken(getattr(outputs, f.name))]

@@ -32,9 +32,9 @@ from kdforge.errors import RecipeError, first_line
 
 
 class Strict(BaseModel):
-    """Unknown fields are errors: a typo must never be silently ignored."""
+    """Unknown fields are errors: a typo must never be silently ignored; nor is an inf or NaN number."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OptimizerConfig(Strict):
@@ -66,6 +66,17 @@ class TrainingConfig(Strict):
     eval_every: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trackers: list[Literal["tensorboard", "mlflow"]] = []
+    deterministic: bool = Field(
+        False,
+        description="deterministic kernels only (torch.use_deterministic_algorithms): a resumed run then ends"
+        " with bitwise the same weights as an uninterrupted one; slower on GPUs",
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN or inf loss or gradient: stop (naming the step, the term and the last good"
+        " checkpoint) or skip the batch (counted in the report)",
+    )
+    max_skipped: int = Field(100, ge=1, description="with nonfinite: skip, stop once this many batches were skipped")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:
@@ -199,15 +210,34 @@ class EvaluationConfig(Strict):
     throughput_repeats: int = Field(5, ge=1)
 
 
+#: a run name is one folder name: no separators and no `..`, so a run never writes outside ``output.dir``
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class OutputConfig(Strict):
     dir: str = "runs"
-    name: str | None = Field(None, description="default: the recipe name")
+    name: str | None = Field(None, description="default: the recipe name; one folder name inside dir")
     overwrite: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        if name is not None and not re.match(RUN_NAME, name):
+            raise ValueError(
+                f"{name!r} would write outside output.dir; use one folder name of letters, digits, '.', '_', '-'"
+                " (no '/' or '..'), and put the parent folder in output.dir"
+            )
+        return name
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=RUN_NAME)
     task: str
+    plugins: list[str] = Field(
+        [],
+        description="modules imported before the recipe is checked, which register their own tasks, losses"
+        " or signals (e.g. my_project.kd_losses); nothing else a recipe names is ever imported",
+    )
     description: str = ""
     teacher: Annotated[TeacherConfig | None, BeforeValidator(_default_signal)] = None
     student: dict[str, Any]
@@ -248,10 +278,10 @@ class Recipe(Strict):
         return names
 
     def to_yaml(self) -> str:
-        # no `candidates: null` line: a run folder's recipe.yaml (which --resume compares) and model
-        # cards read as they did before the field existed
-        unused = {"candidates"} if self.candidates is None else None
-        return yaml.safe_dump(self.model_dump(mode="json", exclude=unused), sort_keys=False)
+        # no `candidates: null` or `plugins: []` line: a run folder's recipe.yaml (which --resume
+        # compares) and model cards read as they did before the fields existed
+        unused = {name for name in ("candidates", "plugins") if not getattr(self, name)}
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=unused or None), sort_keys=False)
 
 
 # ----- loading ---------------------------------------------------------------------
@@ -333,6 +363,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise RecipeError(f"--set {assignment[:40]}: the value is nested too deeply; fix the brackets") from None
     parts = _split_path(path.strip())
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -391,6 +423,8 @@ def read_raw(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        raise RecipeError(f"{path}: nested too deeply to be a recipe; fix the brackets") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping with task, student, data, objective, training")
     return data
@@ -407,8 +441,31 @@ def parse_recipe(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    import_plugins(recipe.plugins)
     _check_against_registries(recipe)
     return recipe
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the modules a recipe lists under ``plugins:`` (they register components as they load).
+
+    These are the only modules a recipe can make kdforge import: every other name in it
+    (task, loss, signal) is looked up in a registry, never imported from a dotted path.
+    """
+    import importlib
+
+    for i, name in enumerate(modules):
+        if not _MODULE_NAME.match(name):
+            raise RecipeError(f"plugins[{i}]: {name!r} is not a module name; write it as package.module")
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise RecipeError(
+                f"plugins[{i}]: cannot import {name} ({first_line(exc)}); install it or put it on PYTHONPATH"
+            ) from None
 
 
 def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -27,10 +27,11 @@ from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.data.selection import Selection
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.trainer import total_optimizer_steps, train
-from kdforge.errors import RecipeError, RunDirError
+from kdforge.errors import NonFiniteError, RecipeError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.objective import Objective, teacher_fields_of
+from kdforge.outputs import nonfinite_fields
 from kdforge.recipe import Recipe, TrainingConfig, parse_recipe
 from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
@@ -48,9 +49,11 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml: str) -> Path | None:
-    """Refuse to clobber an earlier run; returns the folder the old run was moved to, if any."""
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml: str) -> None:
+    """Refuse to clobber an earlier run, or to resume another one; writes nothing."""
     saved = run_dir / "recipe.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: is a file, not a run folder; choose another output.dir or output.name")
     if resume:
         if not saved.exists():
             raise RunDirError(f"{run_dir}: nothing to resume (no recipe.yaml there); run without --resume")
@@ -59,14 +62,21 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml
                 f"{run_dir}/recipe.yaml differs from this recipe; resume with the same recipe and --set values,"
                 " or start a new run with output.name"
             )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run; continue it with --resume, choose another output.name,"
+            " or --set output.overwrite=true"
+        )
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml: str) -> Path | None:
+    """Refuse to clobber an earlier run; returns the folder the old run was moved to, if any."""
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite, recipe_yaml=recipe_yaml)
+    if resume:
         return None
+    saved = run_dir / "recipe.yaml"
     moved = None
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"{run_dir} already holds a run; continue it with --resume, choose another output.name,"
-                " or --set output.overwrite=true"
-            )
         moved = run_dir.with_name(run_dir.name + ".previous")
         if moved.exists():
             shutil.rmtree(moved)
@@ -171,6 +181,9 @@ def _train_phase(
             batch = task.training_batch(m, batch, step)
         student_out = task.adapter(m, batch, objective.student_fields)
         teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        broken = nonfinite_fields(teacher_out) if teacher_out is not None else []
+        if broken:  # named as the teacher's, not left to surface as some loss term's NaN
+            raise NonFiniteError(f"teacher outputs hold NaN or inf ({', '.join(broken)})", f"teacher.{broken[0]}")
         loss, terms = objective(student_out, teacher_out, batch, step)
         return loss, terms, objective.scalars()
 
@@ -195,6 +208,7 @@ def _train_phase(
         "final_terms": result.final_terms,
         "train_seconds": time.perf_counter() - started,
         "resumed_from": result.resumed_from,
+        **({"skipped_batches": result.skipped} if result.skipped else {}),
         **(task.training_info(result.steps) if phase == "student" else {}),
     }
     evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
@@ -412,6 +426,13 @@ def run_recipe(
     """Run a validated recipe; returns the report (also written to the run folder)."""
     run_dir = recipe.run_dir
     recipe_yaml = recipe.to_yaml() + (f"# seeds: {seeds}\n" if seeds else "")
+    # every mistake that can be found before training (the folder, the data, the teacher) is
+    # found before anything is written: a refused run leaves the disk as it was
+    check_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
+    task = TASKS.get(recipe.task, field="task")(recipe)
+    splits = task.splits()
+    teacher = load_teacher(task, splits.test)
+    splits, pruning = prune_splits(task, splits, teacher.model if teacher is not None else None)
     moved = (
         prepare_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
         if _is_main()
@@ -420,10 +441,6 @@ def run_recipe(
     PartialState().wait_for_everyone()
 
     seeds = seeds or [recipe.training.seed]
-    task = TASKS.get(recipe.task, field="task")(recipe)
-    splits = task.splits()
-    teacher = load_teacher(task, splits.test)
-    splits, pruning = prune_splits(task, splits, teacher.model if teacher is not None else None)
     runs = []
     for seed in seeds:
         seeded = parse_recipe(recipe.model_dump(mode="json"), [f"training.seed={seed}"])

@@ -11,6 +11,7 @@ named ``step-*`` is always whole. ``torch.load`` runs with
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from kdforge import faults
 from kdforge.errors import CheckpointError, first_line
 
 PREFIX = "step-"
@@ -85,15 +87,18 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
+        faults.point("checkpoint", state.step)  # the tests kill the run here: between two files
         if _has_weights(loss_modules):
             save_model(loss_modules, str(tmp / LOSS_MODULES_FILE))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+        _sync(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _sync_folder(folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p for p in list_checkpoints(folder) if p != final]
@@ -105,6 +110,26 @@ def save_checkpoint(
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sync(folder: Path) -> None:
+    """Flush the checkpoint's files to disk before the rename publishes it: after a power loss
+    (not only a killed process) the newest ``step-*`` folder must still hold whole files."""
+    for file in folder.iterdir():
+        with file.open("rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (the folder's entry list)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _load(path: Path) -> Any:
@@ -162,4 +187,7 @@ def load_checkpoint(
     optimizer.load_state_dict(_load(path / "optimizer.pt"))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     set_rng_state(_load(path / "rng.pt"))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    try:
+        return TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}/state.json: unreadable ({first_line(exc)}); delete this checkpoint") from None

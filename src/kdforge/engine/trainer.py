@@ -4,14 +4,15 @@ It knows nothing about tasks: it gets a model, a dataset with its collate
 function, and ``loss_fn(model, batch, step) -> (loss, {term: value})``, plus, when
 the loss has learnable parts (a critic), the module that holds them. It owns
 the optimizer, LR schedule, gradient accumulation, logging, periodic evaluation,
-checkpoints, ``--resume`` and the SIGTERM handler.
+checkpoints, ``--resume``, the SIGTERM and SIGINT handlers and the guard against
+NaN and inf (stop at the step, naming the term and the last good checkpoint, or
+skip the batch and count it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kdforge import faults
 from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from kdforge.engine.metrics_log import MetricsLog
 from kdforge.engine.optim import build_lr_scheduler, build_optimizer
 from kdforge.engine.sampler import EpochShuffleSampler
-from kdforge.errors import Interrupted, KDForgeError
+from kdforge.errors import Interrupted, KDForgeError, NonFiniteError
+from kdforge.interrupts import stop_requests
 from kdforge.recipe import TrainingConfig
 from kdforge.settings import progress_enabled
 
@@ -46,6 +49,8 @@ class TrainResult:
     final_loss: float
     final_terms: dict[str, float]
     resumed_from: int | None = None
+    #: batches left out for a NaN or inf (training.nonfinite: skip): {"step", "term"} each
+    skipped: list[dict[str, Any]] | None = None
 
 
 def make_accelerator(cfg: TrainingConfig, project_dir: Path) -> Accelerator:
@@ -81,22 +86,32 @@ def total_optimizer_steps(cfg: TrainingConfig, batches_per_epoch: int) -> int:
 
 
 @contextmanager
-def _sigterm_flag() -> Iterator[dict[str, bool]]:
-    """Turn SIGTERM into a flag the loop checks after each optimizer step."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):  # noqa: ARG001
-        flag["stop"] = True
-
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """``training.deterministic``: deterministic kernels for this phase only (the setting is global in torch)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: no handler, nothing to restore
-        yield flag
-        return
-    try:
-        yield flag
+        yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        torch.use_deterministic_algorithms(before)
+
+
+def _nonfinite_term(loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> str | None:
+    """The term that made the loss NaN or inf (``total`` when each term is finite), or None."""
+    if torch.isfinite(loss):
+        return None
+    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+    return ", ".join(bad) or "total"
+
+
+def _any_process(bad: str | None, accelerator: Accelerator) -> str | None:
+    """A micro-batch is skipped (or the run stopped) on every process when one of them saw a
+    NaN: one process leaving a backward pass out would leave the others waiting on it."""
+    if accelerator.num_processes == 1:
+        return bad
+    count = accelerator.reduce(torch.tensor([float(bad is not None)], device=accelerator.device), reduction="sum")
+    return bad or ("another process's batch" if count.item() > 0 else None)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -182,6 +197,29 @@ def train(
     """
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
+    with _deterministic(cfg.deterministic):
+        return _train(
+            accelerator, model, dataset, collate_fn, loss_fn, cfg, phase=phase, run_dir=run_dir, evaluate=evaluate,
+            resume=resume, state_hooks=state_hooks, loss_modules=loss_modules, sampler=sampler,
+        )  # fmt: skip
+
+
+def _train(
+    accelerator: Accelerator,
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable,
+    loss_fn: LossFn,
+    cfg: TrainingConfig,
+    *,
+    phase: str,
+    run_dir: Path,
+    evaluate: EvalFn | None,
+    resume: bool,
+    state_hooks: tuple[Callable[[], dict], Callable[[dict], None]] | None,
+    loss_modules: nn.Module | None,
+    sampler: Sampler[int] | None,
+) -> TrainResult:
     main = accelerator.is_main_process
     sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
@@ -215,7 +253,7 @@ def train(
             state_hooks[1](state.extra.get("objective", {}))
         resumed_from = state.step
         log.truncate_after(phase, state.step)
-    elif not resume:
+    else:  # a fresh start of the phase (also a resume that finds no checkpoint): its old records go
         log.truncate_after(phase, -1)
 
     if cfg.trackers:
@@ -225,6 +263,7 @@ def train(
         state.extra = {
             "objective": state_hooks[0]() if state_hooks else {},
             "log_interval": [interval_loss, interval_terms, interval_count],
+            "skipped": skipped,
         }
         path = ckpt_dir / "pending"
         if main:
@@ -241,12 +280,37 @@ def train(
         return path
 
     interval_loss, interval_terms, interval_count = state.extra.get("log_interval", [0.0, {}, 0])
+    skipped: list[dict[str, Any]] = list(state.extra.get("skipped", []))
+
+    def nonfinite(bad: str) -> None:
+        """Stop the run (naming the step, the term and the last good checkpoint) or count a skipped batch."""
+        if cfg.nonfinite == "skip" and len(skipped) < cfg.max_skipped:
+            skipped.append({"step": state.step, "term": bad})
+            return
+        kept = list_checkpoints(ckpt_dir)
+        last = (
+            f"last good checkpoint: {kept[-1]} (continue from it with --resume)"
+            if kept
+            else ("no checkpoint yet (training.checkpoint_every saves them)")
+        )
+        if cfg.nonfinite == "skip":
+            raise NonFiniteError(
+                f"{len(skipped)} batches of {phase} were skipped for NaN or inf (training.max_skipped) and"
+                f" step {state.step} gave another ({bad}); {last}; lower training.lr or check the data and teacher",
+                bad,
+            )
+        raise NonFiniteError(
+            f"NaN or inf at step {state.step} of {phase} (from: {bad}); {last}; lower training.lr, check the"
+            " data and teacher, or set training.nonfinite=skip to leave such batches out",
+            bad,
+        )
+
     step_loss, step_terms, step_micro = 0.0, {}, 0
     last_loss, last_terms = float("nan"), {}
     model.train()
     if loss_modules is not None:
         loss_modules.train()
-    with _sigterm_flag() as flag, _progress(main and progress_enabled()) as progress:
+    with stop_requests() as flag, _progress(main and progress_enabled()) as progress:
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
         while state.step < total:
             batches = (
@@ -260,42 +324,51 @@ def train(
                 dataset.set_epoch(state.epoch)
             for batch in batches:
                 with accelerator.accumulate(model):
-                    loss, terms, *extra = loss_fn(model, batch, state.step)
+                    try:
+                        loss, terms, *extra = loss_fn(model, batch, state.step)
+                        bad = _nonfinite_term(loss, terms)
+                    except NonFiniteError as exc:  # the loss function found it first (a teacher's NaN)
+                        loss, terms, extra, bad = None, {}, [], exc.term or "input"
                     scalars = extra[0] if extra else {}
-                    if not torch.isfinite(loss):
-                        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-                        raise KDForgeError(
-                            f"non-finite loss at step {state.step} of {phase} (terms: {', '.join(bad) or 'total'});"
-                            " lower training.lr or check the inputs"
-                        )
-                    accelerator.backward(loss)
+                    bad = _any_process(bad, accelerator)
+                    if bad is not None:
+                        nonfinite(bad)  # raises, or the micro-batch adds no gradient
+                    else:
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients and loss_params:
                         _average_across_processes(loss_params, accelerator)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         # one norm over everything the optimizer steps, loss modules included
-                        accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
+                        # (fp16's grad scaler skips its own overflowing steps: not a NaN of the run's)
+                        if norm is not None and accelerator.scaler is None and not torch.isfinite(norm):
+                            nonfinite("gradient")  # raises, or the whole step is left out
+                            optimizer.zero_grad()
+                    faults.point("step", state.step)  # the tests kill the run here: mid-step
                     optimizer.step()
                     optimizer.zero_grad()
                 state.batches_in_epoch += 1
-                step_loss += loss.item()
-                for k, v in terms.items():
-                    step_terms[k] = step_terms.get(k, 0.0) + v.item()
-                step_micro += 1
+                if bad is None:
+                    step_loss += loss.item()
+                    for k, v in terms.items():
+                        step_terms[k] = step_terms.get(k, 0.0) + v.item()
+                    step_micro += 1
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
                 state.step += 1
-                last_loss = step_loss / step_micro
-                last_terms = {k: v / step_micro for k, v in step_terms.items()}
-                interval_loss += last_loss
-                for k, v in last_terms.items():
-                    interval_terms[k] = interval_terms.get(k, 0.0) + v
-                interval_count += 1
+                if step_micro:
+                    last_loss = step_loss / step_micro
+                    last_terms = {k: v / step_micro for k, v in step_terms.items()}
+                    interval_loss += last_loss
+                    for k, v in last_terms.items():
+                        interval_terms[k] = interval_terms.get(k, 0.0) + v
+                    interval_count += 1
                 step_loss, step_terms, step_micro = 0.0, {}, 0
                 progress.update(
                     bar, completed=state.step, terms=" ".join(f"{k}={v:.4f}" for k, v in last_terms.items())
                 )
-                if state.step % cfg.log_every == 0 or state.step == total:
+                if (state.step % cfg.log_every == 0 or state.step == total) and interval_count:
                     record = {
                         "phase": phase,
                         "step": state.step,
@@ -304,6 +377,7 @@ def train(
                         "loss": interval_loss / interval_count,
                         "terms": {k: v / interval_count for k, v in interval_terms.items()},
                         **({"scalars": scalars} if scalars else {}),
+                        **({"skipped": len(skipped)} if skipped else {}),
                     }
                     log.write(record)
                     if cfg.trackers:
@@ -317,6 +391,7 @@ def train(
                     interval_loss, interval_terms, interval_count = 0.0, {}, 0
                 if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
                     model.eval()
+                    faults.point("eval", state.step)  # the tests kill the run here: mid-evaluation
                     metrics = evaluate(accelerator.unwrap_model(model))
                     model.train()
                     log.write({"phase": phase, "step": state.step, "eval": metrics})
@@ -325,8 +400,9 @@ def train(
                 if flag["stop"]:
                     path = checkpoint()
                     raise Interrupted(
-                        f"stopped by SIGTERM at step {state.step} of {phase}; checkpoint saved in {path};"
-                        " continue with --resume"
+                        f"stopped by {flag['stop']} at step {state.step} of {phase}; checkpoint saved in {path};"
+                        " continue with --resume",
+                        flag["stop"],
                     )
                 if state.step >= total:
                     break
@@ -338,4 +414,6 @@ def train(
     model.eval()
     if loss_modules is not None:
         loss_modules.eval()
-    return TrainResult(steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from)
+    return TrainResult(
+        steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from, skipped=skipped
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from kdforge import faults
 from kdforge.errors import ModelRefError
 from kdforge.models.mlp import MLPClassifier
 from kdforge.registry import Registry
@@ -36,7 +37,11 @@ def is_kdforge_folder(folder: Path) -> bool:
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a completed ``tmp`` folder to ``final``, keeping the old one until the move is done."""
+    """Move a completed ``tmp`` folder to ``final``, keeping the old one until the move is done.
+
+    A run killed before the move leaves no ``final`` (``--resume`` trains that phase again),
+    never a half-written one that it would load as finished."""
+    faults.point("save_model")  # the tests kill the run here: the model written, not yet moved
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)

@@ -18,7 +18,8 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader, Subset
 
-from kdforge.errors import CacheError, RecipeError
+from kdforge.errors import CacheError, Interrupted, RecipeError
+from kdforge.interrupts import stop_requests
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
 from kdforge.signals.cache_store import CacheDtype, CacheWriter, FieldSpec, Manifest
@@ -114,13 +115,20 @@ def write_teacher_cache(
     if start:
         console.print(f"[dim]{output}: resuming after example {start} of {len(train)}")
     loader = DataLoader(Subset(train, range(start, len(train))), batch_size=batch_size, collate_fn=task.collate)
-    with counting_progress(console=console, transient=True) as progress:
+    with stop_requests() as flag, counting_progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"teacher cache {output}", total=len(train), completed=start)
         for batch in loader:
             examples = split_outputs(signal.outputs(batch, frozenset(fields)), batch, specs, temperature)
             for example in examples:
                 writer.add(example)
             progress.advance(bar, len(examples))
+            if flag["stop"]:
+                writer.flush()  # what is done is kept: a shorter shard, then the manifest
+                raise Interrupted(
+                    f"stopped by {flag['stop']}: {writer.start} of {len(train)} examples are in {output};"
+                    " run the same kdforge cache command again to finish it",
+                    flag["stop"],
+                )
     return writer.close()
 
 

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from kdforge import faults
 from kdforge.errors import CacheError
 from kdforge.fsutil import atomic_write_text
 
@@ -302,6 +303,7 @@ class CacheWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        faults.point("cache_shard", index)  # the tests kill the writer here: a shard the manifest lacks
         self.manifest.shards.append(
             ShardInfo(
                 file=name,
