@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from kdforge.errors import ModelRefError
 
@@ -172,13 +173,34 @@ def resolve_model_ref(ref: str, *, field: str = "model") -> ModelLocation:
     return ModelLocation(ref=ref, kind="hub", hub_id=ref)
 
 
+def unsafe_file_error(exc: BaseException, field: str, source: Any) -> ModelRefError | None:
+    """The clear error for a model that would run code to load: pickled weights that are not plain
+    tensors (``torch.load(weights_only=True)`` refused them) or custom modelling code; None otherwise."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return ModelRefError(
+            f"{field}: {source} holds pickled weights that would run code when loaded; refused (kdforge loads"
+            " safetensors, GGUF, or pickles of plain tensors only); get a .safetensors copy of the model"
+        )
+    if "trust_remote_code" in str(exc) or "contains custom code" in str(exc):
+        return ModelRefError(
+            f"{field}: {source} needs its own Python code to load, which kdforge does not run by default;"
+            " read that code, then set trust_remote_code: true in the recipe section of this model"
+        )
+    return None
+
+
 def load_with(loader: Callable[..., T], location: ModelLocation, *, field: str = "model", **kwargs) -> T:
-    """Call a ``from_pretrained``-style loader, turning hub failures into one clear error."""
+    """Call a ``from_pretrained``-style loader, turning hub failures and unsafe files into one clear error."""
     if location.gguf_file:
         kwargs.setdefault("gguf_file", location.gguf_file)
     try:
         return loader(location.source, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise unsafe_file_error(exc, field, location.source) from None
     except (OSError, ValueError) as exc:
+        unsafe = unsafe_file_error(exc, field, location.source)
+        if unsafe is not None:
+            raise unsafe from None
         if location.onnx_file:
             raise ModelRefError(
                 f"{field}: {location.onnx_file} is an ONNX model, which transformers cannot load;"

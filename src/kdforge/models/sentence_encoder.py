@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from sentence_transformers.sentence_transformer.modules import Normalize, Poolin
 from torch import nn
 
 from kdforge.errors import ModelRefError, RecipeError
-from kdforge.models.refs import ModelLocation, resolve_model_ref
+from kdforge.models.refs import ModelLocation, resolve_model_ref, unsafe_file_error
 
 POOLING_MODES = ("mean", "cls", "max")
 
@@ -82,7 +83,12 @@ def load_encoder(
             model = _from_modules(str(location.path), pooling=pooling, normalize=normalize, max_length=max_length)
         else:
             model = SentenceTransformer(str(location.hub_id), device="cpu")
-    except OSError as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        unsafe = unsafe_file_error(exc, field, ref)
+        if unsafe is not None:
+            raise unsafe from None
+        if not isinstance(exc, OSError):
+            raise
         if location.kind == "hub":
             raise ModelRefError(
                 f"{field}: {ref!r} is not a local folder and could not be fetched from the Hugging Face Hub"

@@ -17,6 +17,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -48,7 +49,17 @@ class CompletionsClient:
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise ServedTeacherError(f"{field}: {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
+        try:
+            password = urllib.parse.urlsplit(self.url).password
+        except ValueError as exc:
+            raise ServedTeacherError(f"{field}: {url!r} is not a valid URL ({exc})") from None
+        if password is not None:
+            raise ServedTeacherError(
+                f"{field}: holds a password; remove it from the URL, put the key in an environment variable"
+                " and name that variable in api_key_env (the URL is written to reports, the key never is)"
+            )
         self.model = model
+        self.api_key_env = api_key_env
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -79,6 +90,11 @@ class CompletionsClient:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
                 detail = _error_message(exc)
+                if exc.code in (401, 403):  # the key itself is never part of the message
+                    where = f"the environment variable {self.api_key_env}" if self.api_key_env else "api_key_env"
+                    raise ServedTeacherError(
+                        f"{self.field}: {self.url}{path} answered {exc.code}: {detail}; check the key in {where}"
+                    ) from None
                 if exc.code not in RETRY_STATUSES:
                     raise ServedTeacherError(f"{self.field}: {self.url}{path} answered {exc.code}: {detail}") from None
                 last = f"{exc.code} {detail}"

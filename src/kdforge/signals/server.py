@@ -18,6 +18,7 @@ for loopback tests and small set-ups, not a replacement for vLLM.
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -166,8 +167,14 @@ class CompletionEngine:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def make_server(engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for ``engine`` (port 0 picks a free one: ``server.server_address[1]``)."""
+def make_server(
+    engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+) -> ThreadingHTTPServer:
+    """An HTTP server for ``engine`` (port 0 picks a free one: ``server.server_address[1]``).
+
+    With ``api_key``, completions need ``Authorization: Bearer <api_key>`` (401 otherwise), as
+    OpenAI-compatible servers do; the key is compared in constant time and never echoed.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -194,6 +201,12 @@ def make_server(engine: CompletionEngine, host: str = "127.0.0.1", port: int = 8
         def do_POST(self):  # noqa: N802
             if self.path != "/v1/completions":
                 self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                return
+            if api_key is not None and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode(), f"Bearer {api_key}".encode()
+            ):
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self._send(401, {"error": {"message": "missing or wrong API key", "type": "invalid_api_key"}})
                 return
             try:
                 length = int(self.headers.get("Content-Length", "0"))
