@@ -185,6 +185,12 @@ class Objective:
                     f" but the {exc.side}'s {term.field!r} has size {exc.actual}; set {exc.param}: {exc.actual}"
                 ) from None
             except (ValueError, TypeError) as exc:
+                if term.mask is not None and "mask" in str(exc):  # the recipe chose the mask: name it, and the fix
+                    raise RecipeError(
+                        f"{bound.location}.mask: {term.mask!r} does not line up with the term's {term.field!r}"
+                        f" ({exc}); leave mask unset for the task's default, or choose another of"
+                        f" {', '.join(_offered_masks(batch)) or 'none'}"
+                    ) from None
                 raise RecipeError(f"objective[{bound.index}] ({term.loss}): {exc}") from None
             values[bound.name] = value.detach()
             if bound.state is not None:
@@ -229,15 +235,25 @@ def _term_mask(bound: BoundTerm, batch: dict[str, Any]) -> torch.Tensor | None:
     """The mask the term names; by default the task's mask for the term's field, else ``loss_mask``
     (a batch without masks counts everything)."""
     name = bound.term.mask or batch.get(FIELD_MASKS, {}).get(bound.term.field) or "loss_mask"
+    offered = _offered_masks(batch)
+    if bound.term.mask is not None and name in batch and not name.endswith("_mask"):
+        # labels or inputs would be taken for a mask (nonzero = counted) and silently drop rows
+        raise RecipeError(
+            f"{bound.location}.mask: {name!r} is not a mask; this task's batches offer {', '.join(offered) or 'none'}"
+        )
     if name in batch:
         return batch[name]
     if name == "loss_mask":
         return None
-    offered = sorted(k for k in batch if k.endswith("_mask") and k != "attention_mask")
     raise RecipeError(
         f"{bound.location}.mask: the batch has no {name!r}; this task's batches offer"
         f" {', '.join(offered) or 'no named masks'}"
     )
+
+
+def _offered_masks(batch: dict[str, Any]) -> list[str]:
+    """The batch's masks of positions a term may count (attention_mask is the model's input mask)."""
+    return sorted(k for k in batch if k.endswith("_mask") and k != "attention_mask")
 
 
 def _pick_layer(bound: BoundTerm, value: Any, layer: int | None, side: str) -> Any:

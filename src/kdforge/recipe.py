@@ -158,6 +158,18 @@ class ServedTeacherConfig(Strict):
     retries: int = Field(3, ge=0)
     temperature: float = Field(1.0, gt=0, description="the temperature of the served log-probs (1 for raw ones)")
 
+    @field_validator("url")
+    @classmethod
+    def _no_password(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        if urlsplit(url).password is not None:
+            raise ValueError(
+                "holds a password; remove it from the URL, put the key in an environment variable and name"
+                " that variable in api_key_env (the recipe is copied into the run folder, the key never is)"
+            )
+        return url
+
 
 class EnsembleTeacherConfig(Strict):
     """Several teachers of any kind, weighted (equal weights by default)."""
@@ -466,6 +478,10 @@ def import_plugins(modules: list[str]) -> None:
             raise RecipeError(
                 f"plugins[{i}]: cannot import {name} ({first_line(exc)}); install it or put it on PYTHONPATH"
             ) from None
+        except Exception as exc:  # the plugin's own code failed while it loaded: the user's to fix
+            raise RecipeError(
+                f"plugins[{i}]: importing {name} failed ({exc.__class__.__name__}: {first_line(exc)}); fix the module"
+            ) from None
 
 
 def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -538,7 +554,12 @@ def _check_term_fits_teacher(teacher: Any, term: ObjectiveTerm, spec: Any, where
         if isinstance(member, ServedTeacherConfig) and term.field != "logits":
             raise RecipeError(f"{where}.field: a served teacher ({path}) gives top-k logits only, not {term.field!r}")
         if isinstance(member, (CacheTeacherConfig, ServedTeacherConfig)) and term.field == "logits":
-            used = _term_temperature(term, spec)
+            try:
+                used = _term_temperature(term, spec)
+            except (TypeError, ValueError):  # params are free-form: a list or a word reaches float()
+                raise RecipeError(
+                    f"{where}.params.temperature: must be a number, got {term.params.get('temperature')!r}"
+                ) from None
             if used != member.temperature:
                 raise RecipeError(
                     f"{where}.params.temperature: {used:g}, but {path} holds log-probs at temperature"

@@ -56,7 +56,7 @@ def load_arrays(dataset: str, path: str | None) -> tuple[np.ndarray, np.ndarray]
     try:
         with np.load(file, allow_pickle=False) as arrays:
             features, labels = arrays["X"], arrays["y"]
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, EOFError) as exc:  # an empty file: EOFError, which click takes for ^D
         raise RecipeError(f"data.path: {path} is not an .npz file with arrays X and y ({exc})") from None
     if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
         raise RecipeError(f"data.path: X must be [N, F] and y [N]; got {features.shape} and {labels.shape}")

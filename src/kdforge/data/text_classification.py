@@ -27,6 +27,10 @@ FILES: dict[str, dict[str, str | None]] = {
 }
 
 
+#: what one line of each set holds, for the error that names a line that does not
+LINE_FORMATS = {"sst2": "label<TAB>sentence", "trec": "COARSE:fine question", "emotion": "text;label"}
+
+
 @dataclass
 class LabelledTexts:
     texts: list[str]
@@ -53,7 +57,10 @@ def _read(file: Path, dataset: str, trec_labels: str) -> LabelledTexts:
             label = coarse if trec_labels == "coarse" else label
             sep = sep if fine else ""
         if not sep or not label or not text.strip():
-            raise DataError(f"data.dataset: {file}:{number} is not a {dataset} line: {line[:80]!r}")
+            raise DataError(
+                f"data.dataset: {file}:{number} is not a {dataset} line: {line[:80]!r}; each line holds"
+                f" {LINE_FORMATS[dataset]}: fix the file, or point data.path at a {dataset} folder"
+            )
         texts.append(text.strip())
         labels.append(label.strip())
     if not texts:

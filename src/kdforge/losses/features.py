@@ -118,10 +118,14 @@ def hidden_mse(
         student_hidden = projection(student_hidden)
     if student_hidden.shape != teacher_hidden.shape:
         if student_hidden.shape[:-1] == teacher_hidden.shape[:-1]:
-            how = "after the projection" if projection is not None else "and no projection was given"
+            s, t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+            sizes = f"hidden sizes differ ({s} for the student, {t} for the teacher)"
+            if projection is not None:
+                raise ValueError(f"{sizes} after the projection; it must output {t}")
+            # only code can pass a projection: the message also says what a recipe can do instead
             raise ValueError(
-                f"hidden sizes differ ({student_hidden.shape[-1]} for the student, {teacher_hidden.shape[-1]}"
-                f" for the teacher) {how}; pass a projection from the student's size to the teacher's"
+                f"{sizes} and no projection was given; add one (in code: projection=nn.Linear({s}, {t})), or in a"
+                " recipe give the student the teacher's hidden size or use mi_alpha, which learns the mapping"
             )
         _check_same_shape(student_hidden, teacher_hidden, "hidden states")
     per_position = ((upcast(student_hidden) - upcast(teacher_hidden)) ** 2).mean(-1)

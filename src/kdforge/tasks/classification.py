@@ -126,6 +126,10 @@ class ClassificationTask(Task):
 
     def _load(self, ref: str, field: str) -> nn.Module:
         location = resolve_model_ref(ref, field=field)
+        if location.kind == "hub":  # `runs/model` reads as a hub id; classifiers are never on the hub
+            raise ModelRefError(
+                f"{field}: folder {ref} does not exist; check the path (relative paths start where kdforge runs)"
+            )
         if location.path is None or not is_kdforge_folder(location.path):
             raise ModelRefError(
                 f"{field}: {ref} is not a kdforge classifier folder; feature-vector classification distills"
