@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdforge.errors import Interrupted, KDForgeError
+from kdforge.interrupts import stop_between_units
 
 app = typer.Typer(
     add_completion=False,
@@ -72,6 +76,14 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
         accepted = sum(r["accepted"] for r in pgkd["rounds"])
         lines = sum(r["generated"] for r in pgkd["rounds"])
         out.print(f"PGKD: {accepted} of {lines} generated lines accepted; kept round {pgkd['best_round']}")
+    for run in report["runs"]:
+        for role, m in run["models"].items():
+            skipped = (m.get("train") or {}).get("skipped_batches")
+            if skipped:
+                out.print(
+                    f"seed {run['seed']}, {role}: {len(skipped)} batches skipped for NaN or inf"
+                    f" (training.nonfinite: skip), first at step {skipped[0]['step']} ({skipped[0]['term']})"
+                )
     prune = (report.get("data_plan") or {}).get("prune")
     if prune:
         out.print(f"data pruning ({prune['by']}): trained on {prune['kept']} of {prune['of']} examples")
@@ -93,8 +105,10 @@ def run(
     from kdforge.recipe import load_recipe
     from kdforge.runner import run_recipe
 
+    seed_list = _seeds(seeds)
     parsed = load_recipe(recipe, set_)
-    report = run_recipe(parsed, resume=resume, seeds=_seeds(seeds))
+    with stop_between_units("running the recipe"):
+        report = run_recipe(parsed, resume=resume, seeds=seed_list)
     print_summary(report, parsed.run_dir)
 
 
@@ -121,16 +135,20 @@ def cache(
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "q8"):
         raise KDForgeError(f"--dtype {dtype}: use float32, float16, bfloat16 or q8")
     parsed = load_recipe(recipe, set_)
-    for path, manifest in write_recipe_caches(
-        parsed,
-        k=k,
-        dtype=dtype,  # type: ignore[arg-type]
-        output=output,
-        temperature=temperature,
-        batch_size=batch_size,
-        shard_examples=shard_examples,
-        overwrite=overwrite,
-    ):
+    with stop_between_units("writing the teacher cache"):
+        written = list(
+            write_recipe_caches(
+                parsed,
+                k=k,
+                dtype=dtype,  # type: ignore[arg-type]
+                output=output,
+                temperature=temperature,
+                batch_size=batch_size,
+                shard_examples=shard_examples,
+                overwrite=overwrite,
+            )
+        )
+    for path, manifest in written:
         size = sum(s.bytes for s in manifest.shards)
         kept = ", ".join(f"{name} {mass:.1%}" for name, mass in manifest.kept_mass().items())
         out.print(
@@ -147,22 +165,37 @@ def serve_teacher(
     port: int = typer.Option(8000, "--port", help="TCP port (0 picks a free one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (127.0.0.1: this machine only)"),
     name: str | None = typer.Option(None, "--name", help="model name in the API (default: MODEL)"),
+    api_key_env: str | None = typer.Option(
+        None, "--api-key-env", help="environment variable holding a key that clients must send (Bearer)"
+    ),
 ) -> None:
     """Serve a local causal LM through the OpenAI completions API (logprobs, echo) for served-teacher runs."""
+    import os
+
     from kdforge.signals.server import load_engine, make_server
 
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise KDForgeError(f"--api-key-env {api_key_env}: that environment variable is not set; export it first")
     engine = load_engine(model, name=name)
     try:
-        server = make_server(engine, host, port)
+        server = make_server(engine, host, port, api_key=api_key)
     except OSError as exc:
         raise KDForgeError(
             f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another port"
         ) from None
     err.print(f"serving {engine.name} at http://{host}:{server.server_address[1]}/v1/completions (Ctrl-C stops)")
+
+    def stop(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt  # SIGTERM (a stopped container) ends like Ctrl-C: the port is released
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        err.print("stopped; clients retry until a server answers again at this address")
     finally:
         server.server_close()
 
@@ -179,6 +212,34 @@ def validate(
     length = f"{parsed.training.steps} steps" if parsed.training.steps else f"{parsed.training.epochs} epochs"
     terms = ", ".join(f"{t.weight}×{t.loss}" for t in parsed.objective)
     out.print(f"ok: {parsed.name} (task {parsed.task}; objective {terms}; {length}) -> {parsed.run_dir}")
+
+
+@app.command()
+def plan(
+    recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
+    set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set training.batch_size=16"),
+) -> None:
+    """Estimate the peak memory of the recipe's training (weights, gradients, optimizer, activations, logits)."""
+    from kdforge.plan import human, plan_recipe
+    from kdforge.recipe import load_recipe
+
+    estimate = plan_recipe(load_recipe(recipe, set_))
+    length = f", sequence length {estimate.sequence_length}" if estimate.sequence_length else ""
+    table = Table(
+        title=f"{estimate.recipe}: memory of one training process ({estimate.device}, {estimate.precision},"
+        f" batch {estimate.batch_size}{length})"
+    )
+    table.add_column("component")
+    table.add_column("estimate", justify="right")
+    for name, size in estimate.rows():
+        table.add_row(name, human(size))
+    table.add_row("[bold]peak[/]", f"[bold]{human(estimate.peak)}[/]")
+    table.add_row(f"available on {estimate.device}", human(estimate.available))
+    out.print(table)
+    for note in estimate.notes:
+        out.print(f"note: {note}", highlight=False)
+    verdict = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "unknown (available memory unknown)"}
+    out.print(f"{verdict[estimate.fits]}: peak {human(estimate.peak)}, available {human(estimate.available)}")
 
 
 @app.command("list")
@@ -340,15 +401,32 @@ def students_rank(
         out.print("d_sem: kdforge's width-independent form (Gram of class gradients); widths differ from the teacher's")
 
 
+#: "no space left", "quota exceeded", "file too large": the user frees space and resumes
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         # standalone mode: usage errors print click's message and exit 2; ours arrive here
         app(args=argv, prog_name="kdforge")
     except Interrupted as exc:
-        err.print(f"[yellow]stopped:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(143)
+        err.print(f"[yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except KDForgeError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message quoting "[i]" or a path with brackets is text, not rich markup
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        # every file is written aside and renamed, so what was finished before is intact
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        err.print(
+            f"[red]error:[/] the disk is full{escape(where)} ({exc.strerror}); nothing finished was lost:"
+            " free some space, then run the same command again (kdforge run: with --resume)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(2)
 
 

@@ -26,12 +26,13 @@ from kdforge.active import check_objective, data_plan, prune_splits, run_selecti
 from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.data.selection import Selection
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
-from kdforge.engine.trainer import total_optimizer_steps, train
+from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
 from kdforge.errors import NonFiniteError, RecipeError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.objective import Objective, teacher_fields_of
 from kdforge.outputs import nonfinite_fields
+from kdforge.plan import warn_if_too_big
 from kdforge.recipe import Recipe, TrainingConfig, parse_recipe
 from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
@@ -429,10 +430,14 @@ def run_recipe(
     # every mistake that can be found before training (the folder, the data, the teacher) is
     # found before anything is written: a refused run leaves the disk as it was
     check_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
+    check_training_settings(recipe.training)
     task = TASKS.get(recipe.task, field="task")(recipe)
     splits = task.splits()
     teacher = load_teacher(task, splits.test)
     splits, pruning = prune_splits(task, splits, teacher.model if teacher is not None else None)
+    # the memory plan's probe batch runs the objective once: a mistake that shows only there (a mask,
+    # a hidden size) is also found before anything is written; it warns when the run may not fit
+    warn_if_too_big(recipe, task=task, splits=splits, teacher=teacher)
     moved = (
         prepare_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
         if _is_main()

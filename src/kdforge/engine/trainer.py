@@ -53,10 +53,8 @@ class TrainResult:
     skipped: list[dict[str, Any]] | None = None
 
 
-def make_accelerator(cfg: TrainingConfig, project_dir: Path) -> Accelerator:
-    """A fresh Accelerator; earlier ones in this process (another phase) are forgotten."""
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+def check_training_settings(cfg: TrainingConfig) -> tuple[bool, str]:
+    """Settings this machine cannot honour, refused before a run writes anything; returns (cpu, precision)."""
     for tracker in cfg.trackers:
         if importlib.util.find_spec(tracker) is None:
             raise KDForgeError(f"training.trackers: {tracker} is not installed; pip install {tracker}")
@@ -66,6 +64,14 @@ def make_accelerator(cfg: TrainingConfig, project_dir: Path) -> Accelerator:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if precision == "fp16" and cpu:
         raise KDForgeError("training.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return cpu, precision
+
+
+def make_accelerator(cfg: TrainingConfig, project_dir: Path) -> Accelerator:
+    """A fresh Accelerator; earlier ones in this process (another phase) are forgotten."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    cpu, precision = check_training_settings(cfg)
     try:
         return Accelerator(
             cpu=cpu,
