@@ -36,10 +36,11 @@ def test_components_are_exact_counts_for_an_mlp(tmp_path, digits_teacher):
     assert p.gradients == STUDENT_PARAMS * FP32
     assert p.optimizer_state == 2 * STUDENT_PARAMS * FP32  # AdamW: two moments per parameter
     # the first linear layer keeps its input [B, 64], the second the ReLU's output [B, 16] (one storage)
-    assert p.probe[1][0] == (64 + 16) * FP32
+    assert sorted(p.probe) == [2, 4]  # batches of 2 and 4 examples (a batch of 1 has no in-batch negatives)
+    assert p.probe[2][0] == 2 * (64 + 16) * FP32
     assert p.activations == batch * (64 + 16) * FP32
     # both sides' logits [B, 10] are alive while the loss runs, and backward makes the student's a gradient
-    assert p.probe[2][1] - p.probe[1][1] >= 3 * 10 * FP32
+    assert p.probe[4][1] - p.probe[2][1] >= 2 * 3 * 10 * FP32
     assert p.loss_logits >= 3 * batch * 10 * FP32
     # CPU AdamW: sqrt(exp_avg_sq) and its quotient, the size of the largest parameter (16 x 64)
     assert p.optimizer_step == 2 * 64 * 16 * FP32
@@ -68,11 +69,12 @@ def test_activations_scale_linearly_with_the_batch(tmp_path, digits_teacher):
     small = _plan(tmp_path, digits_teacher, "training.batch_size=16")
     large = _plan(tmp_path, digits_teacher, "training.batch_size=128")
     assert small.probe == large.probe  # the same probe batches, only the extrapolation differs
-    per_example = large.probe[2][0] - large.probe[1][0]
+    per_example = (large.probe[4][0] - large.probe[2][0]) / 2
     assert large.activations - small.activations == (128 - 16) * per_example
-    assert large.loss_logits - small.loss_logits == (128 - 16) * (large.probe[2][1] - large.probe[1][1])
-    assert extrapolate(10, 25, 4) == 10 + 15 * 3
-    assert extrapolate(10, 8, 4) == 10  # never decreasing
+    assert large.loss_logits - small.loss_logits == (128 - 16) * (large.probe[4][1] - large.probe[2][1]) / 2
+    assert extrapolate({2: 10, 4: 40}, 8) == 10 + 15 * 6
+    assert extrapolate({2: 10, 4: 8}, 8) == 10  # never decreasing
+    assert extrapolate({1: 7}, 5) == 35  # one probe size (a training set of one example): proportional
 
 
 def test_bf16_halves_the_teacher_weights_not_the_students(tmp_path, digits_teacher):
@@ -87,9 +89,9 @@ def test_bf16_halves_the_teacher_weights_not_the_students(tmp_path, digits_teach
     )
     # under autocast the saved inputs are bf16 (2 bytes), plus the bf16 copy of the second layer's weight,
     # kept for its input's gradient (batch-independent; the first layer's input needs no gradient)
-    slope = bf16.probe[2][0] - bf16.probe[1][0]
+    slope = (bf16.probe[4][0] - bf16.probe[2][0]) / 2
     assert slope == (64 + 16) * 2
-    assert bf16.probe[1][0] - slope == 16 * 10 * 2
+    assert bf16.probe[2][0] - 2 * slope == 16 * 10 * 2
 
 
 def test_a_teacher_without_weights_counts_none():

@@ -277,7 +277,7 @@ def sequence_length(batch: dict[str, Any]) -> int | None:
     return max(lengths) if lengths else None
 
 
-def longest_examples(dataset, collate, count: int = 2) -> list[tuple[int, Any]]:
+def longest_examples(dataset, collate, count: int = 4) -> list[tuple[int, Any]]:
     """The ``count`` examples, among up to :data:`CANDIDATES` spread over the training set, whose
     batch of one is largest: padded batches are as long as their longest example, so the plan is
     for batches of long examples (the worst the run will see)."""
@@ -297,8 +297,8 @@ def _probe_batch(task, student, signal, objective, batch, excluded: set) -> tupl
     """(activations, loss) bytes of one training forward on ``batch``, as the runner's loss_fn runs it."""
     seen = set(excluded)
     activations, loss_bytes = [0], [0]
-    if objective.needs_teacher:
-        batch = task.training_batch(student, batch, 0)
+    # (task.training_batch is not called: on-policy answers are at most data.max_length long, as the
+    # longest examples the probe takes are, and generating them here would change nothing but time)
     with saved_for_backward(seen, activations):
         student_out = task.adapter(student, batch, objective.student_fields)
     teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
@@ -329,10 +329,15 @@ def output_gradient_bytes(loss: torch.Tensor, outputs: Any) -> int:
     return received[0]
 
 
-def extrapolate(at_1: int, at_2: int, batch_size: int) -> int:
-    """A line through the counts at batch 1 and 2 (never decreasing), read at ``batch_size``."""
-    slope = max(at_2 - at_1, 0)
-    return at_1 + slope * (batch_size - 1)
+def extrapolate(counts: dict[int, int], batch_size: int) -> int:
+    """A line through the counts at the probe's two batch sizes (never decreasing), read at
+    ``batch_size``; with one probe size, proportional to the batch."""
+    (b1, c1), *rest = sorted(counts.items())
+    if not rest:
+        return c1 * batch_size // b1
+    (b2, c2) = rest[-1]
+    slope = max(c2 - c1, 0) / (b2 - b1)
+    return int(round(c1 + slope * (batch_size - b1)))
 
 
 # ----- the whole plan ----------------------------------------------------------------------
@@ -376,11 +381,20 @@ def _check_settings(recipe: Recipe, device: torch.device) -> None:
         raise KDForgeError("training.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
 
 
+def probe_sizes(batch_size: int, examples: int) -> list[int]:
+    """The two batch sizes the probe runs (2 and 4, fewer for a smaller batch or training set).
+
+    Not 1: a loss with in-batch negatives (MI-alpha, contrastive terms) refuses a batch of one,
+    which the run itself never sees when its batch is larger."""
+    top = min(batch_size, examples)
+    return sorted({min(2, top), min(4, top)})
+
+
 def _probe(task, student, signal, objective, batches, trainable, seen) -> tuple[dict, int | None]:
-    """Counts of :func:`_probe_batch` on batches of 1 and 2 examples; and the batch's sequence length."""
+    """Counts of :func:`_probe_batch` on each of ``batches`` ({size: batch}); and the batch's sequence length."""
     probe: dict[int, tuple[int, int]] = {}
     length = None
-    for b, batch in enumerate(batches, start=1):
+    for b, batch in batches.items():
         length = sequence_length(batch)
         probe[b] = _probe_batch(task, student, signal, objective, batch, seen)
         for p in trainable:
@@ -453,15 +467,13 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
 
     as_the_engine_runs(student, recipe, device)
     collate = task_collate(task)
-    items = longest_examples(splits.train, collate)
-    batches = [send_to_device(collate(items[:b]), device) for b in range(1, len(items) + 1)]
-    probe, length = _probe(seed_task, student, signal, objective, batches, trainable, seen)
     batch_size = recipe.training.batch_size
-    if len(probe) == 2:
-        activations = extrapolate(probe[1][0], probe[2][0], batch_size)
-        loss_bytes = extrapolate(probe[1][1], probe[2][1], batch_size)
-    else:  # a training set of one example
-        activations, loss_bytes = probe[1][0] * batch_size, probe[1][1] * batch_size
+    sizes = probe_sizes(batch_size, len(splits.train))
+    items = longest_examples(splits.train, collate, count=sizes[-1])
+    batches = {b: send_to_device(collate(items[:b]), device) for b in sizes}
+    probe, length = _probe(seed_task, student, signal, objective, batches, trainable, seen)
+    activations = extrapolate({b: counts[0] for b, counts in probe.items()}, batch_size)
+    loss_bytes = extrapolate({b: counts[1] for b, counts in probe.items()}, batch_size)
     if recipe.training.gradient_accumulation > 1:
         notes.append("gradient accumulation: activations are for one micro-batch of training.batch_size")
     del student, signal, teacher_models, task, seed_task, splits

@@ -178,6 +178,15 @@ def test_components_come_from_registries_and_listed_plugins_only(tmp_path, monke
     assert_one_line_error(code, err, "plugins[0]: cannot import kd_no_such_plugin", "install it")
     code, _, err = cli(capsys, "validate", "digits_kd", "--set", "plugins=['os; rm -rf /']")
     assert_one_line_error(code, err, "plugins[0]", "is not a module name")
+
+
+@pytest.fixture(autouse=True)
+def _forget_the_test_plugin():
+    """The plugin registers its loss in the process-wide registry: forget it, for the tests that list them."""
+    yield
+    from kdforge.losses import LOSSES
+
+    LOSSES._items.pop("plugin_scaled_ce", None)
     sys.modules.pop("kd_test_plugin", None)
 
 

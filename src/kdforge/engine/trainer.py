@@ -203,29 +203,6 @@ def train(
     """
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
-    with _deterministic(cfg.deterministic):
-        return _train(
-            accelerator, model, dataset, collate_fn, loss_fn, cfg, phase=phase, run_dir=run_dir, evaluate=evaluate,
-            resume=resume, state_hooks=state_hooks, loss_modules=loss_modules, sampler=sampler,
-        )  # fmt: skip
-
-
-def _train(
-    accelerator: Accelerator,
-    model: nn.Module,
-    dataset: Dataset,
-    collate_fn: Callable,
-    loss_fn: LossFn,
-    cfg: TrainingConfig,
-    *,
-    phase: str,
-    run_dir: Path,
-    evaluate: EvalFn | None,
-    resume: bool,
-    state_hooks: tuple[Callable[[], dict], Callable[[dict], None]] | None,
-    loss_modules: nn.Module | None,
-    sampler: Sampler[int] | None,
-) -> TrainResult:
     main = accelerator.is_main_process
     sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
@@ -316,7 +293,11 @@ def _train(
     model.train()
     if loss_modules is not None:
         loss_modules.train()
-    with stop_requests() as flag, _progress(main and progress_enabled()) as progress:
+    with (
+        _deterministic(cfg.deterministic),
+        stop_requests() as flag,
+        _progress(main and progress_enabled()) as progress,
+    ):
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
         while state.step < total:
             batches = (
