@@ -295,8 +295,8 @@ CASES = [
     Case("mask-not-a-mask", (*KD_RUN, *sets("objective[1].mask=labels")),
          "objective[1].mask: 'labels' is not a mask; this task's batches offer none", midrun=True),
     Case("mask-of-the-wrong-shape", (*LM_RUN, *sets("objective[0].mask=attention_mask")),
-         "objective[0].mask: 'attention_mask' does not line up with the term's 'logits' (mask shape (1, 16) does not"
-         " match positions (1, 15)); leave mask unset for the task's default, or choose another of", setup=(lm_files,),
+         "objective[0].mask: 'attention_mask' does not line up with the term's 'logits' (mask shape (2, 16) does not"
+         " match positions (2, 15)); leave mask unset for the task's default, or choose another of", setup=(lm_files,),
          midrun=True),
     Case("layer-of-a-single-tensor", (*KD_RUN, *sets("objective[1].layer=0")),
          "objective[1].layer: the student's 'logits' is one tensor, not one per layer; remove the layer setting",
