@@ -10,9 +10,9 @@ the objective) and measures rather than guesses:
   with momentum, none without);
 - activations: the tensors autograd keeps for backward during one real training forward
   (student adapter and objective, under the run's precision), counted by a
-  ``saved_tensors_hooks`` pair on batches of 1 and 2 real training examples, and
-  extrapolated linearly to ``training.batch_size``. The intercept of that line holds what
-  does not grow with the batch (bf16 copies of the weights under autocast);
+  ``saved_tensors_hooks`` pair on batches of 2 and 4 real training examples (not 1: losses
+  with in-batch negatives refuse it), and extrapolated linearly to ``training.batch_size``.
+  The intercept of that line holds what does not grow with the batch (bf16 copies of the weights under autocast);
 - the loss's logits: the student's and teacher's outputs that are alive while the loss
   runs, plus what the loss keeps for backward (log-softmax copies, fp32 upcasts), plus the
   gradients backward makes for the student's outputs (hooks on them in one real backward).
