@@ -182,10 +182,12 @@ def _train_phase(
             batch = task.training_batch(m, batch, step)
         student_out = task.adapter(m, batch, objective.student_fields)
         teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
-        broken = nonfinite_fields(teacher_out) if teacher_out is not None else []
-        if broken:  # named as the teacher's, not left to surface as some loss term's NaN
-            raise NonFiniteError(f"teacher outputs hold NaN or inf ({', '.join(broken)})", f"teacher.{broken[0]}")
         loss, terms = objective(student_out, teacher_out, batch, step)
+        # a NaN loss from a NaN teacher is named as the teacher's, not as some term's; looked for only
+        # then, as a pass over [B, L, V] teacher logits on every step would cost memory and time
+        broken = nonfinite_fields(teacher_out) if teacher_out is not None and not torch.isfinite(loss) else []
+        if broken:
+            raise NonFiniteError(f"teacher outputs hold NaN or inf ({', '.join(broken)})", f"teacher.{broken[0]}")
         return loss, terms, objective.scalars()
 
     started = time.perf_counter()
