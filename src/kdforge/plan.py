@@ -373,14 +373,6 @@ def _training_device(recipe: Recipe) -> torch.device:
     return torch.device("cuda" if cuda else "cpu")
 
 
-def _check_settings(recipe: Recipe, device: torch.device) -> None:
-    """The settings the engine would refuse on this machine, refused with the engine's words."""
-    if recipe.training.device == "cuda" and not torch.cuda.is_available():
-        raise KDForgeError("training.device: cuda was asked for but no GPU is visible; use auto or cpu")
-    if recipe.training.precision == "fp16" and device.type == "cpu":
-        raise KDForgeError("training.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
-
-
 def probe_sizes(batch_size: int, examples: int) -> list[int]:
     """The two batch sizes the probe runs (2 and 4, fewer for a smaller batch or training set).
 
@@ -418,13 +410,13 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
     """
     from accelerate.utils import send_to_device, set_seed
 
-    from kdforge.engine.trainer import model_parameter_groups
+    from kdforge.engine.trainer import check_training_settings, model_parameter_groups
     from kdforge.objective import Objective, teacher_fields_of
     from kdforge.signals.from_recipe import build_signal
     from kdforge.tasks import TASKS
 
     device = _training_device(recipe)
-    _check_settings(recipe, device)
+    check_training_settings(recipe.training)  # what the engine would refuse on this machine
     available = available_memory(device)  # before this plan loads anything
     notes: list[str] = []
     task = task if task is not None else TASKS.get(recipe.task, field="task")(recipe)
