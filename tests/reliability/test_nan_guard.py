@@ -119,3 +119,22 @@ def test_nan_in_the_teacher_outputs_is_named_as_the_teachers(tmp_path, digits_te
     save_file(weights, str(broken / "model.safetensors"))
     with pytest.raises(NonFiniteError, match=r"at step 0 of student \(from: teacher\.logits\)"):
         run_recipe(kd_recipe(tmp_path / "runs", broken))
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught_too(tmp_path, digits_teacher, monkeypatch):
+    """sqrt(|0 * logits|) adds 0 to the loss but NaN to every gradient: the clipped norm is not finite."""
+    original = Objective.__call__
+
+    def call(self, student, teacher, batch, at):
+        loss, terms = original(self, student, teacher, batch, at)
+        if at == 4 and teacher is not None:
+            loss = loss + (student.logits.sum() * 0).abs().sqrt()
+        return loss, terms
+
+    monkeypatch.setattr(Objective, "__call__", call)
+    with pytest.raises(NonFiniteError, match=r"at step 4 of student \(from: gradient\)"):
+        run_recipe(kd_recipe(tmp_path / "stop", digits_teacher))
+    report = run_recipe(kd_recipe(tmp_path / "skip", digits_teacher, "training.nonfinite=skip"))
+    assert report["runs"][0]["models"]["student"]["train"]["skipped_batches"] == [{"step": 4, "term": "gradient"}]
+    weights = load_file(str(tmp_path / "skip" / "digits-kd" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -178,6 +178,11 @@ def test_components_come_from_registries_and_listed_plugins_only(tmp_path, monke
     assert_one_line_error(code, err, "plugins[0]: cannot import kd_no_such_plugin", "install it")
     code, _, err = cli(capsys, "validate", "digits_kd", "--set", "plugins=['os; rm -rf /']")
     assert_one_line_error(code, err, "plugins[0]", "is not a module name")
+    (tmp_path / "kd_broken_plugin.py").write_text("1 / 0\n")
+    code, _, err = cli(capsys, "validate", "digits_kd", "--set", "plugins=[kd_broken_plugin]")
+    assert_one_line_error(
+        code, err, "plugins[0]: importing kd_broken_plugin failed (ZeroDivisionError", "; fix the module"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +193,7 @@ def _forget_the_test_plugin():
 
     LOSSES._items.pop("plugin_scaled_ce", None)
     sys.modules.pop("kd_test_plugin", None)
+    sys.modules.pop("kd_broken_plugin", None)
 
 
 # ----- output paths ---------------------------------------------------------------------------
