@@ -29,16 +29,8 @@ def stop_requests() -> Iterator[dict[str, Any]]:
             raise KeyboardInterrupt
         flag["stop"] = signal.Signals(signum).name
 
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread
+    with _handling(handler):
         yield flag
-        return
-    try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @contextmanager
@@ -54,9 +46,17 @@ def stop_between_units(what: str) -> Iterator[None]:
         name = signal.Signals(signum).name
         raise Interrupted(f"stopped by {name} while {what}; finished work is kept; continue with --resume", name)
 
+    with _handling(handler):
+        yield
+
+
+@contextmanager
+def _handling(handler) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT inside the block, the previous handlers restored after it.
+    Outside the main thread no handler can be set: the block then runs without one."""
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread
+    except ValueError:
         yield
         return
     try:

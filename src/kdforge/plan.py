@@ -367,12 +367,6 @@ def as_the_engine_runs(student: nn.Module, recipe: Recipe, device: torch.device)
     student.forward = convert_outputs_to_fp32(torch.autocast(device_type=device.type, dtype=dtype)(student.forward))
 
 
-def _training_device(recipe: Recipe) -> torch.device:
-    cfg = recipe.training
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
-
-
 def probe_sizes(batch_size: int, examples: int) -> list[int]:
     """The two batch sizes the probe runs (2 and 4, fewer for a smaller batch or training set).
 
@@ -415,8 +409,8 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
     from kdforge.signals.from_recipe import build_signal
     from kdforge.tasks import TASKS
 
-    device = _training_device(recipe)
-    check_training_settings(recipe.training)  # what the engine would refuse on this machine
+    cpu, _ = check_training_settings(recipe.training)  # refuses what the engine would refuse here
+    device = torch.device("cpu" if cpu else "cuda")
     available = available_memory(device)  # before this plan loads anything
     notes: list[str] = []
     task = task if task is not None else TASKS.get(recipe.task, field="task")(recipe)
