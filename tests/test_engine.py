@@ -332,7 +332,7 @@ def test_loss_modules_under_ddp_match_one_process_with_the_same_global_batch(tmp
     script = tmp_path / "ddp_loss_modules.py"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "8"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "16"]
     two, one = tmp_path / "two", tmp_path / "one"
     for args, folder in (([*launch, str(two)], two), ([sys.executable, str(script), "16", str(one)], one)):
         folder.mkdir()

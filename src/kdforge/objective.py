@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdforge.distributed import current_share, gather_rows, global_mean, local_only, mean_over_processes
 from kdforge.errors import RecipeError, first_line
 from kdforge.losses import LossSpec
 from kdforge.losses.registry import MODULE_PARAM_ERRORS, LossModuleSpec, SizeMismatch, TermState, find_term_loss
@@ -178,7 +179,7 @@ class Objective:
             if bound.module is not None:
                 _check_tensors(bound, prediction, target)
             try:
-                value = bound.fn(prediction, target, mask=mask, **extra, **bound.loss_params)
+                value = _term_value(bound, prediction, target, mask, extra)
             except SizeMismatch as exc:
                 raise RecipeError(
                     f"{bound.location}.params.{exc.param}: {term.loss!r} was built for {exc.param}={exc.expected},"
@@ -193,8 +194,8 @@ class Objective:
                     ) from None
                 raise RecipeError(f"objective[{bound.index}] ({term.loss}): {exc}") from None
             values[bound.name] = value.detach()
-            if bound.state is not None:
-                bound.observe(step, float(value.detach()))
+            if bound.state is not None:  # every process's state follows the global batch's value
+                bound.observe(step, float(mean_over_processes(value) if current_share() else value.detach()))
             contribution = weights[bound.name] * value
             total = contribution if total is None else total + contribution
         assert total is not None
@@ -224,6 +225,31 @@ class Objective:
                 saved = state[t.name]
                 t.state.load_state_dict(saved["state"])
                 t.pending_step, t.pending = saved["pending_step"], list(saved["pending"])
+
+
+def _term_value(
+    bound: BoundTerm, prediction: Any, target: Any, mask: torch.Tensor | None, extra: dict[str, Any]
+) -> torch.Tensor:
+    """The term's loss; on several processes, this process's share of the global batch's value
+    (:mod:`kdforge.distributed`)."""
+    share = current_share()
+    if share is None:
+        return bound.fn(prediction, target, mask=mask, **extra, **bound.loss_params)
+    if bound.spec.couples_batch:  # every process computes the value on the whole batch's rows
+        where = f"{bound.location} ({bound.term.loss})"
+        prediction, target, mask = (
+            gather_rows(x, counted=share.counted, where=where) for x in (prediction, target, mask)
+        )
+        if "labels" in extra:
+            extra = {**extra, "labels": gather_rows(extra["labels"], counted=share.counted, where=where)}
+        with local_only():
+            return bound.fn(prediction, target, mask=mask, **extra, **bound.loss_params)
+    before = share.reductions
+    value = bound.fn(prediction, target, mask=mask, **extra, **bound.loss_params)
+    if share.reductions == before:  # a loss that reduced on its own is taken as a mean over its rows
+        rows = prediction.shape[0] if isinstance(prediction, torch.Tensor) and prediction.dim() else 1
+        value = global_mean(value * rows, value.new_tensor(float(rows)))
+    return value
 
 
 #: batch key of a task's default mask per output field (``{"attentions": "token_mask"}``): a

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.state import PartialState
 from accelerate.utils import set_seed
 from rich.console import Console
 from torch.utils.data import Dataset
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 from kdforge.active import check_objective, data_plan, prune_splits, run_selection_rounds, selection_baseline_set
 from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.data.selection import Selection
+from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
 from kdforge.errors import NonFiniteError, RecipeError, RunDirError
@@ -47,7 +47,7 @@ BASELINE_DIR = "baseline"
 
 
 def _is_main() -> bool:
-    return PartialState().is_main_process
+    return is_main()
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml: str) -> None:
@@ -122,6 +122,8 @@ def load_teacher(task: Task, test) -> TeacherView | None:
     built = build_signal(task, recipe.teacher, teacher_fields_of(recipe.objective))
     if built.model is None:  # a served teacher, a cache without its model, an ensemble: nothing to evaluate alone
         return TeacherView(built.signal, None, None, None, built.info)
+    if not is_main():  # the main process evaluates and reports; the others only train
+        return TeacherView(built.signal, built.model, None, None, built.info)
     evaluation = task.evaluate(built.model, test)
     files = task.teacher_weight_files(built.model_ref) if built.model_ref else []
     summary = {"metrics": evaluation.metrics, **_speed_and_size(task, built.model, test, files)}
@@ -129,8 +131,8 @@ def load_teacher(task: Task, test) -> TeacherView | None:
 
 
 def _planned_steps(recipe: Recipe, train_size: int) -> int:
-    per_rank = recipe.training.batch_size * PartialState().num_processes
-    return total_optimizer_steps(recipe.training, math.ceil(train_size / per_rank))
+    # training.batch_size is the global batch, whatever the number of processes
+    return total_optimizer_steps(recipe.training, math.ceil(train_size / recipe.training.batch_size))
 
 
 def _train_phase(
@@ -217,7 +219,7 @@ def _train_phase(
     evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
     if evaluations and evaluations[-1]["step"] < result.steps:
         # the engine evaluates only before the last step; a curve (and a verdict on it) needs the end too
-        record = {"phase": phase, "step": result.steps, "eval": evaluate(model)}
+        record = {"phase": phase, "step": result.steps, "eval": on_main(lambda: evaluate(model))}
         MetricsLog(seed_dir / "metrics.jsonl", enabled=_is_main()).write(record)
         evaluations.append(record)
     info.update(task.review_evaluations(evaluations))
@@ -225,6 +227,7 @@ def _train_phase(
         if folder is not None:
             task.save_model(model, folder, card="")
         shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
+    barrier()  # no process goes on before the model is saved and the checkpoints are gone
     return model, info
 
 
@@ -288,6 +291,7 @@ class _Rounds:
         if _is_main():
             self.task.save_model(model, self.folder, card="")
             atomic_write_text(self.log_file, json.dumps(info, indent=2))
+        barrier()
         return info
 
 
@@ -308,7 +312,7 @@ def _train_selected(
         splits.train,
         teacher.signal,
         lambda r, model, dataset, signal: rounds.train(model, dataset, signal),
-        lambda m: task.evaluate(m, splits.eval).metrics,
+        lambda m: on_main(lambda: task.evaluate(m, splits.eval).metrics),
         task.recipe.evaluation.batch_size,
     )
     return model, rounds.save(model, selection={**log.as_dict(), "pool": len(splits.train)})
@@ -355,6 +359,8 @@ def _train_with_generated_data(
 
 
 def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:
+    """Train the student and the baseline (every process), then evaluate them (the main process,
+    whose results every process returns)."""
     recipe = task.recipe
     _, selection = data_plan(task)
     steps = _planned_steps(recipe, len(splits.train))
@@ -367,19 +373,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
     else:
         student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
 
-    roles: dict[str, Any] = {}
-    reference = teacher.evaluation.logits if teacher is not None and teacher.evaluation is not None else None
-    if teacher is not None and teacher.summary is not None:
-        roles["teacher"] = teacher.summary
-    student_eval = task.evaluate(student, splits.test)
-    roles["student"] = {
-        "metrics": student_eval.metrics,
-        "train": student_train,
-        **_speed_and_size(task, student, splits.test, task.saved_weight_files(seed_dir / MODEL_DIR)),
-    }
-    if reference is not None:
-        roles["student"]["fidelity"] = fidelity(reference, student_eval.logits)
-
+    baseline, baseline_train = None, None
     distilled = (teacher is not None and objective.needs_teacher) or generated
     if recipe.evaluation.baseline and distilled:
         baseline_terms = task.baseline_objective()
@@ -388,6 +382,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
             baseline, baseline_train = task.build_student(), {"steps": 0, "untrained": True}
             if _is_main():
                 task.save_model(baseline, seed_dir / BASELINE_DIR, card="")
+            barrier()
         else:
             # under active distillation, the baseline buys as many labels as the student bought teacher outputs;
             # under it and PGKD, it trains as many optimizer steps as all rounds together
@@ -399,20 +394,33 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
                 train_set=labelled,
                 training=recipe.training.model_copy(update={"steps": length, "epochs": None}) if length else None,
             )  # fmt: skip
-        baseline_eval = task.evaluate(baseline, splits.test)
-        roles["baseline"] = {
-            "metrics": baseline_eval.metrics,
-            "train": baseline_train,
-            **({"fidelity": fidelity(reference, baseline_eval.logits)} if reference is not None else {}),
-            **_speed_and_size(task, baseline, splits.test, task.saved_weight_files(seed_dir / BASELINE_DIR)),
+    trained = {"student": (student, student_train, MODEL_DIR)}
+    if baseline is not None:
+        trained["baseline"] = (baseline, baseline_train, BASELINE_DIR)
+    return on_main(lambda: _evaluate_seed(task, seed_dir, teacher, splits, trained))
+
+
+def _evaluate_seed(
+    task: Task, seed_dir: Path, teacher: TeacherView | None, splits, trained: dict[str, tuple]
+) -> dict[str, Any]:
+    """Test results of the teacher and of each trained ``role: (model, training info, folder)``."""
+    roles: dict[str, Any] = {}
+    reference = teacher.evaluation.logits if teacher is not None and teacher.evaluation is not None else None
+    if teacher is not None and teacher.summary is not None:
+        roles["teacher"] = teacher.summary
+    for role, (model, info, folder) in trained.items():
+        evaluation = task.evaluate(model, splits.test)
+        roles[role] = {
+            "metrics": evaluation.metrics,
+            "train": info,
+            **({"fidelity": fidelity(reference, evaluation.logits)} if reference is not None else {}),
+            **_speed_and_size(task, model, splits.test, task.saved_weight_files(seed_dir / folder)),
         }
     models = {"teacher": teacher.model} if teacher is not None and teacher.model is not None else {}
-    models["student"] = student
-    if "baseline" in roles:
-        models["baseline"] = baseline
+    models.update({role: model for role, (model, _, _) in trained.items()})
     samples = task.sample_generations(models, splits.test)
     return {
-        "seed": recipe.training.seed,
+        "seed": task.recipe.training.seed,
         "dir": str(seed_dir),
         "models": roles,
         **({"samples": samples} if samples else {}),
@@ -432,7 +440,10 @@ def run_recipe(
     # every mistake that can be found before training (the folder, the data, the teacher) is
     # found before anything is written: a refused run leaves the disk as it was
     check_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
-    check_training_settings(recipe.training)
+    cpu, _ = check_training_settings(recipe.training)
+    # under `accelerate launch`, join the processes first: on a GPU machine told to train on the
+    # CPU, a group made by a later default would be NCCL's, which Accelerate then cannot change
+    start_processes(cpu)
     task = TASKS.get(recipe.task, field="task")(recipe)
     splits = task.splits()
     teacher = load_teacher(task, splits.test)
@@ -445,7 +456,7 @@ def run_recipe(
         if _is_main()
         else None
     )
-    PartialState().wait_for_everyone()
+    barrier()
 
     seeds = seeds or [recipe.training.seed]
     runs = []

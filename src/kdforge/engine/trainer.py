@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,10 +30,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdforge import faults
+from kdforge.distributed import mean_over_processes, on_main, process_share
 from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from kdforge.engine.metrics_log import MetricsLog
 from kdforge.engine.optim import build_lr_scheduler, build_optimizer
-from kdforge.engine.sampler import EpochShuffleSampler
+from kdforge.engine.sampler import EpochShuffleSampler, ProcessShareBatches
 from kdforge.errors import Interrupted, KDForgeError, NonFiniteError
 from kdforge.interrupts import stop_requests
 from kdforge.recipe import TrainingConfig
@@ -64,6 +67,13 @@ def check_training_settings(cfg: TrainingConfig) -> tuple[bool, str]:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if precision == "fp16" and cpu:
         raise KDForgeError("training.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if sharded and not cpu:  # (on the CPU, Accelerate runs such a launch as DDP)
+        raise KDForgeError(
+            f"accelerate launch: {sharded[0].replace('DEEPSPEED', 'DeepSpeed')} shards the student, and kdforge's"
+            " checkpoints, evaluation and saved model need it whole on the main process; launch with"
+            " --multi_gpu (DDP) instead"
+        )
     return cpu, precision
 
 
@@ -166,6 +176,48 @@ def _average_across_processes(params: list[nn.Parameter], accelerator: Accelerat
             p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
+class _ShareItems(Dataset):
+    """Items looked up by the ``(index, counted)`` pairs of :class:`ProcessShareBatches`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[Any, bool]:
+        return self.dataset[key[0]], key[1]
+
+
+def _share_loader(
+    dataset: Dataset, sampler: Sampler[int], collate_fn: Callable, cfg: TrainingConfig, accelerator: Accelerator
+) -> DataLoader:
+    """This process's share of each global batch of ``cfg.batch_size``, collated as ``(batch, counted)``
+    and placed on the training device.
+
+    Accelerate's own sharding is not used: it gives each process a batch of its own (the
+    global batch would grow with the number of processes) and repeats examples to even
+    out the last batch. Its loader still wraps this one (one process's view), for device
+    placement, skipping on resume, and the end-of-epoch signal of gradient accumulation.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size < world:
+        raise KDForgeError(
+            f"training.batch_size: {cfg.batch_size} is the global batch, split over {world} processes, so some would"
+            f" get nothing; set it to at least {world}"
+        )
+
+    def collate(items: list[tuple[Any, bool]]) -> tuple[Any, bool]:
+        return collate_fn([item for item, _ in items]), all(counted for _, counted in items)
+
+    loader = DataLoader(
+        _ShareItems(dataset),
+        batch_sampler=ProcessShareBatches(sampler, cfg.batch_size, rank, world),
+        collate_fn=collate,
+    )
+    return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True)
+
+
 def model_parameter_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     """The model's trainable parameters as optimizer groups. A model may split them itself with a
     ``parameter_groups()`` method whose groups carry an ``lr_scale`` (Distill-VQ trains its IVF centroids
@@ -205,13 +257,14 @@ def train(
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     sampler = sampler if sampler is not None else EpochShuffleSampler(len(dataset), seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
+    loader = _share_loader(dataset, sampler, collate_fn, cfg, accelerator)
+    world = accelerator.num_processes
     loss_params = _place_loss_modules(loss_modules, accelerator)
     groups = model_parameter_groups(model)
     if loss_params:
         groups.append({"params": loss_params})
     optimizer = build_optimizer(groups, cfg)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     clipped = [*model.parameters(), *loss_params] if loss_params else None
     batches_per_epoch = len(loader)
     total = total_optimizer_steps(cfg, batches_per_epoch)
@@ -309,10 +362,11 @@ def train(
             sampler.set_epoch(state.epoch)  # type: ignore[attr-defined]
             if hasattr(dataset, "set_epoch"):  # a dataset that changes per epoch (fresh generations)
                 dataset.set_epoch(state.epoch)
-            for batch in batches:
+            for batch, counted in batches:
                 with accelerator.accumulate(model):
                     try:
-                        loss, terms, *extra = loss_fn(model, batch, state.step)
+                        with process_share(world, counted):  # losses average over the global batch
+                            loss, terms, *extra = loss_fn(model, batch, state.step)
                         bad = _nonfinite_term(loss, terms)
                     except NonFiniteError as exc:  # the loss function found it first (a teacher's NaN)
                         loss, terms, extra, bad = None, {}, [], exc.term or "input"
@@ -335,10 +389,11 @@ def train(
                     optimizer.step()
                     optimizer.zero_grad()
                 state.batches_in_epoch += 1
-                if bad is None:
-                    step_loss += loss.item()
-                    for k, v in terms.items():
-                        step_terms[k] = step_terms.get(k, 0.0) + v.item()
+                if bad is None:  # each process holds a share: their mean is the global batch's value
+                    values = mean_over_processes(torch.stack([loss.detach(), *terms.values()]).float()).tolist()
+                    step_loss += values[0]
+                    for k, v in zip(terms, values[1:]):
+                        step_terms[k] = step_terms.get(k, 0.0) + v
                     step_micro += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -379,7 +434,7 @@ def train(
                 if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
                     model.eval()
                     faults.point("eval", state.step)  # the tests kill the run here: mid-evaluation
-                    metrics = evaluate(accelerator.unwrap_model(model))
+                    metrics = on_main(lambda: evaluate(accelerator.unwrap_model(model)))
                     model.train()
                     log.write({"phase": phase, "step": state.step, "eval": metrics})
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:

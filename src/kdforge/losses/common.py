@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from kdforge.distributed import current_share, global_mean
+
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision inputs; float64 stays float64 (references, gradcheck)."""
@@ -16,11 +18,21 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` over the positions where ``mask`` (same shape) is True."""
+    """Mean of ``values`` over the positions where ``mask`` (same shape) is True.
+
+    In a training step on several processes it is the mean over the global batch:
+    counts are summed over processes before dividing (:func:`kdforge.distributed.global_mean`),
+    so the result does not depend on how the batch was split.
+    """
+    if mask is not None and mask.shape != values.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(values.shape)}")
+    if current_share() is not None:
+        if mask is None:
+            return global_mean(values.sum(), values.new_tensor(float(values.numel())))
+        weights = mask.to(values.dtype)
+        return global_mean((values * weights).sum(), weights.sum())
     if mask is None:
         return values.mean()
-    if mask.shape != values.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(values.shape)}")
     weights = mask.to(values.dtype)
     # clamp: an all-masked batch contributes 0 instead of 0/0 = NaN
     return (values * weights).sum() / weights.sum().clamp_min(1.0)

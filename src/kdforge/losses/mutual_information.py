@@ -122,7 +122,7 @@ class _SeparableMLPCritic(nn.Module):
         )
 
 
-@register_loss_module("mi_alpha")
+@register_loss_module("mi_alpha", couples_batch=True)
 class MIAlpha(nn.Module):
     """Loss = -I_alpha, the interpolated MI lower bound between student and teacher representations.
 

@@ -251,4 +251,5 @@ def contrastive(
         if mask.shape != student.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match scores {tuple(student.shape)}")
         scores = scores.masked_fill(~mask.bool(), torch.finfo(scores.dtype).min)
-    return F.cross_entropy(scores, labels.long())
+    # per query, then masked_mean: the mean over the queries of the global batch on several processes
+    return masked_mean(F.cross_entropy(scores, labels.long(), reduction="none"), None)

@@ -66,6 +66,9 @@ class LossSpec:
     state: type[TermState] | None = None
     #: parameters only code can pass (a projection module), not a recipe
     code_only: tuple[str, ...] = ()
+    #: the value couples the rows of a batch (a transport plan, a batch mean inside a square,
+    #: in-batch negatives): on several processes its inputs are gathered from all of them
+    couples_batch: bool = False
 
     def loss_param_names(self) -> set[str]:
         """Keyword-only parameters of the loss function a recipe may set."""
@@ -103,8 +106,14 @@ def register_loss(
     needs_labels: bool = False,
     state: type[TermState] | None = None,
     code_only: tuple[str, ...] = (),
+    couples_batch: bool = False,
 ):
-    """Register ``fn`` under ``name``; its docstring's first line is its summary."""
+    """Register ``fn`` under ``name``; its docstring's first line is its summary.
+
+    A loss that averages over positions or rows does so with
+    :func:`kdforge.losses.common.masked_mean`, which is what makes it exact on several
+    processes; one whose value is not such a mean sets ``couples_batch``.
+    """
 
     def decorate(fn: LossFn) -> LossFn:
         summary = (inspect.getdoc(fn) or "").strip().splitlines()[0] if fn.__doc__ else name
@@ -116,6 +125,7 @@ def register_loss(
             needs_labels=needs_labels,
             state=state,
             code_only=code_only,
+            couples_batch=couples_batch,
         )
         if name in LOSS_MODULES:
             raise ValueError(f"loss {name!r} has the name of a registered loss module")
@@ -156,6 +166,8 @@ class LossModuleSpec:
     target: Literal["teacher", "labels", "none"]
     summary: str
     needs_labels: bool = False
+    #: as :attr:`LossSpec.couples_batch`
+    couples_batch: bool = False
 
     def init_param_names(self) -> set[str]:
         return _keyword_params(self.cls.__init__, exclude={"self"})
@@ -197,12 +209,16 @@ class LossModuleSpec:
 LOSS_MODULES: Registry[LossModuleSpec] = Registry("loss module")
 
 
-def register_loss_module(name: str, *, target: Literal["teacher", "labels", "none"] = "teacher"):
+def register_loss_module(
+    name: str, *, target: Literal["teacher", "labels", "none"] = "teacher", couples_batch: bool = False
+):
     """Register a learnable loss ``nn.Module`` class under ``name``; its docstring's first line is its summary."""
 
     def decorate(cls: type) -> type:
         doc = (inspect.getdoc(cls) or "").strip().splitlines()
-        spec = LossModuleSpec(name=name, cls=cls, target=target, summary=doc[0] if doc else name)
+        spec = LossModuleSpec(
+            name=name, cls=cls, target=target, summary=doc[0] if doc else name, couples_batch=couples_batch
+        )
         # a name in both signatures would be ambiguous in a recipe's params
         both = spec.init_param_names() & spec.loss_param_names()
         if both:

@@ -36,7 +36,7 @@ def flops(weights: torch.Tensor) -> torch.Tensor:
     return (upcast(weights).abs().mean(0) ** 2).sum()
 
 
-@register_loss("flops", target="none")
+@register_loss("flops", target="none", couples_batch=True)
 def flops_regulariser(
     student: torch.Tensor,
     teacher: object = None,

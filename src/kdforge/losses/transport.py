@@ -60,7 +60,7 @@ def _topk_l1_cost(q: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor) -> to
     return cost
 
 
-@register_loss("sinkhorn")
+@register_loss("sinkhorn", couples_batch=True)
 def sinkhorn(
     student: torch.Tensor,
     teacher: Teacher,

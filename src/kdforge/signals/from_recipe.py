@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from kdforge.distributed import process_gpu
 from kdforge.recipe import (
     CacheTeacherConfig,
     EnsembleTeacherConfig,
@@ -40,7 +41,7 @@ class BuiltSignal:
 def build_signal(task, cfg, teacher_fields: frozenset[str], where: str = "teacher") -> BuiltSignal:
     if isinstance(cfg, OnlineTeacherConfig):
         model = task.load_teacher(cfg.model, f"{where}.model")
-        signal = OnlineTeacher(model, task.adapter, device=cfg.device, dtype=cfg.dtype)
+        signal = OnlineTeacher(model, task.adapter, device=cfg.device or process_gpu(), dtype=cfg.dtype)
         return BuiltSignal(signal, model, cfg.model, {"signal": "online", "model": cfg.model})
     if isinstance(cfg, CacheTeacherConfig):
         settings = cache_settings(k=cfg.k, dtype=cfg.dtype, temperature=cfg.temperature, fields=sorted(teacher_fields))

@@ -44,6 +44,7 @@ class CompletionEngine:
         self.name = name
         self.lock = threading.Lock()
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
+        self.device = next(model.parameters()).device
 
     # -- request parsing
 
@@ -74,8 +75,8 @@ class CompletionEngine:
     @torch.no_grad()
     def _run(self, ids: list[int], max_tokens: int, temperature: float, generator: torch.Generator | None):
         """Log-softmaxes predicting each token after the first, and the generated tokens."""
-        tokens = torch.tensor([ids])
-        logits = self.model(input_ids=tokens).logits[0].float()
+        tokens = torch.tensor([ids], device=self.device)
+        logits = self.model(input_ids=tokens).logits[0].float().cpu()  # sampling and answers on the CPU
         rows = [torch.log_softmax(logits, -1)]
         generated: list[int] = []
         for _ in range(max_tokens):
@@ -88,8 +89,8 @@ class CompletionEngine:
             generated.append(token)
             if self.tokenizer is not None and token == getattr(self.tokenizer, "eos_token_id", None):
                 break
-            tokens = torch.cat([tokens, torch.tensor([[token]])], 1)
-            step = self.model(input_ids=tokens).logits[0, -1:].float()  # no KV cache: simple and exact
+            tokens = torch.cat([tokens, torch.tensor([[token]], device=self.device)], 1)
+            step = self.model(input_ids=tokens).logits[0, -1:].float().cpu()  # no KV cache: simple and exact
             rows.append(torch.log_softmax(step, -1))
         return torch.cat(rows), generated
 
@@ -222,8 +223,11 @@ def make_server(
     return server
 
 
-def load_engine(model_ref: str, *, name: str | None = None, trust_remote_code: bool = False) -> CompletionEngine:
-    """A causal LM and its tokenizer from a folder, GGUF file, hub id or package:NAME."""
+def load_engine(
+    model_ref: str, *, name: str | None = None, trust_remote_code: bool = False, device: str | None = None
+) -> CompletionEngine:
+    """A causal LM and its tokenizer from a folder, GGUF file, hub id or package:NAME, on ``device``
+    (default: where it loads, the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdforge.errors import ModelRefError
@@ -237,4 +241,9 @@ def load_engine(model_ref: str, *, name: str | None = None, trust_remote_code: b
         tokenizer = load_with(AutoTokenizer.from_pretrained, location, field="MODEL_REF")
     except (ModelRefError, ValueError, OSError):  # a model without a tokenizer still serves token ids
         tokenizer = None
+    if device is not None:
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as exc:  # no such GPU, or a CPU-only torch
+            raise ModelRefError(f"--device {device}: {str(exc).splitlines()[0]}") from None
     return CompletionEngine(model, tokenizer, name or model_ref)

@@ -6,7 +6,8 @@ compare:
 
 - ``embeddings``: the sentence embedding ``[B, D]`` (``embedding_mse``, ``cosine_distance``);
 - ``scores``: the in-batch cosine-similarity matrix ``[B, B]``, its diagonal (a text
-  with itself) excluded as ``-inf``, for ``listwise_kl`` over each text's neighbours;
+  with itself) excluded as ``-inf``, for ``listwise_kl`` over each text's neighbours
+  (on several processes, each process's rows against the whole global batch);
 - per-layer ``hidden_states``, ``attentions``, ``qkv`` and ``values``, for MiniLM's
   ``attention_kl``, ``value_relation`` and ``qkv_relations``: pick the layer with the
   term's ``layer`` (``-1``: the last, as MiniLM does). These terms count real tokens
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdforge.data.beir import load_beir, resolve_data_path
+from kdforge.distributed import batch_rows
 from kdforge.errors import DataError
 from kdforge.objective import FIELD_MASKS
 from kdforge.outputs import ModelOutputs
@@ -112,8 +114,11 @@ class EmbeddingTask(EncoderTask):
         if "embeddings" in fields:
             out.embeddings = embeddings
         if "scores" in fields:
-            scores = similarity(model, embeddings, embeddings)
-            own = torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+            # on several processes, against the texts of the whole global batch, as on one
+            batch_embeddings, first = batch_rows(embeddings)
+            scores = similarity(model, embeddings, batch_embeddings)
+            rows, columns = (torch.arange(n, device=scores.device) for n in scores.shape)
+            own = columns.unsqueeze(0) == (first + rows).unsqueeze(1)  # each text with itself
             out.scores = scores.masked_fill(own, float("-inf"))
         return out
 

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset, Sampler
 from kdforge.data.beir import load_beir, resolve_data_path
 from kdforge.data.mining import mine_negatives
 from kdforge.data.tasb import RandomPairSampler, TASBSampler, cluster_queries
+from kdforge.distributed import batch_items, batch_rows
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import retrieval_metrics, search
 from kdforge.models.refs import resolve_model_ref
@@ -85,23 +86,27 @@ def _is_cross_encoder(path: Path | None) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
-def in_batch_layout(scores: torch.Tensor) -> torch.Tensor:
+def in_batch_layout(scores: torch.Tensor, own: int | None = None, first: int = 0) -> torch.Tensor:
     """``[B, B(1+K)]`` query-by-document scores reordered so that each row starts with its own
     (positive, K negatives) and continues with the other queries' documents, in batch order.
 
     With the positive still in column 0, ``margin_mse`` pairs it with every other document
     of the batch and ``listwise_kl`` spreads over all of them: TAS-B's in-batch supervision
     (Hofstätter et al. 2021), whose topic-clustered batches make these negatives hard.
+
+    On several processes the rows are this process's queries and the columns the documents
+    of the whole global batch: ``own`` is 1+K and ``first`` the global index of the first row.
+    (A stand-in share, whose rows are not in the batch, gets clamped columns; it is not counted.)
     """
     batch, columns = scores.shape
-    own = columns // batch
-    rows = torch.arange(batch, device=scores.device).unsqueeze(1)
+    own = columns // batch if own is None else own
+    rows = first + torch.arange(batch, device=scores.device).unsqueeze(1)
     everything = torch.arange(columns, device=scores.device).expand(batch, columns)
-    first = rows * own
+    start = rows * own
     # own block first, then the columns before it, then those after it
-    shifted = torch.where(everything < own, first + everything, everything)
-    shifted = torch.where((everything >= own) & (everything < first + own), everything - own, shifted)
-    return scores.gather(1, shifted)
+    shifted = torch.where(everything < own, start + everything, everything)
+    shifted = torch.where((everything >= own) & (everything < start + own), everything - own, shifted)
+    return scores.gather(1, shifted.clamp_max(columns - 1))
 
 
 @TASKS.register("ranking")
@@ -259,8 +264,10 @@ class RankingTask(EncoderTask):
         out = ModelOutputs()
         if "scores" in fields:
             qs, ds = (F.normalize(q, dim=-1), F.normalize(d, dim=-1)) if uses_cosine(model) else (q, d)
-            if self.data_cfg.in_batch:
-                out.scores = in_batch_layout(qs @ ds.T)
+            if self.data_cfg.in_batch:  # on several processes, against the whole global batch's documents
+                own = len(ds) // len(qs)
+                batch_docs, first = batch_rows(ds)
+                out.scores = in_batch_layout(qs @ batch_docs.T, own, first // own)
             else:
                 out.scores = torch.einsum("bd,bkd->bk", qs, ds.view(len(q), -1, d.shape[-1]))
         if "embeddings" in fields:
@@ -276,10 +283,13 @@ class RankingTask(EncoderTask):
             )
         queries, docs = batch["query_texts"], batch["doc_texts"]
         home = batch["labels"].device
-        if self.data_cfg.in_batch:  # every query against every document of the batch
-            pairs = [(query, doc) for query in queries for doc in docs]
+        if self.data_cfg.in_batch:  # every query against every document of the (global) batch
+            own = len(docs) // len(queries)
+            batch_docs, first = batch_items(docs)
+            pairs = [(query, doc) for query in queries for doc in batch_docs]
             scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
-            return ModelOutputs(scores=in_batch_layout(scores.float().to(home).view(len(queries), len(docs))))
+            scores = scores.float().to(home).view(len(queries), len(batch_docs))
+            return ModelOutputs(scores=in_batch_layout(scores, own, first // own))
         per_query = len(docs) // len(queries)
         pairs = [(queries[i // per_query], doc) for i, doc in enumerate(docs)]
         scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
 from kdforge.data.beir import BeirData, load_beir
+from kdforge.distributed import batch_items, batch_rows
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import retrieval_metrics, serving_latency
 from kdforge.eval.sparse_index import SparseIndex, query_terms
@@ -157,24 +158,32 @@ class SparseRetrieverTask(RankingTask):
         weights = document_weights(model, {k: batch[f"doc_{k}"] for k in DOC_INPUTS if f"doc_{k}" in batch})
         out = ModelOutputs()
         if "scores" in fields:
-            out.scores = self._layout(queries @ weights.T)
+            if self.data_cfg.in_batch:  # on several processes, against the whole global batch's documents
+                batch_weights, first = batch_rows(weights)
+                out.scores = self._layout(queries @ batch_weights.T, first)
+            else:
+                out.scores = self._layout(queries @ weights.T)
         if "doc_weights" in fields:
             out.doc_weights = weights.view(len(queries), -1, weights.shape[-1])
         return out
 
-    def _layout(self, all_pairs: torch.Tensor) -> torch.Tensor:
-        """[B, B(1+K)] scores of every query against every document of the batch, as the ranking task lays them."""
+    def _layout(self, all_pairs: torch.Tensor, first_document: int = 0) -> torch.Tensor:
+        """[B, B(1+K)] scores of every query against every document of the batch, as the ranking task lays
+        them; on several processes, against the global batch's documents, ours from ``first_document``."""
+        own = self.data_cfg.negatives_per_example + 1
         if self.data_cfg.in_batch:
-            return in_batch_layout(all_pairs)
-        batch, columns = all_pairs.shape
-        own = columns // batch
+            return in_batch_layout(all_pairs, own, first_document // own)
+        batch = all_pairs.shape[0]
         return all_pairs.view(batch, batch, own)[torch.arange(batch), torch.arange(batch)]
 
     def _bm25_outputs(self, model: BM25Scorer, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
         if fields - {"scores"}:
             raise RecipeError(f"objective: BM25 gives scores only, not {', '.join(sorted(fields - {'scores'}))}")
-        scores = torch.from_numpy(model.scores(batch["query_texts"], batch["candidate_ids"]))
-        return ModelOutputs(scores=self._layout(scores.to(batch["labels"].device)))
+        candidates, first = (
+            batch_items(batch["candidate_ids"]) if self.data_cfg.in_batch else (batch["candidate_ids"], 0)
+        )
+        scores = torch.from_numpy(model.scores(batch["query_texts"], candidates))
+        return ModelOutputs(scores=self._layout(scores.to(batch["labels"].device), first))
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdforge.data.beir import load_beir
+from kdforge.distributed import batch_rows, current_share
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import flat_ip_index, retrieval_metrics, search, serving_latency
 from kdforge.models.ivfpq import IVFPQSpec, IVFPQStudent, build_faiss_index, index_bytes
@@ -178,12 +179,22 @@ class VQIndexTask(EncoderTask):
         return student.train()
 
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        doc_emb, doc_index = self._batch_documents(batch)
         if isinstance(model, IVFPQStudent):
-            out = model(batch["query_emb"], batch["doc_emb"], batch["doc_index"])
+            out = model(batch["query_emb"], doc_emb, doc_index)
             return ModelOutputs(**{name: out[name] for name in fields})
         # the teacher: its own embeddings (the batch's inputs) scored exactly, the target of both fields
-        exact = batch["query_emb"] @ batch["doc_emb"].T
+        exact = batch["query_emb"] @ doc_emb.T
         return ModelOutputs(**{name: exact for name in fields})
+
+    def _batch_documents(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The documents every query is scored against: the union of the batch's top-K lists; on
+        several processes, the union over the whole global batch, as one process would score."""
+        if current_share() is None:
+            return batch["doc_emb"], batch["doc_index"]
+        every, _ = batch_rows(batch["doc_index"])
+        docs = torch.unique(every)  # sorted, as the collate's np.unique
+        return torch.from_numpy(self.doc_emb[docs.cpu().numpy()]).to(batch["doc_emb"].device), docs
 
     def baseline_objective(self) -> None:
         """No labels: the baseline is the index as initialised, faiss's IVF-PQ trained for reconstruction."""

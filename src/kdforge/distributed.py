@@ -1,0 +1,260 @@
+"""Several processes (``accelerate launch --num_processes N``): who this process is, and
+how N processes compute the loss of one global batch.
+
+``training.batch_size`` is the global batch: the engine cuts each batch into N
+contiguous shares, one per process, so a recipe means the same run on any number
+of processes, and a checkpoint written by one continues under another.
+
+A loss term's value on one process is a *share*: N times that process's part of the
+global mean. DDP averages gradients over processes, so the mean of the shares, and
+its gradient, are those of one process on the whole batch. Terms reach that in one
+of two ways:
+
+* a loss that averages over positions or rows calls :func:`masked_mean`'s global form
+  (:func:`global_mean`): the counts are summed over processes before dividing, so a
+  process with more real tokens weighs more, as it would in one batch;
+* a loss whose value couples the rows of a batch (a transport plan, a batch-wide
+  regulariser, in-batch negatives) gets its inputs gathered from every process
+  (:func:`gather_rows`, with gradients), and each process computes the same value.
+
+Outside the training step (evaluation, the memory planner's probe) no scope is set
+and every function here is local: nothing waits on other processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def share_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of process ``rank``'s contiguous share of ``total`` items: the first
+    ``total % world`` processes get one more, so shares differ by at most one and cover all."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process only; every process gets its result (a picklable value).
+
+    Evaluation and reports: one process measures (so timings do not compete for the same
+    cores), the others wait and receive the same numbers.
+    """
+    if world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    failure: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = fn()
+        except BaseException as exc:  # the others must not wait forever for a result that never comes
+            failure[0] = exc
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        if is_main():
+            raise failure[0]
+        raise RuntimeError(f"the main process failed: {failure[0]}")
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------ the global batch
+
+
+@dataclass
+class ProcessShare:
+    """Set by the engine around one training micro-batch on N processes."""
+
+    world: int
+    #: False when this process's micro-batch stands in for nothing: the global batch had fewer
+    #: examples than processes, and DDP still needs every process to run a backward pass
+    counted: bool = True
+    #: calls of :func:`global_mean` in the current loss term (0: the loss reduced on its own)
+    reductions: int = 0
+
+
+_share: ContextVar[ProcessShare | None] = ContextVar("kdforge_process_share", default=None)
+
+
+def current_share() -> ProcessShare | None:
+    """The active share scope, or None on one process and outside training steps."""
+    return _share.get()
+
+
+@contextmanager
+def process_share(world: int, counted: bool = True) -> Iterator[ProcessShare | None]:
+    """Within it, losses reduce over the global batch of ``world`` processes (no-op for one)."""
+    if world <= 1:
+        yield None
+        return
+    token = _share.set(ProcessShare(world, counted))
+    try:
+        yield _share.get()
+    finally:
+        _share.reset(token)
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Losses reduce over what they are given (inputs already gathered from every process)."""
+    token = _share.set(None)
+    try:
+        yield
+    finally:
+        _share.reset(token)
+
+
+def sum_counts(count: torch.Tensor) -> torch.Tensor:
+    """A count summed over processes (no gradient: counts are not learned)."""
+    total = count.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """This process's share of ``sum(total) / sum(count)`` over processes (see the module doc)."""
+    share = current_share()
+    assert share is not None
+    share.reductions += 1
+    if not share.counted:
+        total, count = total * 0.0, count * 0.0
+    return total * share.world / sum_counts(count).clamp_min(1.0)
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a detached value over processes (a term's shares -> its global value)."""
+    if world_size() == 1:
+        return value.detach()
+    out = value.detach().clone().float()
+    dist.all_reduce(out)
+    return out / world_size()
+
+
+def _all_rows(local: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Every process's rows, in rank order (all_gather needs equal shapes: padded, then cut)."""
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """:func:`_all_rows` with a gradient: each process's rows get the sum of the gradients every
+    process computed for them (each computes the same loss)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:  # type: ignore[override]
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return _all_rows(local.detach(), sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_rows(value: Any, *, counted: bool = True, where: str = "a loss term") -> Any:
+    """``value`` (a tensor, a tuple of them, or None) with the rows of every process, in rank order.
+
+    A process whose micro-batch is not counted gives no rows. The tensors' other
+    dimensions must agree across processes.
+    """
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(gather_rows(v, counted=counted, where=where) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    return _gather(value, counted, where)[0]
+
+
+def _gather(value: torch.Tensor, counted: bool, where: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Every process's rows of ``value``, and how many rows each gave."""
+    local = value if counted else value[:0]
+    shape = torch.tensor([local.shape[0], *local.shape[1:]], device=local.device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s[1:], shape[1:]) for s in shapes):
+        from kdforge.errors import RecipeError
+
+        raise RecipeError(
+            f"{where} compares the whole batch, and the processes' shares have different shapes"
+            f" ({', '.join(str(tuple(s.tolist())) for s in shapes)}); pad the task's batches to one length"
+            " or train it on one process"
+        )
+    sizes = tuple(int(s[0]) for s in shapes)
+    rows = _GatherRows.apply(local, sizes) if local.requires_grad else _all_rows(local, sizes)
+    return rows, sizes
+
+
+def process_gpu() -> str | None:
+    """This process's own GPU when ``accelerate launch`` started several on GPUs (where its online
+    teacher runs unless the recipe's ``teacher.device`` says otherwise); None otherwise."""
+    if world_size() == 1 or not torch.cuda.is_available() or dist.get_backend() != "nccl":
+        return None
+    from accelerate.state import PartialState
+
+    return str(PartialState().device)
+
+
+def start_processes(cpu: bool) -> None:
+    """Join the process group that ``accelerate launch`` (or torchrun) set up: gloo on the CPU,
+    NCCL on GPUs; alone, nothing to join. Must come before anything asks Accelerate who it is,
+    so that the group's backend follows the recipe's device rather than a default."""
+    from accelerate.state import PartialState
+
+    PartialState(cpu=cpu)
+
+
+def batch_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """For in-batch negatives: the rows of the whole global batch and the index of this process's
+    first row among them, inside a training step on several processes (the gradient reaches this
+    process's own rows); elsewhere ``(local, 0)``.
+
+    A task that scores each of its rows against every row of the batch scores them against
+    these, so its per-row losses see the negatives one process would see.
+    """
+    share = current_share()
+    if share is None:
+        return local, 0
+    rows, sizes = _gather(local, share.counted, "in-batch scores")
+    return rows, sum(sizes[: rank()])
+
+
+def batch_items(local: list[T]) -> tuple[list[T], int]:
+    """:func:`batch_rows` for Python objects (texts, ids): every process's items, and where ours start."""
+    share = current_share()
+    if share is None:
+        return local, 0
+    parts: list[Any] = [None] * share.world
+    dist.all_gather_object(parts, local if share.counted else [])
+    return [item for part in parts for item in part], sum(len(part) for part in parts[: rank()])
