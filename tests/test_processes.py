@@ -15,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import SHARED_DATA, TINY
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-5
@@ -46,9 +47,7 @@ def launch_command(processes: int) -> list[str]:
 
 def kdforge(processes: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(
-        [*launch_command(processes), *args], env=env, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([*launch_command(processes), *args], env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
@@ -119,3 +118,138 @@ def test_a_checkpoint_written_by_one_process_continues_under_two(tmp_path, digit
     report = json.loads((tmp_path / "resumed" / "report.json").read_text())
     assert report["runs"][0]["models"]["student"]["train"]["resumed_from"] == 5
     assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+
+
+# ---- every task: one training step's loss and gradient ---------------------------------------
+
+#: One step of a recipe's objective on the first examples of its training set, the way the engine
+#: runs it: each process takes its share of the batch, computes its loss under process_share, and
+#: the gradients are averaged over processes (what DDP does). The main process writes the global
+#: loss, terms and gradient. The student is in eval mode: dropout draws differ between processes,
+#: and everything else must not.
+_STEP_SCRIPT = """
+import json, sys
+import torch
+from kdforge.distributed import mean_over_processes, process_share, rank, share_bounds, start_processes, world_size
+
+start_processes(True)
+import torch.distributed as dist
+from accelerate.utils import set_seed
+from kdforge.data.indexed import IndexedDataset, indexed_collate
+from kdforge.objective import Objective, teacher_fields_of
+from kdforge.recipe import load_recipe
+from kdforge.runner import training_loss
+from kdforge.signals.from_recipe import build_signal
+from kdforge.tasks import TASKS
+
+name, batch_size, out, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+recipe = load_recipe(name, overrides)
+task = TASKS.get(recipe.task)(recipe)
+train = IndexedDataset(task.splits().train)
+signal = build_signal(task, recipe.teacher, teacher_fields_of(recipe.objective)).signal if recipe.teacher else None
+objective = Objective(recipe.objective, 10, names=recipe.term_names(), seed=0)
+set_seed(0)
+model = task.build_student().eval()
+start, stop = share_bounds(batch_size, rank(), world_size())
+batch = indexed_collate(task.collate)([train[i] for i in range(start, stop)])
+with process_share(world_size()):
+    loss, terms, _ = training_loss(task, objective, signal)(model, batch, 3)
+loss.backward()
+grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+flat = torch.cat([g.reshape(-1) for g in grads]).double()
+if world_size() > 1:
+    dist.all_reduce(flat)
+    flat /= world_size()
+values = mean_over_processes(torch.stack([loss.detach(), *terms.values()])).tolist()
+if rank() == 0:
+    torch.save({"loss": values[0], "terms": dict(zip(terms, values[1:])), "grad": flat}, out)
+"""
+
+
+def one_step(tmp_path: Path, processes: int, recipe: str, batch_size: int, *overrides: str) -> dict:
+    script = tmp_path / "step.py"
+    script.write_text(_STEP_SCRIPT)
+    out = tmp_path / f"step-{processes}.pt"
+    launcher = launch_command(processes)[:-2]  # the launcher runs the script instead of -m kdforge
+    env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*launcher, str(script), recipe, str(batch_size), str(out), *overrides],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+def assert_same_step(tmp_path: Path, recipe: str, batch_size: int, *overrides: str) -> dict:
+    one, two = (one_step(tmp_path, n, recipe, batch_size, *overrides) for n in (1, 2))
+    assert close(one["loss"], two["loss"]), (one["loss"], two["loss"])
+    for term, value in one["terms"].items():
+        assert close(value, two["terms"][term]), (term, value, two["terms"][term])
+    scale = one["grad"].abs().max().item()
+    assert scale > 0, "no gradient reached the student"
+    assert torch.allclose(one["grad"], two["grad"], rtol=1e-4, atol=TOLERANCE * scale), (
+        (one["grad"] - two["grad"]).abs().max().item(),
+        scale,
+    )
+    return one
+
+
+def _needs(*parts: str) -> None:
+    """Skip unless the shared data holds ``parts`` (and point kdforge at it)."""
+    if not SHARED_DATA.joinpath(*parts).exists():
+        pytest.skip(f"{'/'.join(parts)} is not in {SHARED_DATA} (set KDFORGE_DATA_DIR)")
+    os.environ["KDFORGE_DATA_DIR"] = str(SHARED_DATA.resolve())
+
+
+#: the second term swapped for losses that couple the batch's rows: gathered from every process
+COUPLED = {
+    "sinkhorn": ("objective[1].loss=sinkhorn", "objective[1].params={temperature: 2.0}"),
+    "mi_alpha": (
+        "objective[1].loss=mi_alpha",
+        "objective[1].field=hidden",
+        "objective[1].params={student_dim: 16, teacher_dim: 64, alpha: 0.5}",
+    ),
+}
+
+
+@pytest.mark.parametrize("term", sorted(COUPLED))
+def test_a_loss_that_couples_the_batch_is_exact_on_two_processes(tmp_path, digits_teacher, term):
+    assert_same_step(tmp_path, "digits_kd", 5, f"teacher.model={digits_teacher}", *COUPLED[term])
+
+
+def test_a_causal_lm_step_is_exact_on_two_processes(tmp_path, tiny_gguf_teacher, shakespeare_dir):
+    teacher = [f"teacher.model={tiny_gguf_teacher}", "student.from_teacher={layers: [0, 3]}"]
+    assert_same_step(tmp_path, "smollm2_kd", 5, *teacher, "data.max_length=32", "data.train_limit=16")
+
+
+def test_a_text_classifier_step_is_exact_on_two_processes(tmp_path):
+    _needs("sst2", "train.tsv")
+    limits = ["data.train_limit=16", "data.validation_limit=8", "data.test_limit=8", "data.max_length=24"]
+    assert_same_step(tmp_path, "text_teacher_sst2", 5, *limits)
+
+
+#: SciFact at tiny size, as tests/test_recipes.py runs the encoder recipes
+SCIFACT = ["data.max_length=32", "data.test.query_limit=6", "data.test.corpus_limit=40"]
+ENCODER_STEPS = {
+    # in-batch listwise scores against the global batch, MiniLM's token-level relations
+    "embedding_minilm_l6_to_l3": ["data.train_limit=12", "data.test.wikiqa_limit=4"],
+    # TAS-B in-batch negatives scored by the cross-encoder over the global batch's documents
+    "ranking_tasb_scifact": [
+        "data.query_limit=8", "data.corpus_limit=30", "data.negatives=4", "data.negatives_per_example=2",
+    ],
+    # in-batch BM25 and dense teachers, and FLOPS (a batch mean inside a square)
+    "sparse_retriever_scifact": ["data.query_limit=8", "data.corpus_limit=30", "data.negatives=4"],
+    # the union of the global batch's top-K documents
+    "distill_vq_scifact": [
+        "student.nlist=4", "student.nbits=4", "data.query_limit=16", "data.document_queries=8", "data.top_k=10",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(ENCODER_STEPS))
+def test_an_encoder_step_is_exact_on_two_processes(tmp_path, recipe):
+    _needs("scifact", "corpus.jsonl")
+    overrides = [*SCIFACT, *ENCODER_STEPS[recipe]]
+    if recipe == "distill_vq_scifact":
+        overrides = [o for o in overrides if not o.startswith("data.max_length")]
+    assert_same_step(tmp_path, recipe, 5, *overrides)

@@ -109,7 +109,10 @@ def run(
     parsed = load_recipe(recipe, set_)
     with stop_between_units("running the recipe"):
         report = run_recipe(parsed, resume=resume, seeds=seed_list)
-    print_summary(report, parsed.run_dir)
+    from kdforge.distributed import is_main
+
+    if is_main():  # under `accelerate launch`, one summary, not one per process
+        print_summary(report, parsed.run_dir)
 
 
 @app.command()
@@ -129,6 +132,7 @@ def cache(
     set_: list[str] = typer.Option([], "--set", help="override a recipe field, e.g. --set teacher.k=32"),
 ) -> None:
     """Run the recipe's teacher once over the training set and store its outputs; a killed run resumes."""
+    from kdforge.distributed import is_main
     from kdforge.recipe import load_recipe
     from kdforge.signals.cache_run import write_recipe_caches
 
@@ -148,6 +152,8 @@ def cache(
                 overwrite=overwrite,
             )
         )
+    if not is_main():
+        return  # every process wrote its share; the main one reports the merged cache
     for path, manifest in written:
         size = sum(s.bytes for s in manifest.shards)
         kept = ", ".join(f"{name} {mass:.1%}" for name, mass in manifest.kept_mass().items())
@@ -168,6 +174,7 @@ def serve_teacher(
     api_key_env: str | None = typer.Option(
         None, "--api-key-env", help="environment variable holding a key that clients must send (Bearer)"
     ),
+    device: str | None = typer.Option(None, "--device", help="where the model runs, e.g. cuda:7 (default: cpu)"),
 ) -> None:
     """Serve a local causal LM through the OpenAI completions API (logprobs, echo) for served-teacher runs."""
     import os
@@ -179,7 +186,7 @@ def serve_teacher(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise KDForgeError(f"--api-key-env {api_key_env}: that environment variable is not set; export it first")
-    engine = load_engine(model, name=name)
+    engine = load_engine(model, name=name, device=device)
     try:
         server = make_server(engine, host, port, api_key=api_key)
     except OSError as exc:

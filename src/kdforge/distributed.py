@@ -63,24 +63,31 @@ def barrier() -> None:
 def on_main(fn: Callable[[], T]) -> T:
     """``fn()`` run by the main process only; every process gets its result (a picklable value).
 
-    Evaluation and reports: one process measures (so timings do not compete for the same
-    cores), the others wait and receive the same numbers.
+    Evaluation, reports and decisions about shared files: one process acts (so timings do
+    not compete for the same cores), the others wait and receive the same value. A user
+    error there is the same one line on every process; any other failure is re-raised on
+    the main process, and the others stop rather than wait for a result that never comes.
     """
     if world_size() == 1:
         return fn()
-    box: list[Any] = [None]
-    failure: list[Any] = [None]
+    from kdforge.errors import KDForgeError
+
+    box: list[Any] = [None, None]
     if is_main():
         try:
             box[0] = fn()
-        except BaseException as exc:  # the others must not wait forever for a result that never comes
-            failure[0] = exc
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        if is_main():
-            raise failure[0]
-        raise RuntimeError(f"the main process failed: {failure[0]}")
+        except BaseException as exc:
+            # the exception itself may not survive pickling (extra constructor arguments): its message does
+            box[1] = (
+                KDForgeError(str(exc))
+                if isinstance(exc, KDForgeError)
+                else RuntimeError(f"the main process failed: {exc!r}")
+            )
+            dist.broadcast_object_list(box, src=0)
+            raise
     dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
     return box[0]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdforge.distributed import is_main, world_size
 from kdforge.errors import KDForgeError, RecipeError
 from kdforge.recipe import Recipe
 
@@ -453,7 +454,10 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
 
     as_the_engine_runs(student, recipe, device)
     collate = task_collate(task)
-    batch_size = recipe.training.batch_size
+    # under accelerate launch each process holds its share of the global batch (the largest: ceil(B / N))
+    batch_size = -(-recipe.training.batch_size // world_size())
+    if world_size() > 1:
+        notes.append(f"per process: {world_size()} processes share the global batch of {recipe.training.batch_size}")
     sizes = probe_sizes(batch_size, len(splits.train))
     items = longest_examples(splits.train, collate, count=sizes[-1])
     batches = {b: send_to_device(collate(items[:b]), device) for b in sizes}
@@ -524,5 +528,5 @@ def warn_if_too_big(recipe: Recipe, **loaded: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - the estimate is advice; the run itself decides
         console.print(f"[dim]kdforge plan could not estimate this run's memory ({exc!r}); starting it anyway")
         return
-    if message is not None:
+    if message is not None and is_main():  # one warning, not one per process
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)

@@ -135,6 +135,26 @@ def _planned_steps(recipe: Recipe, train_size: int) -> int:
     return total_optimizer_steps(recipe.training, math.ceil(train_size / recipe.training.batch_size))
 
 
+def training_loss(task: Task, objective: Objective, signal: TeacherSignal | None) -> Callable:
+    """The engine's ``loss_fn(model, batch, step) -> (loss, terms, scalars)`` for ``task``: the student's
+    and the teacher's outputs on the batch, through the objective."""
+
+    def loss_fn(m, batch, step):
+        if objective.needs_teacher:
+            batch = task.training_batch(m, batch, step)
+        student_out = task.adapter(m, batch, objective.student_fields)
+        teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        loss, terms = objective(student_out, teacher_out, batch, step)
+        # a NaN loss from a NaN teacher is named as the teacher's, not as some term's; looked for only
+        # then, as a pass over [B, L, V] teacher logits on every step would cost memory and time
+        broken = nonfinite_fields(teacher_out) if teacher_out is not None and not torch.isfinite(loss) else []
+        if broken:
+            raise NonFiniteError(f"teacher outputs hold NaN or inf ({', '.join(broken)})", f"teacher.{broken[0]}")
+        return loss, terms, objective.scalars()
+
+    return loss_fn
+
+
 def _train_phase(
     task: Task,
     phase: str,
@@ -179,19 +199,7 @@ def _train_phase(
             metrics.update(fidelity(fidelity_ref, result.logits))
         return metrics
 
-    def loss_fn(m, batch, step):
-        if objective.needs_teacher:
-            batch = task.training_batch(m, batch, step)
-        student_out = task.adapter(m, batch, objective.student_fields)
-        teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
-        loss, terms = objective(student_out, teacher_out, batch, step)
-        # a NaN loss from a NaN teacher is named as the teacher's, not as some term's; looked for only
-        # then, as a pass over [B, L, V] teacher logits on every step would cost memory and time
-        broken = nonfinite_fields(teacher_out) if teacher_out is not None and not torch.isfinite(loss) else []
-        if broken:
-            raise NonFiniteError(f"teacher outputs hold NaN or inf ({', '.join(broken)})", f"teacher.{broken[0]}")
-        return loss, terms, objective.scalars()
-
+    loss_fn = training_loss(task, objective, signal)
     started = time.perf_counter()
     result = train(
         model,

@@ -121,13 +121,14 @@ def _nonfinite_term(loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> str |
     return ", ".join(bad) or "total"
 
 
-def _any_process(bad: str | None, accelerator: Accelerator) -> str | None:
-    """A micro-batch is skipped (or the run stopped) on every process when one of them saw a
-    NaN: one process leaving a backward pass out would leave the others waiting on it."""
+def _any_process(found: str | None, accelerator: Accelerator, elsewhere: str = "another process's batch") -> str | None:
+    """What one process found (a NaN, a stop signal), agreed by all: a micro-batch is skipped, or the
+    run stopped, on every process when one of them saw it, as one process leaving a backward pass out
+    (or a step) would leave the others waiting on it. ``elsewhere`` names it where another process found it."""
     if accelerator.num_processes == 1:
-        return bad
-    count = accelerator.reduce(torch.tensor([float(bad is not None)], device=accelerator.device), reduction="sum")
-    return bad or ("another process's batch" if count.item() > 0 else None)
+        return found
+    count = accelerator.reduce(torch.tensor([float(found is not None)], device=accelerator.device), reduction="sum")
+    return found or (elsewhere if count.item() > 0 else None)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -301,7 +302,7 @@ def train(
             "log_interval": [interval_loss, interval_terms, interval_count],
             "skipped": skipped,
         }
-        path = ckpt_dir / "pending"
+        path = None
         if main:
             path = save_checkpoint(
                 ckpt_dir,
@@ -313,7 +314,8 @@ def train(
                 loss_modules=loss_modules,
             )
         accelerator.wait_for_everyone()
-        return path
+        kept = [] if path else list_checkpoints(ckpt_dir)  # the main process's, seen on a shared disk
+        return path or (kept[-1] if kept else ckpt_dir)
 
     interval_loss, interval_terms, interval_count = state.extra.get("log_interval", [0.0, {}, 0])
     skipped: list[dict[str, Any]] = list(state.extra.get("skipped", []))
@@ -439,12 +441,14 @@ def train(
                     log.write({"phase": phase, "step": state.step, "eval": metrics})
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
                     checkpoint()
-                if flag["stop"]:
+                # every process stops at the same step (the launcher passes a signal on to each, not at once)
+                stop = _any_process(flag["stop"], accelerator, elsewhere="SIGTERM")
+                if stop:
                     path = checkpoint()
                     raise Interrupted(
-                        f"stopped by {flag['stop']} at step {state.step} of {phase}; checkpoint saved in {path};"
+                        f"stopped by {stop} at step {state.step} of {phase}; checkpoint saved in {path};"
                         " continue with --resume",
-                        flag["stop"],
+                        stop,
                     )
                 if state.step >= total:
                     break

@@ -6,6 +6,16 @@ Layout of a cache directory::
     shard-00000.safetensors  examples [0, n) of the dataset, in dataset order
     shard-00001.safetensors  ...
 
+Written by N processes (``accelerate launch --num_processes N -m kdforge cache``), each
+process ``r`` writes its contiguous share of the examples as ``shard-rRRR-IIIII.safetensors``
+and records them in its own partial manifest, ``manifest-rRRR-of-NNN.json``, while
+``manifest.json`` (written first by the main process) holds the fingerprint and no shards.
+When every process is done the main process merges the partial manifests into
+``manifest.json`` (shards sorted by their first example) and removes them; readers see
+one manifest whatever wrote it. A rerun with the same N resumes each process after its
+last complete shard; a rerun with another N (or on one process) keeps nothing of the
+unfinished run's shards and writes the cache from the start, so shares never overlap.
+
 Each shard holds, for every cached field, the outputs of its examples with their
 positions concatenated (``offsets[i]:offsets[i+1]`` are example i's positions: one
 for a classifier's logits or an embedding, one per token for a language model):
@@ -30,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +57,10 @@ from kdforge.fsutil import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: a process's partial manifest while N processes write one cache
+SHARE_MANIFEST = re.compile(r"manifest-r(\d+)-of-(\d+)\.json")
+#: a shard of one process (``shard-00000``) or of process r of several (``shard-r001-00000``), or its temporary
+SHARD_FILE = re.compile(r"\.?shard-(r\d+-)?\d+\.safetensors(\.tmp)?")
 CacheDtype = Literal["float32", "float16", "bfloat16", "q8"]
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: q8 codes: -logprob in steps of 1/16 nat, so 255 is -15.9 (probability 1.2e-7); below is clamped
@@ -114,10 +129,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:16] + "…"
 
 
-def read_manifest(directory: Path) -> Manifest:
-    path = Path(directory) / MANIFEST
+def share_manifest_name(rank: int, world: int) -> str:
+    """The partial manifest of process ``rank`` of ``world`` (see the module doc)."""
+    return f"manifest-r{rank:03d}-of-{world:03d}.json"
+
+
+def read_manifest(directory: Path, name: str = MANIFEST) -> Manifest:
+    path = Path(directory) / name
     if not path.is_file():
-        raise CacheError(f"{directory}: no {MANIFEST}; write the cache with `kdforge cache RECIPE` first")
+        raise CacheError(f"{directory}: no {name}; write the cache with `kdforge cache RECIPE` first")
     try:
         manifest = Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except (ValidationError, ValueError) as exc:
@@ -183,13 +203,28 @@ class CacheWriter:
 
     ``CacheWriter.open`` starts a cache or resumes one with the same fingerprint
     (``start`` tells from which example); a cache with another fingerprint is refused
-    unless ``overwrite``, and a complete one is left alone.
+    unless ``overwrite``, and a complete one is left alone. ``CacheWriter.open_share``
+    writes one process's share of a cache that several processes write.
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, shard_examples: int):
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        shard_examples: int,
+        *,
+        manifest_name: str = MANIFEST,
+        shard_prefix: str = "shard-",
+        first: int = 0,
+    ):
         self.directory = Path(directory)
+        #: for a process's share: its partial manifest, whose ``examples`` are the share's
         self.manifest = manifest
         self.shard_examples = shard_examples
+        self.manifest_name = manifest_name
+        self.shard_prefix = shard_prefix
+        #: index of the first example this writer writes (the share's start)
+        self.first = first
         self._pending: list[ExampleOutputs] = []
 
     @classmethod
@@ -204,36 +239,70 @@ class CacheWriter:
         overwrite: bool = False,
     ) -> CacheWriter:
         directory = Path(directory)
-        fresh = Manifest(format_version=FORMAT_VERSION, fingerprint=fingerprint, fields=fields, examples=examples)
-        if (directory / MANIFEST).is_file():
-            old = read_manifest(directory)
-            differences = fingerprint_differences(fingerprint, old.fingerprint)
-            if old.fields != fields:
-                differences.append("fields (k, dtype or outputs)")
-            if old.examples != examples:
-                differences.append(f"examples (cache {old.examples}, this run {examples})")
-            if differences and not overwrite:
-                raise CacheError(
-                    f"{directory}: holds a cache for another run: {'; '.join(differences)};"
-                    " choose another --output or pass --overwrite"
-                )
-            if not differences:
-                writer = cls(directory, old, shard_examples)
-                writer._drop_bad_shards()
-                return writer
-            for shard in old.shards:
-                (directory / shard.file).unlink(missing_ok=True)
-        elif directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise CacheError(f"{directory}: exists and is not a kdforge cache; choose another --output")
+        old = _this_runs_manifest(
+            directory, fingerprint=fingerprint, fields=fields, examples=examples, overwrite=overwrite
+        )
+        # a run of several processes that did not finish leaves shares that one process does not continue
+        remove_shares(directory, keep_world=None)
+        if old is not None:
+            writer = cls(directory, old, shard_examples)
+            writer._drop_bad_shards()
+            return writer
         directory.mkdir(parents=True, exist_ok=True)
+        fresh = Manifest(format_version=FORMAT_VERSION, fingerprint=fingerprint, fields=fields, examples=examples)
         writer = cls(directory, fresh, shard_examples)
+        writer._save_manifest()
+        return writer
+
+    @classmethod
+    def open_share(
+        cls,
+        directory: Path,
+        *,
+        fingerprint: dict[str, Any],
+        fields: dict[str, FieldSpec],
+        rank: int,
+        world: int,
+        bounds: tuple[int, int],
+        shard_examples: int = 1024,
+    ) -> CacheWriter:
+        """The writer of process ``rank``'s share ``bounds = [start, stop)``, resumed after the last
+        complete shard of its partial manifest.
+
+        The main process must have run :func:`prepare_shares` first (it checks the
+        fingerprint against ``manifest.json`` and removes other runs' shares); a partial
+        manifest that does not match this share anyway is started over.
+        """
+        directory = Path(directory)
+        start, stop = bounds
+        name = share_manifest_name(rank, world)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, fingerprint=fingerprint, fields=fields, examples=stop - start
+        )
+        old = _share_manifest(directory, name)
+        resumed = (
+            old is not None
+            and (old.fingerprint, old.fields, old.examples) == (fingerprint, fields, stop - start)
+            and all(s.first == start for s in old.shards[:1])
+        )
+        writer = cls(
+            directory,
+            old if resumed and old is not None else manifest,
+            shard_examples,
+            manifest_name=name,
+            shard_prefix=f"shard-r{rank:03d}-",
+            first=start,
+        )
+        if resumed:
+            writer._drop_bad_shards()
+        writer.manifest.complete = writer.manifest.cached_examples >= writer.manifest.examples  # an empty share too
         writer._save_manifest()
         return writer
 
     @property
     def start(self) -> int:
         """Index of the next example to write (examples before it are in complete shards)."""
-        return self.manifest.cached_examples
+        return self.first + self.manifest.cached_examples
 
     @property
     def complete(self) -> bool:
@@ -296,7 +365,7 @@ class CacheWriter:
         offsets = torch.tensor([0, *counts]).cumsum(0)
         tensors["offsets"] = offsets
         index = len(self.manifest.shards)
-        name = f"shard-{index:05d}.safetensors"
+        name = f"{self.shard_prefix}{index:05d}.safetensors"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -315,7 +384,7 @@ class CacheWriter:
             )
         )
         self._pending = []
-        if self.start >= self.manifest.examples:
+        if self.manifest.cached_examples >= self.manifest.examples:
             self.manifest.complete = True
         self._save_manifest()
 
@@ -325,7 +394,134 @@ class CacheWriter:
         return self.manifest
 
     def _save_manifest(self) -> None:
-        atomic_write_text(self.directory / MANIFEST, self.manifest.model_dump_json(indent=1))
+        atomic_write_text(self.directory / self.manifest_name, self.manifest.model_dump_json(indent=1))
+
+
+# ------------------------------------------------------- several processes, one cache
+
+
+def remove_shares(directory: Path, keep_world: int | None) -> None:
+    """Remove the partial manifests of runs with other than ``keep_world`` processes (None: all),
+    and every shard that neither a kept partial manifest nor ``manifest.json`` lists (a removed
+    share's, or one a killed process wrote but did not list: it would be written again anyway)."""
+    directory = Path(directory)
+    kept: set[str] = set()
+    if (directory / MANIFEST).is_file():
+        kept.update(s.file for s in read_manifest(directory).shards)
+    for path in sorted(directory.glob("manifest-r*-of-*.json")):
+        match = SHARE_MANIFEST.fullmatch(path.name)
+        if match is None:
+            continue
+        if keep_world is not None and int(match.group(2)) == keep_world:
+            try:
+                kept.update(s.file for s in read_manifest(directory, path.name).shards)
+                continue
+            except CacheError:  # unreadable: its process starts its share over
+                pass
+        path.unlink(missing_ok=True)
+    for path in directory.glob("*shard-*"):
+        if SHARD_FILE.fullmatch(path.name) and path.name not in kept:
+            path.unlink(missing_ok=True)
+
+
+def prepare_shares(
+    directory: Path,
+    *,
+    fingerprint: dict[str, Any],
+    fields: dict[str, FieldSpec],
+    examples: int,
+    world: int,
+    overwrite: bool = False,
+) -> bool:
+    """Run by the main process before ``world`` processes open their shares; True when the cache
+    is complete already (nothing to write).
+
+    Refuses a cache of another run as :meth:`CacheWriter.open` does. Otherwise
+    ``manifest.json`` is left in progress with this run's fingerprint and no shards, and
+    the shards of a single process or of a run with another number of processes are
+    removed: their shares are not this run's, and resuming from them could overlap.
+    """
+    directory = Path(directory)
+    old = _this_runs_manifest(directory, fingerprint=fingerprint, fields=fields, examples=examples, overwrite=overwrite)
+    if old is not None and old.complete:
+        remove_shares(directory, keep_world=None)  # partial manifests left by a merge killed at its end
+        return True
+    remove_shares(directory, keep_world=world if old is not None else None)
+    for shard in old.shards if old is not None else []:
+        (directory / shard.file).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = Manifest(format_version=FORMAT_VERSION, fingerprint=fingerprint, fields=fields, examples=examples)
+    atomic_write_text(directory / MANIFEST, fresh.model_dump_json(indent=1))
+    return False
+
+
+def merge_shares(directory: Path, world: int) -> Manifest:
+    """Run by the main process once all ``world`` processes have closed their shares: the one
+    ``manifest.json`` (shards sorted by first example, kept mass summed, complete), then the
+    partial manifests are removed. A share that is missing or unfinished is refused."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    shards: list[ShardInfo] = []
+    for rank in range(world):
+        share = _share_manifest(directory, share_manifest_name(rank, world))
+        if share is None or not share.complete or share.fingerprint != manifest.fingerprint:
+            raise CacheError(
+                f"{directory / share_manifest_name(rank, world)}: process {rank} did not finish its share;"
+                " run the same kdforge cache command again"
+            )
+        shards.extend(share.shards)
+        for name, total in share.kept_mass_sum.items():
+            manifest.kept_mass_sum[name] = manifest.kept_mass_sum.get(name, 0.0) + total
+    shards.sort(key=lambda s: s.first)
+    expected = 0
+    for shard in shards:  # a gap or an overlap would give readers the wrong examples
+        if shard.first != expected:
+            raise CacheError(f"{directory / shard.file}: starts at example {shard.first}, expected {expected};"
+                             " write the cache again with --overwrite")  # fmt: skip
+        expected += shard.count
+    if expected != manifest.examples:
+        raise CacheError(f"{directory}: the shares hold {expected} of {manifest.examples} examples;"
+                         " write the cache again with --overwrite")  # fmt: skip
+    manifest.shards, manifest.complete = shards, True
+    atomic_write_text(directory / MANIFEST, manifest.model_dump_json(indent=1))
+    remove_shares(directory, keep_world=None)  # the shards are listed in manifest.json now, not in a share
+    return manifest
+
+
+def _this_runs_manifest(
+    directory: Path, *, fingerprint: dict[str, Any], fields: dict[str, FieldSpec], examples: int, overwrite: bool
+) -> Manifest | None:
+    """The manifest of this run's cache in ``directory`` (complete or not), or None for a new cache;
+    a cache of another run is refused, or with ``overwrite`` its shards are removed."""
+    if (directory / MANIFEST).is_file():
+        old = read_manifest(directory)
+        differences = fingerprint_differences(fingerprint, old.fingerprint)
+        if old.fields != fields:
+            differences.append("fields (k, dtype or outputs)")
+        if old.examples != examples:
+            differences.append(f"examples (cache {old.examples}, this run {examples})")
+        if differences and not overwrite:
+            raise CacheError(
+                f"{directory}: holds a cache for another run: {'; '.join(differences)};"
+                " choose another --output or pass --overwrite"
+            )
+        if not differences:
+            return old
+        for shard in old.shards:
+            (directory / shard.file).unlink(missing_ok=True)
+    elif directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise CacheError(f"{directory}: exists and is not a kdforge cache; choose another --output")
+    return None
+
+
+def _share_manifest(directory: Path, name: str) -> Manifest | None:
+    """A process's partial manifest, or None when there is none or it cannot be read (start over)."""
+    if not (directory / name).is_file():
+        return None
+    try:
+        return read_manifest(directory, name)
+    except CacheError:
+        return None
 
 
 # ------------------------------------------------------------------------ reading
