@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -253,3 +254,43 @@ def test_an_encoder_step_is_exact_on_two_processes(tmp_path, recipe):
     if recipe == "distill_vq_scifact":
         overrides = [o for o in overrides if not o.startswith("data.max_length")]
     assert_same_step(tmp_path, recipe, 5, *overrides)
+
+
+def test_the_readme_runs_the_command_these_tests_run_and_its_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    args = launch_command(2)[1:]
+    port = args.index("--main_process_port")
+    tested = " ".join(["accelerate", *args[:port], *args[port + 2 :], "run", "recipe.yaml"])
+    assert tested in readme
+    configs = sorted(set(re.findall(r"examples/accelerate/[\w.]+\.yaml", readme)))
+    assert configs, "the README names no Accelerate config"
+    for name in configs:
+        config = load_config_from_file(str(Path(__file__).resolve().parents[1] / name))
+        assert config.distributed_type.value == "MULTI_GPU", name  # DDP: what kdforge supports on GPUs
+        assert config.num_processes % config.num_machines == 0, name
+
+
+def test_a_loss_that_couples_the_batch_trains_under_ddp_as_on_one_process(tmp_path, digits_teacher):
+    """Its inputs are gathered with their gradient while DDP reduces the model's: same run as alone."""
+    sinkhorn = COUPLED["sinkhorn"]
+    kdforge(1, *_digits_kd(digits_teacher, tmp_path, "one", *sinkhorn))
+    kdforge(2, *_digits_kd(digits_teacher, tmp_path, "two", *sinkhorn))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_the_sparse_retriever_trains_end_to_end_on_two_processes(tmp_path):
+    """In-batch negatives scored by BM25 and a dense teacher over the global batch, FLOPS gathered, DDP:
+    the whole run on two processes (dropout differs from one process, so the step tests check exactness)."""
+    _needs("scifact", "corpus.jsonl")
+    settings = [
+        *TINY, "training.steps=4", "training.batch_size=5", *SCIFACT, "data.test.latency_queries=2",
+        *ENCODER_STEPS["sparse_retriever_scifact"], f"output.dir={tmp_path}", "output.name=run",
+    ]  # fmt: skip
+    kdforge(2, "run", "sparse_retriever_scifact", *(arg for s in settings for arg in ("--set", s)))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    student = report["runs"][0]["models"]["student"]
+    assert student["train"]["steps"] == 4 and math.isfinite(student["train"]["final_loss"])
+    assert {"listwise_kl", "flops"} <= set(student["train"]["final_terms"])
+    assert (tmp_path / "run" / "model" / "README.md").is_file()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -239,7 +240,11 @@ def start_processes(cpu: bool) -> None:
     so that the group's backend follows the recipe's device rather than a default."""
     from accelerate.state import PartialState
 
-    PartialState(cpu=cpu)
+    from kdforge.settings import process_wait_minutes
+
+    # the others wait while the main process evaluates (a large test set can take longer than
+    # torch's default of 30 minutes); a process that really hangs is stopped after this
+    PartialState(cpu=cpu, timeout=timedelta(minutes=process_wait_minutes()))
 
 
 def batch_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -265,3 +270,60 @@ def batch_items(local: list[T]) -> tuple[list[T], int]:
     parts: list[Any] = [None] * share.world
     dist.all_gather_object(parts, local if share.counted else [])
     return [item for part in parts for item in part], sum(len(part) for part in parts[: rank()])
+
+
+#: gradients are averaged in messages of at most this many bytes (fewer, larger messages, as DDP's buckets)
+BUCKET_BYTES = 64 << 20
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average ``params``' gradients over processes, in place: what DDP does, without its wrapper.
+
+    The engine trains the model itself rather than DDP's wrapper, because a task's adapter
+    may call any part of its model (an encoder's layers with hooks, a model's ``generate``)
+    where DDP expects one ``forward``. A gradient that is None on some processes (a part
+    their batch did not use) counts as zero there; one that is None on all stays None, as on
+    one process, so the optimizer leaves that parameter alone.
+    """
+    if world_size() == 1 or not params:
+        return
+    device = params[0].device
+    present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    dist.all_reduce(present)
+    used = [p for p, n in zip(params, present.tolist()) if n > 0]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets(used):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
+
+def _buckets(params: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
+    """Consecutive parameters of one dtype and device, up to :data:`BUCKET_BYTES` per bucket."""
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        kind = (p.grad.dtype, p.grad.device)
+        if bucket and (size + nbytes > BUCKET_BYTES or kind != (bucket[0].grad.dtype, bucket[0].grad.device)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def same_start(model: torch.nn.Module) -> None:
+    """Every process starts from the main process's parameters and buffers (as DDP's wrapper makes
+    sure): a student built from the same seed is equal anyway, this makes it certain."""
+    if world_size() == 1:
+        return
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)

@@ -20,3 +20,9 @@ def cache_dir() -> Path:
     """Where kdforge keeps what it can make again but would rather not (generated responses):
     ``KDFORGE_CACHE_DIR``, default ``~/.cache/kdforge``."""
     return Path(os.environ.get("KDFORGE_CACHE_DIR", "~/.cache/kdforge")).expanduser()
+
+
+def process_wait_minutes() -> float:
+    """How long a process of an ``accelerate launch`` run waits for the others (the main one evaluates
+    and writes the report while they wait): ``KDFORGE_WAIT_MINUTES``, default 180."""
+    return float(os.environ.get("KDFORGE_WAIT_MINUTES", "180"))

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdforge import faults
-from kdforge.distributed import mean_over_processes, on_main, process_share
+from kdforge.distributed import average_gradients, mean_over_processes, on_main, process_share, same_start
 from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from kdforge.engine.metrics_log import MetricsLog
 from kdforge.engine.optim import build_lr_scheduler, build_optimizer
@@ -162,21 +162,6 @@ def _place_loss_modules(loss_modules: nn.Module | None, accelerator: Accelerator
     return params
 
 
-def _average_across_processes(params: list[nn.Parameter], accelerator: Accelerator) -> None:
-    """Average the loss modules' gradients over processes, as DDP does for the model's.
-
-    They are not wrapped in DDP: the objective calls them outside the model's forward,
-    possibly several per step. Every process builds them from the same seed and runs the
-    same objective, so they start equal, all processes take part in each reduce, and a
-    gradient is None on all of them or on none.
-    """
-    if accelerator.num_processes == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
-
-
 class _ShareItems(Dataset):
     """Items looked up by the ``(index, counted)`` pairs of :class:`ProcessShareBatches`."""
 
@@ -265,7 +250,12 @@ def train(
     if loss_params:
         groups.append({"params": loss_params})
     optimizer = build_optimizer(groups, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # the model is placed (and autocast) but not wrapped in DDP: the processes' gradients are averaged
+    # by distributed.average_gradients, since a task's adapter may call any part of the model
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    same_start(model)
+    synced = [p for group in groups for p in group["params"]]  # the model's trainable parameters, the loss's
     clipped = [*model.parameters(), *loss_params] if loss_params else None
     batches_per_epoch = len(loader)
     total = total_optimizer_steps(cfg, batches_per_epoch)
@@ -378,8 +368,8 @@ def train(
                         nonfinite(bad)  # raises, or the micro-batch adds no gradient
                     else:
                         accelerator.backward(loss)
-                    if accelerator.sync_gradients and loss_params:
-                        _average_across_processes(loss_params, accelerator)
+                    if accelerator.sync_gradients:
+                        average_gradients(synced)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         # one norm over everything the optimizer steps, loss modules included
                         norm = accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
