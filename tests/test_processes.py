@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, TINY
+from kdforge.engine.checkpoint import list_checkpoints
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-5
@@ -294,3 +295,45 @@ def test_the_sparse_retriever_trains_end_to_end_on_two_processes(tmp_path):
     assert student["train"]["steps"] == 4 and math.isfinite(student["train"]["final_loss"])
     assert {"listwise_kl", "flops"} <= set(student["train"]["final_terms"])
     assert (tmp_path / "run" / "model" / "README.md").is_file()
+
+
+@pytest.mark.parametrize(("flag", "name"), [("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")])
+def test_a_launch_that_would_shard_the_student_on_gpus_is_refused_in_one_line(monkeypatch, flag, name):
+    from kdforge.engine.trainer import check_training_settings
+    from kdforge.errors import KDForgeError
+    from kdforge.recipe import TrainingConfig
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{flag}", "true")
+    cfg = TrainingConfig(steps=1)
+    assert check_training_settings(cfg.model_copy(update={"device": "cpu"}))[0]  # on the CPU: plain data parallel
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    with pytest.raises(KDForgeError) as info:
+        check_training_settings(cfg)
+    assert str(info.value).startswith(f"accelerate launch: {name} shards the student")
+    assert "launch with --multi_gpu" in str(info.value)
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpoint_and_resume_continues(tmp_path, digits_teacher):
+    """The launcher passes SIGTERM on to each process; they agree on the step, the main one saves it,
+    both exit, and --resume on two processes ends where a run never stopped ends."""
+    import signal
+    import time
+
+    longer = ["training.steps=2000", "training.checkpoint_every=1000", "training.eval_every=null"]
+    kdforge(2, *_digits_kd(digits_teacher, tmp_path, "whole", *longer))
+    args = _digits_kd(digits_teacher, tmp_path, "stopped", *longer)
+    env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*launch_command(2), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM at step" in err.decode(), err.decode()[-3000:]
+    saved = list_checkpoints(tmp_path / "stopped" / "checkpoints" / "student")
+    assert saved and 0 < int(saved[-1].name.split("-")[1]) < 2000
+    kdforge(2, *args, "--resume")
+    assert_same_run(tmp_path / "whole", tmp_path / "stopped")

@@ -6,9 +6,9 @@ contiguous shares, one per process, so a recipe means the same run on any number
 of processes, and a checkpoint written by one continues under another.
 
 A loss term's value on one process is a *share*: N times that process's part of the
-global mean. DDP averages gradients over processes, so the mean of the shares, and
-its gradient, are those of one process on the whole batch. Terms reach that in one
-of two ways:
+global mean. The engine averages gradients over processes (:func:`average_gradients`,
+what DDP does), so the mean of the shares, and its gradient, are those of one process
+on the whole batch. Terms reach that in one of two ways:
 
 * a loss that averages over positions or rows calls :func:`masked_mean`'s global form
   (:func:`global_mean`): the counts are summed over processes before dividing, so a
@@ -16,6 +16,9 @@ of two ways:
 * a loss whose value couples the rows of a batch (a transport plan, a batch-wide
   regulariser, in-batch negatives) gets its inputs gathered from every process
   (:func:`gather_rows`, with gradients), and each process computes the same value.
+
+Tasks that score each row against the whole batch (in-batch negatives) use
+:func:`batch_rows` and :func:`batch_items` for the global batch's rows.
 
 Outside the training step (evaluation, the memory planner's probe) no scope is set
 and every function here is local: nothing waits on other processes.
@@ -101,7 +104,8 @@ class ProcessShare:
 
     world: int
     #: False when this process's micro-batch stands in for nothing: the global batch had fewer
-    #: examples than processes, and DDP still needs every process to run a backward pass
+    #: examples than processes, and every process takes part in each step's exchanges (counts,
+    #: gathered rows, the gradient average)
     counted: bool = True
     #: calls of :func:`global_mean` in the current loss term (0: the loss reduced on its own)
     reductions: int = 0

@@ -44,8 +44,8 @@ class ProcessShareBatches(Sampler[list]):
     epoch), so the shares hold each example exactly once: none duplicated, none dropped,
     the last, shorter batch included. A share can be empty only when a batch has fewer
     examples than there are processes; that process then gets the batch's first example
-    with ``counted`` False, a stand-in that adds nothing to the loss, because DDP needs
-    every process to run each backward pass.
+    with ``counted`` False, a stand-in that adds nothing to the loss, because every process
+    takes part in each step's exchanges (counts, gathered rows, the gradient average).
 
     With ``world == 1`` the batches are the sampler's, as before.
     """

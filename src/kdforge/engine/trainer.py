@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -56,6 +56,10 @@ class TrainResult:
     skipped: list[dict[str, Any]] | None = None
 
 
+#: Accelerate's launch flags (``ACCELERATE_USE_<name>``) for setups that shard the student
+_SHARDED = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed", "MEGATRON_LM": "Megatron-LM"}
+
+
 def check_training_settings(cfg: TrainingConfig) -> tuple[bool, str]:
     """Settings this machine cannot honour, refused before a run writes anything; returns (cpu, precision)."""
     for tracker in cfg.trackers:
@@ -67,12 +71,11 @@ def check_training_settings(cfg: TrainingConfig) -> tuple[bool, str]:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if precision == "fp16" and cpu:
         raise KDForgeError("training.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
-    if sharded and not cpu:  # (on the CPU, Accelerate runs such a launch as DDP)
+    sharded = [name for name in _SHARDED if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if sharded and not cpu:  # (on the CPU, Accelerate runs such a launch as plain data parallel)
         raise KDForgeError(
-            f"accelerate launch: {sharded[0].replace('DEEPSPEED', 'DeepSpeed')} shards the student, and kdforge's"
-            " checkpoints, evaluation and saved model need it whole on the main process; launch with"
-            " --multi_gpu (DDP) instead"
+            f"accelerate launch: {_SHARDED[sharded[0]]} shards the student, and kdforge's checkpoints, evaluation"
+            " and saved model need it whole on the main process; launch with --multi_gpu (data parallel) instead"
         )
     return cpu, precision
 
@@ -144,20 +147,11 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-#: distributed setups that shard or own the parameters; loss modules outside the model do not fit them
-_SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
-
-
 def _place_loss_modules(loss_modules: nn.Module | None, accelerator: Accelerator) -> list[nn.Parameter]:
     """Move the loss modules to the training device; returns their trainable parameters."""
     if loss_modules is None:
         return []
     params = [p for p in loss_modules.parameters() if p.requires_grad]
-    if params and accelerator.distributed_type in _SHARDED:
-        raise KDForgeError(
-            f"objective: learnable loss terms train on one process or under DDP, not under"
-            f" {accelerator.distributed_type.value}; launch without it or drop the learnable term"
-        )
     loss_modules.to(accelerator.device)
     return params
 
