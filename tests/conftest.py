@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,22 @@ def crash_at_step(recipe, step: int, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_recipe(recipe)
     monkeypatch.setattr(Objective, "__call__", original)
+
+
+# ----- several processes ---------------------------------------------------------------
+
+
+def launch(processes: int) -> list[str]:
+    """How the tests start ``processes`` processes of a script or module that follows: the README's
+    ``accelerate launch`` command (``--multi_gpu`` is Accelerate's torchrun launcher; without a GPU
+    its processes join a gloo group on the CPU, where ``--cpu`` alone would start one), or plain
+    Python for one. Each launch gets a free port, so tests never meet on 29500."""
+    if processes == 1:
+        return [sys.executable]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    ]  # fmt: skip

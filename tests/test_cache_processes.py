@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import launch
 from kdforge.errors import CacheError
 from kdforge.signals.cache_store import (
     CacheReader,
@@ -30,23 +29,7 @@ from kdforge.signals.cache_store import (
     read_manifest,
 )
 
-BIN = Path(sys.executable).parent
 EXAMPLES = 60  # 30 per process, 6 shards of 5 each
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable]
-    return [
-        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-    ]  # fmt: skip
 
 
 def _run(processes: int, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -54,7 +37,7 @@ def _run(processes: int, *args: str, fault: str | None = None) -> subprocess.Com
     env.pop("KDFORGE_FAULT", None)
     if fault:
         env["KDFORGE_FAULT"] = fault
-    return subprocess.run([*_launch(processes), *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*launch(processes), *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def _cache(processes: int, teacher: Path, cache: Path, fault: str | None = None) -> subprocess.CompletedProcess:

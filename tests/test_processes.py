@@ -11,41 +11,23 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, TINY
+from conftest import SHARED_DATA, TINY, launch
 from kdforge.engine.checkpoint import list_checkpoints
 
-BIN = Path(sys.executable).parent
 TOLERANCE = 1e-5
 NO_BASELINE = "evaluation.baseline=false"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(processes: int) -> list[str]:
-    """The README's command: ``accelerate launch`` on this machine's CPUs, or plain Python for one process.
-
-    ``--multi_gpu`` is Accelerate's name for its torchrun launcher; without a GPU its processes
-    join a gloo group on the CPU (``--cpu`` alone would start a single process).
-    """
-    if processes == 1:
-        return [sys.executable, "-m", "kdforge"]
-    return [
-        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "kdforge",
-    ]  # fmt: skip
+    """``kdforge`` on ``processes`` processes, as the README launches it."""
+    return [*launch(processes), "-m", "kdforge"]
 
 
 def kdforge(processes: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
@@ -173,7 +155,7 @@ def one_step(tmp_path: Path, processes: int, recipe: str, batch_size: int, *over
     script = tmp_path / "step.py"
     script.write_text(_STEP_SCRIPT)
     out = tmp_path / f"step-{processes}.pt"
-    launcher = launch_command(processes)[:-2]  # the launcher runs the script instead of -m kdforge
+    launcher = launch(processes)
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*launcher, str(script), recipe, str(batch_size), str(out), *overrides],
@@ -338,3 +320,45 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpoint_and_resu
     assert saved and 0 < int(saved[-1].name.split("-")[1]) < 1000
     kdforge(2, *args, "--resume")
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+@pytest.fixture
+def served_tiny_lm(tiny_lm_teacher):
+    """kdforge's completions server for the tiny LM, in a thread of this process."""
+    import threading
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdforge.signals.server import CompletionEngine, make_server
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_teacher).eval()
+    server = make_server(CompletionEngine(model, AutoTokenizer.from_pretrained(tiny_lm_teacher), "tiny"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_served_teacher_feeds_two_processes_as_it_feeds_one(tmp_path, tiny_lm_teacher, served_tiny_lm):
+    """The teacher sits in its own process (its own GPU, on a GPU machine); the students of both processes
+    ask it for their shares' top-k, and the run equals one process's."""
+    import yaml
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question. Whether tis nobler in the mind to suffer. " * 40)
+    recipe = {
+        "name": "served-lm",
+        "task": "causal_lm",
+        "teacher": {"signal": "served", "url": served_tiny_lm, "k": 8},
+        "student": {"model": str(tiny_lm_teacher)},
+        "data": {"format": "text", "path": str(text), "max_length": 16},
+        "objective": [{"loss": "forward_kl"}, {"loss": "cross_entropy", "weight": 0.1}],
+        "training": {"lr": 3e-3, "batch_size": 7, "steps": 6, "log_every": 2},
+        "evaluation": {"batch_size": 8, "throughput_batches": 1, "throughput_repeats": 1},
+        "output": {"dir": str(tmp_path)},
+    }
+    path = tmp_path / "served.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    kdforge(1, "run", str(path), "--set", "output.name=one")
+    kdforge(2, "run", str(path), "--set", "output.name=two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
