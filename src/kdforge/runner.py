@@ -46,10 +46,6 @@ MODEL_DIR = "model"
 BASELINE_DIR = "baseline"
 
 
-def _is_main() -> bool:
-    return is_main()
-
-
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, recipe_yaml: str) -> None:
     """Refuse to clobber an earlier run, or to resume another one; writes nothing."""
     saved = run_dir / "recipe.yaml"
@@ -228,10 +224,10 @@ def _train_phase(
     if evaluations and evaluations[-1]["step"] < result.steps:
         # the engine evaluates only before the last step; a curve (and a verdict on it) needs the end too
         record = {"phase": phase, "step": result.steps, "eval": on_main(lambda: evaluate(model))}
-        MetricsLog(seed_dir / "metrics.jsonl", enabled=_is_main()).write(record)
+        MetricsLog(seed_dir / "metrics.jsonl", enabled=is_main()).write(record)
         evaluations.append(record)
     info.update(task.review_evaluations(evaluations))
-    if _is_main():
+    if is_main():
         if folder is not None:
             task.save_model(model, folder, card="")
         shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
@@ -296,7 +292,7 @@ class _Rounds:
             "train_seconds": sum(r["train_seconds"] for r in self.infos),
             **about,
         }
-        if _is_main():
+        if is_main():
             self.task.save_model(model, self.folder, card="")
             atomic_write_text(self.log_file, json.dumps(info, indent=2))
         barrier()
@@ -388,7 +384,7 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
         if baseline_terms is None:  # no labels to train on: the student as initialised is the baseline
             set_seed(recipe.training.seed)
             baseline, baseline_train = task.build_student(), {"steps": 0, "untrained": True}
-            if _is_main():
+            if is_main():
                 task.save_model(baseline, seed_dir / BASELINE_DIR, card="")
             barrier()
         else:
@@ -461,7 +457,7 @@ def run_recipe(
     warn_if_too_big(recipe, task=task, splits=splits, teacher=teacher)
     moved = (
         prepare_run_dir(run_dir, resume=resume, overwrite=recipe.output.overwrite, recipe_yaml=recipe_yaml)
-        if _is_main()
+        if is_main()
         else None
     )
     barrier()
@@ -474,7 +470,7 @@ def run_recipe(
         seed_dir = run_dir if len(seeds) == 1 else run_dir / f"seed-{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
         result = run_seed(seed_task, seed_dir, teacher, splits, resume)
-        if _is_main():
+        if is_main():
             write_cards(seed_task, seed_dir, result)
         runs.append(result)
         if on_seed_done:
@@ -485,7 +481,7 @@ def run_recipe(
     if pruning:
         report["data_plan"] = pruning
     report["throughput_unit"] = task.throughput_unit
-    if _is_main():
+    if is_main():
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
         write_report(run_dir)
         if moved is not None:
