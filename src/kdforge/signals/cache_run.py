@@ -107,13 +107,13 @@ def write_teacher_cache(
 ) -> Manifest:
     """Write (or finish) the cache of teacher ``teacher_ref`` on ``task``'s training set; returns the manifest.
 
-    Under several processes every process calls it, writes its share, and gets the merged manifest.
+    Under several processes every process calls it (after :func:`join_processes`, as
+    :func:`write_recipe_caches` does), writes its share, and gets the merged manifest.
     """
     if not teacher_fields:
         raise RecipeError("objective: no term uses the teacher, so there is nothing to cache")
     if k < 1:
         raise RecipeError(f"--k: must be >= 1, got {k}")
-    join_processes([device])  # a no-op when the caller has joined already
     fields = sorted(teacher_fields)
     train = task.splits().train
     model = task.load_teacher(teacher_ref, field)
