@@ -1,5 +1,7 @@
+import contextlib
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,3 +119,24 @@ def launch(processes: int) -> list[str]:
         str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
     ]  # fmt: skip
+
+
+def run_launched(command: list[str], *, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``command`` (usually a :func:`launch`) run to its end, its output captured. Past ``timeout``
+    seconds the launcher and every process under it are killed and the test fails: processes that
+    wait on each other forever must not outlive the test (torchrun's workers lead their own sessions,
+    so they are found as the launcher's descendants, not by its process group)."""
+    import psutil
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(proc.pid)
+        for child in [launcher, *launcher.children(recursive=True)]:  # listed before any is killed
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        _, err = proc.communicate()
+        name = Path(command[0]).name
+        pytest.fail(f"{name} ran past {timeout:.0f} s (processes waiting on each other?)\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

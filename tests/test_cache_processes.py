@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launch
+from conftest import launch, run_launched
 from kdforge.errors import CacheError
 from kdforge.signals.cache_store import (
     CacheReader,
@@ -37,7 +37,7 @@ def _run(processes: int, *args: str, fault: str | None = None) -> subprocess.Com
     env.pop("KDFORGE_FAULT", None)
     if fault:
         env["KDFORGE_FAULT"] = fault
-    return subprocess.run([*launch(processes), *args], env=env, capture_output=True, text=True, timeout=300)
+    return run_launched([*launch(processes), *args], env=env, timeout=300)
 
 
 def _cache(processes: int, teacher: Path, cache: Path, fault: str | None = None) -> subprocess.CompletedProcess:

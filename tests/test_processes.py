@@ -12,13 +12,15 @@ import math
 import os
 import re
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, TINY, launch
+from conftest import SHARED_DATA, TINY, launch, run_launched
 from kdforge.engine.checkpoint import list_checkpoints
 
 TOLERANCE = 1e-5
@@ -32,7 +34,7 @@ def launch_command(processes: int) -> list[str]:
 
 def kdforge(processes: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run([*launch_command(processes), *args], env=env, capture_output=True, text=True, timeout=600)
+    done = run_launched([*launch_command(processes), *args], env=env, timeout=600)
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
@@ -157,10 +159,7 @@ def one_step(tmp_path: Path, processes: int, recipe: str, batch_size: int, *over
     out = tmp_path / f"step-{processes}.pt"
     launcher = launch(processes)
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*launcher, str(script), recipe, str(batch_size), str(out), *overrides],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = run_launched([*launcher, str(script), recipe, str(batch_size), str(out), *overrides], env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
@@ -278,6 +277,60 @@ def test_the_sparse_retriever_trains_end_to_end_on_two_processes(tmp_path):
     assert student["train"]["steps"] == 4 and math.isfinite(student["train"]["final_loss"])
     assert {"listwise_kl", "flops"} <= set(student["train"]["final_terms"])
     assert (tmp_path / "run" / "model" / "README.md").is_file()
+    # the miner's embeddings were encoded and written by the main process alone: no torn or stray files
+    cache = tmp_path / "kdforge-cache" / "embeddings"
+    assert len(list(cache.glob("*.npy"))) == 2 and not list(cache.glob(".*"))
+
+
+_SHARED_FILE_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from kdforge.distributed import main_first, on_main, rank, start_processes
+from kdforge.errors import KDForgeError, RecipeError
+
+start_processes(True)
+folder = Path(sys.argv[1])
+
+def fill():
+    target = folder / "shared.txt"
+    if target.exists():
+        return "read " + target.read_text()
+    with (folder / "writers.txt").open("a") as fh:
+        fh.write(f"{rank()}\\n")
+    time.sleep(1.0)  # a second writer would arrive while this one writes
+    target.write_text("value")
+    return "wrote value"
+
+def refuse():
+    raise RecipeError("data.miner: no such model")
+
+got = main_first(fill)
+# the others wait inside on_main; the main process's nested calls must not wait for them
+nested = on_main(lambda: main_first(lambda: on_main(lambda: 7)))
+try:
+    main_first(refuse)
+    error = None
+except KDForgeError as exc:
+    error = str(exc)
+print(json.dumps({"rank": rank(), "got": got, "nested": nested, "error": error}))
+"""
+
+
+def test_a_shared_file_is_written_by_the_main_process_and_read_by_the_others(tmp_path):
+    """main_first: the main process fills a shared cache while the others wait, then they read it;
+    inside on_main the main process acts alone (nested calls do not wait); a user error reaches all."""
+    script = tmp_path / "shared.py"
+    script.write_text(_SHARED_FILE_SCRIPT)
+    env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    done = run_launched([*launch(2), str(script), str(tmp_path)], env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = sorted(
+        (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
+    )
+    assert [r["got"] for r in lines] == ["wrote value", "read value"]
+    assert (tmp_path / "writers.txt").read_text() == "0\n"
+    assert [r["nested"] for r in lines] == [7, 7]
+    assert [r["error"] for r in lines] == ["data.miner: no such model"] * 2
 
 
 @pytest.mark.parametrize(("flag", "name"), [("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")])
@@ -362,3 +415,46 @@ def test_a_served_teacher_feeds_two_processes_as_it_feeds_one(tmp_path, tiny_lm_
     kdforge(1, "run", str(path), "--set", "output.name=one")
     kdforge(2, "run", str(path), "--set", "output.name=two")
     assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+class _ScriptedCompletions(BaseHTTPRequestHandler):
+    """A completions endpoint whose n-th request gets the n-th scripted answer (then empty ones):
+    asked once per prompt by each of two processes, it would give them different examples."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.prompts.append(body["prompt"])  # type: ignore[attr-defined]
+        answers = self.server.answers  # type: ignore[attr-defined]
+        data = json.dumps({"choices": [{"index": 0, "text": answers.pop(0) if answers else ""}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_pgkd_asks_its_teacher_once_per_prompt_and_both_processes_train_on_the_answers(tmp_path):
+    """The main process asks a (sampling) served teacher; every process gets its answer, so the
+    training sets, and the steps, stay the same on both."""
+    _needs("sst2", "train.tsv")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedCompletions)
+    server.prompts, server.answers = [], ["positive: a wonderful , moving picture\nnegative: a tedious , lifeless mess"]  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        settings = [
+            "training.epochs=null", "training.steps=2", "training.batch_size=8", "training.eval_every=null",
+            "training.checkpoint_every=null", "data.train_limit=16", "data.validation_limit=8",
+            "data.test_limit=8", "data.max_length=24", f"data.pgkd={{url: {url}, rounds: 2, patience: 2}}",
+            f"output.dir={tmp_path}", "output.name=run",
+        ]  # fmt: skip
+        kdforge(2, "run", "text_teacher_sst2", *(arg for s in settings for arg in ("--set", s)))
+    finally:
+        server.shutdown()
+    assert len(server.prompts) == 2  # type: ignore[attr-defined]  # one prompt per round, from one process
+    pgkd = json.loads((tmp_path / "run" / "report.json").read_text())["runs"][0]["models"]["student"]["train"]["pgkd"]
+    first, second = pgkd["rounds"][1], pgkd["rounds"][2]
+    assert (first["accepted"], second["accepted"]) == (2, 0) and pgkd["training_set_size"] == 16 + 2

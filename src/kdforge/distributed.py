@@ -47,7 +47,14 @@ def share_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+#: True while the main process runs :func:`on_main`'s work alone: the others are waiting in its
+#: broadcast, so anything inside that would wait on them (a nested on_main, a barrier) runs locally
+_alone: ContextVar[bool] = ContextVar("kdforge_main_alone", default=False)
+
+
 def world_size() -> int:
+    if _alone.get():
+        return 1
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -64,13 +71,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def on_main(fn: Callable[[], T]) -> T:
-    """``fn()`` run by the main process only; every process gets its result (a picklable value).
+def on_main(fn: Callable[[], T], *, share: bool = True) -> T:
+    """``fn()`` run by the main process only; every process gets its result (a picklable value),
+    or, with ``share=False``, None on the others (a result only the main process uses).
 
     Evaluation, reports and decisions about shared files: one process acts (so timings do
     not compete for the same cores), the others wait and receive the same value. A user
     error there is the same one line on every process; any other failure is re-raised on
     the main process, and the others stop rather than wait for a result that never comes.
+    While ``fn`` runs, the main process counts as alone: what it calls does not wait on the others.
     """
     if world_size() == 1:
         return fn()
@@ -79,7 +88,7 @@ def on_main(fn: Callable[[], T]) -> T:
     box: list[Any] = [None, None]
     if is_main():
         try:
-            box[0] = fn()
+            box[0] = _alone_run(fn)
         except BaseException as exc:
             # the exception itself may not survive pickling (extra constructor arguments): its message does
             box[1] = (
@@ -89,10 +98,35 @@ def on_main(fn: Callable[[], T]) -> T:
             )
             dist.broadcast_object_list(box, src=0)
             raise
+    result = box[0]
+    if not share:
+        box[0] = None
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise box[1]
-    return box[0]
+    return result if is_main() else box[0]
+
+
+def _alone_run(fn: Callable[[], T]) -> T:
+    token = _alone.set(True)
+    try:
+        return fn()
+    finally:
+        _alone.reset(token)
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on the main process, then on the others once it has returned.
+
+    For work that fills a file the processes share (a cache of embeddings or generations):
+    the main process writes it while the others wait, then they read it back instead of
+    writing the same file at the same time. A failure on the main process stops every
+    process, as in :func:`on_main`.
+    """
+    if world_size() == 1:
+        return fn()
+    first = on_main(fn, share=False)
+    return first if is_main() else fn()
 
 
 # ------------------------------------------------------------------ the global batch

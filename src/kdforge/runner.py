@@ -118,11 +118,15 @@ def load_teacher(task: Task, test) -> TeacherView | None:
     built = build_signal(task, recipe.teacher, teacher_fields_of(recipe.objective))
     if built.model is None:  # a served teacher, a cache without its model, an ensemble: nothing to evaluate alone
         return TeacherView(built.signal, None, None, None, built.info)
-    if not is_main():  # the main process evaluates and reports; the others only train
-        return TeacherView(built.signal, built.model, None, None, built.info)
-    evaluation = task.evaluate(built.model, test)
-    files = task.teacher_weight_files(built.model_ref) if built.model_ref else []
-    summary = {"metrics": evaluation.metrics, **_speed_and_size(task, built.model, test, files)}
+
+    def evaluate_teacher() -> tuple[Evaluation, dict[str, Any]]:
+        evaluation = task.evaluate(built.model, test)
+        files = task.teacher_weight_files(built.model_ref) if built.model_ref else []
+        return evaluation, {"metrics": evaluation.metrics, **_speed_and_size(task, built.model, test, files)}
+
+    # the main process evaluates and reports; the others only train, and wait here
+    evaluated = on_main(evaluate_teacher, share=False)
+    evaluation, summary = evaluated if evaluated is not None else (None, None)
     return TeacherView(built.signal, built.model, evaluation, summary, built.info)
 
 
@@ -322,6 +326,22 @@ def _train_selected(
     return model, rounds.save(model, selection={**log.as_dict(), "pool": len(splits.train)})
 
 
+class _AskedOnMain:
+    """PGKD's writing teacher, asked by the main process only: every process trains on its answers.
+
+    A teacher that samples (a served one at a temperature above all) would answer each process
+    differently, and their training sets, and so their steps, would part; the other processes
+    also need no copy of a local teacher (``teacher`` is None there). Every process asks in the
+    same order, since the rounds' evaluations are the same on each (the weights are).
+    """
+
+    def __init__(self, teacher: Callable[[str], str] | None):
+        self._teacher = teacher
+
+    def __call__(self, prompt: str) -> str:
+        return on_main(lambda: self._teacher(prompt))  # type: ignore[misc]
+
+
 def _train_with_generated_data(
     task: Task, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -345,7 +365,7 @@ def _train_with_generated_data(
         train_set=task.labelled_texts(splits.train),
         validation=task.labelled_texts(splits.eval),
         class_names=task.class_names,
-        generator=task.generator(),
+        generator=_AskedOnMain(on_main(task.generator, share=False)),  # loaded before round 0
         task_description=task.task_description(),
         rounds=cfg.rounds,
         per_class=cfg.per_class,

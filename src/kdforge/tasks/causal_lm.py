@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.state import PartialState
 from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
@@ -49,6 +48,7 @@ from kdforge.data.lm import (
     resolve_data_path,
     uses_chat_template,
 )
+from kdforge.distributed import is_main, main_first
 from kdforge.errors import RecipeError
 from kdforge.eval.hacking import detect_teacher_hacking
 from kdforge.losses.logits import cross_entropy, forward_kl
@@ -253,7 +253,7 @@ class CausalLMTask(Task):
                 )
             layers = evenly_spaced_layers(total, cfg.from_teacher.num_layers)
         student = student_from_teacher(teacher, layers, field="student.from_teacher")
-        if PartialState().is_main_process:
+        if is_main():
             print_sizes(teacher, student, layers)
         return student
 
@@ -360,7 +360,7 @@ class CausalLMTask(Task):
                 f"data.max_length: every prompt of {cfg.path} fills all {cfg.max_length} tokens, leaving no"
                 " response to learn; raise data.max_length"
             )
-        if dropped and PartialState().is_main_process:
+        if dropped and is_main():
             console.print(
                 f"[yellow]data: {dropped} of {len(self._records)} examples of {cfg.path} left out: their"
                 f" prompt fills all {cfg.max_length} tokens (data.max_length), leaving no response to learn"
@@ -423,8 +423,8 @@ class CausalLMTask(Task):
 
     def _teacher_texts(self, indices: list[int], purpose: str, description: str, instruction: str | None = None):
         prompt_ids = self._teacher_prompt_ids(indices, instruction)
-        with PartialState().main_process_first():  # one process writes, the others read what it wrote
-            return self._writer.responses(prompt_ids, purpose=purpose, description=description)
+        # one process writes the store, the others read what it wrote
+        return main_first(lambda: self._writer.responses(prompt_ids, purpose=purpose, description=description))
 
     def _generated_responses(self, indices: list[int], epoch: int) -> dict[int, str]:
         purpose = self._written_data[0] if epoch == 0 else f"epoch-{epoch}"
@@ -458,7 +458,7 @@ class CausalLMTask(Task):
 
         train_ok = [i for i in train if usable(i)]
         val_ok, test_ok = [i for i in val if usable(i)], [i for i in test if usable(i)]
-        if missing and PartialState().is_main_process:
+        if missing and is_main():
             console.print(
                 f"[yellow]data.step_by_step: {missing} of {len(used)} teacher responses gave no rationale or no"
                 " 'Answer:' line and are left out"

@@ -12,6 +12,7 @@ documents/s and size. The saved student is a sentence-transformers folder.
 
 from __future__ import annotations
 
+import os
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
 from kdforge.data.beir import BeirData, load_beir, load_wikiqa, resolve_data_path, wikiqa_to_beir
+from kdforge.distributed import main_first
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import evaluate_candidate_ranking, evaluate_dense_retrieval, query_latency
 from kdforge.models.from_teacher import evenly_spaced_layers
@@ -270,15 +272,21 @@ class EncoderTask(Task):
         files = resolve_model_ref(ref, field=field).weight_files()
         key = value_digest([files_digest(files), ref if not files else "", value_digest(texts), max_length])
         path = cache_dir() / "embeddings" / f"{key}.npy"
-        if path.is_file():
-            return np.load(path)
-        emb = self.encode(model, texts, max_length, what)
-        if files:  # a hub model without local files has no stable identity to cache under
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, emb)
-            tmp.replace(path)
-        return emb
+
+        def read_or_encode() -> np.ndarray:
+            if path.is_file():
+                return np.load(path)
+            emb = self.encode(model, texts, max_length, what)
+            if files:  # a hub model without local files has no stable identity to cache under
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # a name of this process's own: two runs sharing the cache may write the same key at once
+                tmp = path.with_name(f".{key}.{os.getpid()}.tmp.npy")
+                np.save(tmp, emb)
+                tmp.replace(path)
+            return emb
+
+        # on several processes the main one encodes and writes, the others read its file
+        return main_first(read_or_encode)
 
     def encoder(self, model: SentenceTransformer, max_length: int, what: str = ""):
         """``texts -> [N, D]`` for the retrieval evaluation: unit rows unless the model scores by dot product."""
