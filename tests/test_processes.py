@@ -95,6 +95,22 @@ def test_two_processes_give_the_run_of_one_with_the_same_global_batch(tmp_path, 
     assert not [f for f in files if f.endswith(".tmp") or f.startswith("checkpoints/")]
 
 
+def test_active_distillation_chooses_buys_and_trains_on_two_processes_as_on_one(tmp_path, digits_teacher):
+    """Each round's choice (by the student's margins), the teacher's bought logits and the training
+    on them: the same on every process, so the run equals one process's."""
+    rad = ["data.train_limit=null", "data.selection={strategy: margin, budget: 40, rounds: 2}", NO_BASELINE]
+    for processes, name in ((1, "one"), (2, "two")):
+        kdforge(processes, *_digits_kd(digits_teacher, tmp_path, name, *rad, "training.steps=3"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    rounds = [
+        json.loads((tmp_path / name / "report.json").read_text())["runs"][0]["models"]["student"]["train"]["selection"]
+        for name in ("one", "two")
+    ]
+    assert rounds[0]["teacher_queries"] == rounds[1]["teacher_queries"] == 40
+    for a, b in zip(rounds[0]["rounds"], rounds[1]["rounds"], strict=True):  # the same points, bought and scored
+        assert a.keys() == b.keys() and all(close(a[k], b[k]) for k in a), (a, b)
+
+
 def test_a_checkpoint_written_by_one_process_continues_under_two(tmp_path, digits_teacher):
     kdforge(1, *_digits_kd(digits_teacher, tmp_path, "whole"))
     # killed (SIGKILL) in step 8 of the student, after the checkpoint of step 5
