@@ -80,7 +80,7 @@ LOGITS_BUDGET = 2**25
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward can compute logits for chosen positions only (transformers' LMs can)."""
-    return _forward_takes_logits_to_keep(type(getattr(model, "module", model)))  # DDP passes keywords on
+    return _forward_takes_logits_to_keep(type(model))
 
 
 @functools.cache
@@ -533,13 +533,12 @@ class CausalLMTask(Task):
         """With probability lambda (data.on_policy.lambda) per step, the student's own answers to the prompts."""
         if not self._on_policy_at(step):
             return batch
-        module = getattr(model, "module", model)  # DDP: generate with the model itself
         return student_batch(
-            module,
+            model,
             batch,
             self.data_cfg.on_policy,
             pad_id=self.pad_id,
-            stop_ids=stop_token_ids(self.tokenizer, module),
+            stop_ids=stop_token_ids(self.tokenizer, model),
             max_length=self.data_cfg.max_length,
             seed=derived_seed(self.recipe.training.seed, "on-policy", step),
             kinds=self.kinds,
