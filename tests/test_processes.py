@@ -433,6 +433,37 @@ def test_a_served_teacher_feeds_two_processes_as_it_feeds_one(tmp_path, tiny_lm_
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+def test_a_teacher_writing_fresh_answers_each_epoch_feeds_two_processes_as_it_feeds_one(tmp_path, tiny_lm_teacher):
+    """online_generation: the main process has the teacher write each epoch's answers (into the store)
+    and every process trains on them, so the run equals one process's; the store holds one file per epoch."""
+    import yaml
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"To be or not {i}, that is the question"}) + "\n" for i in range(24))
+    )
+    recipe = {
+        "name": "written-lm",
+        "task": "causal_lm",
+        "teacher": {"model": str(tiny_lm_teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "data": {"format": "jsonl", "path": str(prompts), "mode": "online_generation", "max_length": 32,
+                 "generation": {"max_new_tokens": 6}},
+        "objective": [{"loss": "forward_kl"}, {"loss": "cross_entropy", "weight": 0.1}],
+        "training": {"lr": 3e-3, "batch_size": 7, "epochs": 3, "steps": None, "log_every": 1},
+        "evaluation": {"batch_size": 8, "throughput_batches": 1, "throughput_repeats": 1, "baseline": False},
+        "output": {"dir": str(tmp_path)},
+    }  # fmt: skip
+    path = tmp_path / "written.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    for processes, name in ((1, "one"), (2, "two")):
+        store = tmp_path / f"cache-{name}"
+        kdforge(processes, "run", str(path), "--set", f"output.name={name}", env={"KDFORGE_CACHE_DIR": str(store)})
+        keys = sorted(json.loads(k.read_text())["purpose"] for k in (store / "generations").glob("*.key.json"))
+        assert keys == ["epoch-1", "epoch-2", "responses"] and not list((store / "generations").glob("*.partial*"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
 class _ScriptedCompletions(BaseHTTPRequestHandler):
     """A completions endpoint whose n-th request gets the n-th scripted answer (then empty ones):
     asked once per prompt by each of two processes, it would give them different examples."""

@@ -48,7 +48,7 @@ from kdforge.data.lm import (
     resolve_data_path,
     uses_chat_template,
 )
-from kdforge.distributed import is_main, main_first
+from kdforge.distributed import is_main, on_main
 from kdforge.errors import RecipeError
 from kdforge.eval.hacking import detect_teacher_hacking
 from kdforge.losses.logits import cross_entropy, forward_kl
@@ -423,8 +423,9 @@ class CausalLMTask(Task):
 
     def _teacher_texts(self, indices: list[int], purpose: str, description: str, instruction: str | None = None):
         prompt_ids = self._teacher_prompt_ids(indices, instruction)
-        # one process writes the store, the others read what it wrote
-        return main_first(lambda: self._writer.responses(prompt_ids, purpose=purpose, description=description))
+        # the main process writes (or reads) the store and every process gets its texts: one writer,
+        # and the store need not be on storage that every machine sees
+        return on_main(lambda: self._writer.responses(prompt_ids, purpose=purpose, description=description))
 
     def _generated_responses(self, indices: list[int], epoch: int) -> dict[int, str]:
         purpose = self._written_data[0] if epoch == 0 else f"epoch-{epoch}"
