@@ -111,6 +111,17 @@ def test_active_distillation_chooses_buys_and_trains_on_two_processes_as_on_one(
         assert a.keys() == b.keys() and all(close(a[k], b[k]) for k in a), (a, b)
 
 
+def test_a_run_with_a_tracker_keeps_its_processes_together_through_the_baseline(tmp_path, digits_teacher):
+    """A tracker is finished at the end of the student's phase without leaving the process group
+    (Accelerate's end_training would), so the baseline phase and the evaluation still run as one group."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extras")
+    tracked = ["training.trackers=[tensorboard]", "training.steps=6"]
+    for processes, name in ((1, "one"), (2, "two")):
+        kdforge(processes, *_digits_kd(digits_teacher, tmp_path, name, *tracked))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert list((tmp_path / "two").rglob("events.out.tfevents.*"))
+
+
 def test_a_checkpoint_written_by_one_process_continues_under_two(tmp_path, digits_teacher):
     kdforge(1, *_digits_kd(digits_teacher, tmp_path, "whole"))
     # killed (SIGKILL) in step 8 of the student, after the checkpoint of step 5

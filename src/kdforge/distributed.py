@@ -26,6 +26,7 @@ and every function here is local: nothing waits on other processes.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -283,6 +284,16 @@ def start_processes(cpu: bool) -> None:
     # the others wait while the main process evaluates (a large test set can take longer than
     # torch's default of 30 minutes); a process that really hangs is stopped after this
     PartialState(cpu=cpu, timeout=timedelta(minutes=process_wait_minutes()))
+    if world_size() > 1:
+        atexit.register(_leave_processes)  # a second registration finds the group gone: no-op
+
+
+def _leave_processes() -> None:
+    """Leave the process group before the interpreter shuts down: a gloo group still alive at
+    exit is torn down in an order that can abort the process (``terminate called without an
+    active exception``) after its work is done. Leaving is local: nothing waits on the others."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def batch_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -440,7 +440,10 @@ def train(
                 state.epoch += 1
                 state.batches_in_epoch = 0
     if cfg.trackers:
-        accelerator.end_training()
+        # not accelerator.end_training(): it also leaves the process group, which later phases,
+        # the evaluation and the checkpoints of a run on several processes still use
+        for tracker in accelerator.trackers:
+            tracker.finish()
     model.eval()
     if loss_modules is not None:
         loss_modules.eval()
