@@ -119,7 +119,7 @@ def _alone_run(fn: Callable[[], T]) -> T:
 def main_first(fn: Callable[[], T]) -> T:
     """``fn()`` on the main process, then on the others once it has returned.
 
-    For work that fills a file the processes share (a cache of embeddings or generations):
+    For work that fills a file the processes share (the cache of a teacher's embeddings):
     the main process writes it while the others wait, then they read it back instead of
     writing the same file at the same time. A failure on the main process stops every
     process, as in :func:`on_main`.
