@@ -144,7 +144,9 @@ def test_a_checkpoint_written_by_one_process_continues_under_two(tmp_path, digit
 _STEP_SCRIPT = """
 import json, sys
 import torch
-from kdforge.distributed import mean_over_processes, process_share, rank, share_bounds, start_processes, world_size
+from kdforge.distributed import (
+    leave_processes, mean_over_processes, process_share, rank, share_bounds, start_processes, world_size,
+)
 
 start_processes(True)
 import torch.distributed as dist
@@ -177,6 +179,7 @@ if world_size() > 1:
 values = mean_over_processes(torch.stack([loss.detach(), *terms.values()])).tolist()
 if rank() == 0:
     torch.save({"loss": values[0], "terms": dict(zip(terms, values[1:])), "grad": flat}, out)
+leave_processes(together=True)  # as the CLI ends a launched command
 """
 
 
@@ -312,7 +315,7 @@ def test_the_sparse_retriever_trains_end_to_end_on_two_processes(tmp_path):
 _SHARED_FILE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from kdforge.distributed import main_first, on_main, rank, start_processes
+from kdforge.distributed import leave_processes, main_first, on_main, rank, start_processes
 from kdforge.errors import KDForgeError, RecipeError
 
 start_processes(True)
@@ -340,6 +343,7 @@ try:
 except KDForgeError as exc:
     error = str(exc)
 print(json.dumps({"rank": rank(), "got": got, "nested": nested, "error": error}))
+leave_processes(together=True)  # as the CLI ends a launched command
 """
 
 

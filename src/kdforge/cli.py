@@ -416,6 +416,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # standalone mode: usage errors print click's message and exit 2; ours arrive here
         app(args=argv, prog_name="kdforge")
+    except SystemExit as exc:
+        # the command finished, on every process of a launch: they leave the group together
+        # (a command that never loaded kdforge.distributed started no group: nothing to import)
+        started = sys.modules.get("kdforge.distributed")
+        if not exc.code and started is not None:
+            started.leave_processes(together=True)
+        raise
     except Interrupted as exc:
         err.print(f"[yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -285,14 +285,21 @@ def start_processes(cpu: bool) -> None:
     # torch's default of 30 minutes); a process that really hangs is stopped after this
     PartialState(cpu=cpu, timeout=timedelta(minutes=process_wait_minutes()))
     if world_size() > 1:
-        atexit.register(_leave_processes)  # a second registration finds the group gone: no-op
+        atexit.register(leave_processes)  # a second registration finds the group gone: no-op
 
 
-def _leave_processes() -> None:
-    """Leave the process group before the interpreter shuts down: a gloo group still alive at
-    exit is torn down in an order that can abort the process (``terminate called without an
-    active exception``) after its work is done. Leaving is local: nothing waits on the others."""
+def leave_processes(*, together: bool = False) -> None:
+    """Leave the process group before the interpreter shuts down (no-op without one).
+
+    A gloo group still alive at exit is torn down in an order that can abort a process
+    (``terminate called without an active exception``) after its work is done, so a
+    finished launch would report a failure. ``together``, at the normal end of a command:
+    every process first waits for the others, so none leaves while another is still in its
+    last exchange with it. Without it (on the way out after an error) leaving is local.
+    """
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
