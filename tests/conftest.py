@@ -140,3 +140,52 @@ def run_launched(command: list[str], *, env: dict[str, str], timeout: float) -> 
         name = Path(command[0]).name
         pytest.fail(f"{name} ran past {timeout:.0f} s (processes waiting on each other?)\n{err[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+# ----- behaviour unchanged: runs compared with values recorded before a refactor -------------
+
+GOLDEN_FILE = Path(__file__).parent / "golden" / "runs.json"
+#: report keys that measure time or place, not behaviour
+_UNSTABLE = ("throughput", "seconds", "_ms", "latency", "dir", "resumed")
+_WEIGHT_SUFFIXES = (".safetensors", ".faiss", ".npy", ".npz", ".bin", ".pt")
+
+
+def _stable(value):
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in sorted(value.items()) if not any(u in k for u in _UNSTABLE)}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def run_fingerprint(run_dir: Path, report: dict) -> dict:
+    """What must not change when code moves: every reported number that is not a timing, and the
+    sha256 of every weight file the run saved (student and baseline)."""
+    import hashlib
+
+    weights = {}
+    for path in sorted(Path(run_dir).rglob("*")):
+        if path.is_file() and path.suffix in _WEIGHT_SUFFIXES and "checkpoints" not in path.parts:
+            weights[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"runs": _stable(report["runs"]), "data_plan": report.get("data_plan"), "weights": weights}
+
+
+@pytest.fixture
+def unchanged(request):
+    """``unchanged(run_dir, report)`` checks a run against the values recorded for this test before the
+    methods moved into kdforge.methods (issue 20); ``KDFORGE_RECORD_GOLDEN=1`` records them instead."""
+    import json
+
+    def check(run_dir: Path, report: dict, key: str | None = None) -> None:
+        name = key or request.node.name
+        found = run_fingerprint(run_dir, report)
+        recorded = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.exists() else {}
+        if os.environ.get("KDFORGE_RECORD_GOLDEN") == "1":
+            recorded[name] = found
+            GOLDEN_FILE.parent.mkdir(exist_ok=True)
+            GOLDEN_FILE.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+            return
+        assert name in recorded, f"no recorded run for {name}; record it with KDFORGE_RECORD_GOLDEN=1"
+        assert json.loads(json.dumps(found)) == recorded[name]
+
+    return check

@@ -147,13 +147,16 @@ def test_teacher_generated_data_is_the_teachers_answers_with_prompts_masked(tmp_
     )
 
 
-def test_teacher_generated_answers_cached_with_top_k_train_a_student(tmp_path, tiny_lm_teacher, prompts_file):
+def test_teacher_generated_answers_cached_with_top_k_train_a_student(
+    tmp_path, tiny_lm_teacher, prompts_file, unchanged
+):
     cache = tmp_path / "cache"
     teacher = {"signal": "cache", "path": str(cache), "model": str(tiny_lm_teacher), "k": 8}
     recipe = mode_recipe(tmp_path, None, prompts_file, "teacher_generated", teacher=teacher)
     ((_, manifest),) = write_recipe_caches(recipe)
     assert manifest.examples == len(task_of(recipe).splits().train)
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     student = report["runs"][0]["models"]["student"]
     assert student["train"]["data_mode"] == "teacher_generated" and student["metrics"]["perplexity"] > 1
     assert report["throughput_unit"] == "tokens/s"
@@ -180,12 +183,13 @@ def test_modes_that_answer_prompts_need_jsonl_prompts(tmp_path, tiny_lm_teacher,
 
 
 def test_online_generation_writes_fresh_answers_each_epoch_and_resumes_to_the_same_run(
-    tmp_path, tiny_lm_teacher, prompts_file, monkeypatch
+    tmp_path, tiny_lm_teacher, prompts_file, monkeypatch, unchanged
 ):
     # 36 training prompts, 8 per batch: 5 batches an epoch, 12 steps = epochs 0, 1 and 2
     args = ("evaluation.baseline=false", "training.steps=12", "training.checkpoint_every=4")
     recipe = mode_recipe(tmp_path, tiny_lm_teacher, prompts_file, "online_generation", *args)
     reference = run_recipe(recipe)
+    unchanged(recipe.run_dir, reference)
     store = Path(tmp_path / "kdforge-cache" / "generations")
     keys = [json.loads(p.read_text()) for p in store.glob("*.key.json")]
     assert sorted(k["purpose"] for k in keys) == ["epoch-1", "epoch-2", "responses"]
@@ -239,7 +243,7 @@ def test_a_student_batch_keeps_the_prompts_and_learns_only_the_students_answer(t
 
 
 def test_on_policy_runs_generate_with_probability_lambda_and_never_for_the_baseline(
-    tmp_path, tiny_lm_teacher, pairs_file, monkeypatch
+    tmp_path, tiny_lm_teacher, pairs_file, monkeypatch, unchanged
 ):
     calls = []
     original = lm_generated.student_batch
@@ -261,6 +265,7 @@ def test_on_policy_runs_generate_with_probability_lambda_and_never_for_the_basel
             objective=objective,
         )
         report = run_recipe(recipe)  # with a baseline, which trains on the file's answers only
+        unchanged(recipe.run_dir, report, key=f"on_policy_lambda_{lmbda}")
         train = report["runs"][0]["models"]["student"]["train"]
         assert len(calls) == expected == train["on_policy_steps"] and train["on_policy_lambda"] == lmbda
     recipe = mode_recipe(tmp_path / "half", tiny_lm_teacher, pairs_file, "on_policy", "data.on_policy.lambda=0.5")
@@ -279,7 +284,7 @@ def test_a_step_by_step_answer_is_split_at_the_last_answer_line():
 
 
 def test_step_by_step_trains_two_prefixed_tasks_and_evaluates_only_the_label_task(
-    tmp_path, tiny_lm_teacher, prompts_file, monkeypatch
+    tmp_path, tiny_lm_teacher, prompts_file, monkeypatch, unchanged
 ):
     def teacher_says(self, prompt_ids, *, purpose, description):
         return [f"because reason {i}. Answer: {'yes' if i % 2 else 'no'}" for i in range(len(prompt_ids))]
@@ -312,6 +317,7 @@ def test_step_by_step_trains_two_prefixed_tasks_and_evaluates_only_the_label_tas
     assert task._references(batch)[0] in ("yes", "no") and task._references(batch)[1].startswith("because reason")
 
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     student = report["runs"][0]["models"]["student"]
     assert set(student["train"]["final_terms"]) == {"label", "rationale"}
     assert 0 <= student["metrics"]["answer_accuracy"] <= 1
@@ -377,7 +383,7 @@ def test_the_monitor_flags_a_constructed_hacking_case_and_not_a_healthy_one():
 
 
 def test_a_run_with_the_monitor_logs_proxy_and_golden_and_reports_them(
-    tmp_path, tiny_lm_teacher, lm_tokenizer, pairs_file
+    tmp_path, tiny_lm_teacher, lm_tokenizer, pairs_file, unchanged
 ):
     golden = save_llama(tmp_path / "golden", lm_tokenizer, layers=2)
     recipe = answers_recipe(
@@ -389,6 +395,7 @@ def test_a_run_with_the_monitor_logs_proxy_and_golden_and_reports_them(
         "training.steps=5",
     )
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     hack = models["student"]["train"]["teacher_hacking"]
     # every eval_every steps, and once more at the end
@@ -399,7 +406,9 @@ def test_a_run_with_the_monitor_logs_proxy_and_golden_and_reports_them(
     assert "Teacher-hacking monitor" in html
 
 
-def test_the_monitor_can_score_golden_written_answers_instead_of_a_golden_model(tmp_path, tiny_lm_teacher, pairs_file):
+def test_the_monitor_can_score_golden_written_answers_instead_of_a_golden_model(
+    tmp_path, tiny_lm_teacher, pairs_file, unchanged
+):
     golden_data = write_jsonl(tmp_path / "golden.jsonl", [{"prompt": "To be", "response": "or not to be"}] * 3)
     recipe = answers_recipe(
         tmp_path,
@@ -409,6 +418,7 @@ def test_the_monitor_can_score_golden_written_answers_instead_of_a_golden_model(
         "training.eval_every=2",
     )
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     hack = report["runs"][0]["models"]["student"]["train"]["teacher_hacking"]
     assert hack["golden"] == "golden_nll" and hack["steps"] == [2, 4, 6]
     with pytest.raises(RecipeError, match="exactly one of golden"):

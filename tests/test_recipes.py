@@ -52,11 +52,12 @@ def _on_mnist(name: str) -> bool:
 
 
 @pytest.mark.parametrize("name", [n for n in _recipes_of("classification") if not _on_mnist(n)])
-def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher):
+def test_bundled_recipe_runs_at_tiny_size(name, tmp_path, digits_teacher, unchanged):
     recipe = tiny(name, tmp_path)
     extra = [f"teacher.model={digits_teacher}"] if recipe.teacher else []
     recipe = tiny(name, tmp_path, *extra)
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     assert (recipe.run_dir / "report.html").is_file()
     assert (recipe.run_dir / "model" / "README.md").is_file()
     assert report["summary"]["student"]["metrics"]["accuracy"]["n"] == 1
@@ -75,12 +76,13 @@ def mnist_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", [n for n in _recipes_of("classification") if _on_mnist(n)])
-def test_bundled_mnist_recipe_runs_at_tiny_size(name, tmp_path, mnist_teacher, monkeypatch):
+def test_bundled_mnist_recipe_runs_at_tiny_size(name, tmp_path, mnist_teacher, monkeypatch, unchanged):
     """The recipe as shipped (the teacher's own recipe too), with a small teacher for the KD one."""
     monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
     recipe = tiny(name, tmp_path)
     recipe = tiny(name, tmp_path, f"teacher.model={mnist_teacher}") if recipe.teacher else recipe
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     assert set(models) == ({"teacher", "student", "baseline"} if recipe.teacher else {"student"})
     assert models["student"]["train"]["steps"] == 12
@@ -88,13 +90,14 @@ def test_bundled_mnist_recipe_runs_at_tiny_size(name, tmp_path, mnist_teacher, m
 
 
 @pytest.mark.parametrize("name", _recipes_of("causal_lm"))
-def test_bundled_lm_recipe_runs_with_a_tiny_gguf_teacher(name, tmp_path, tiny_gguf_teacher, shakespeare_dir):
+def test_bundled_lm_recipe_runs_with_a_tiny_gguf_teacher(name, tmp_path, tiny_gguf_teacher, shakespeare_dir, unchanged):
     """The recipe as shipped, with a 4-layer GGUF Llama standing in for its teacher."""
     teacher = [f"teacher.model={tiny_gguf_teacher}", "student.from_teacher={layers: [0, 3]}"]
     recipe = tiny(name, tmp_path, *teacher, *LM_TINY, *_cached_where_asked(name, tmp_path))
     if recipe.teacher.signal == "cache":
         write_recipe_caches(recipe)
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     assert (recipe.run_dir / "report.html").is_file()
     assert (recipe.run_dir / "model" / "config.json").is_file()
     assert set(report["summary"]) == {"teacher", "student", "baseline"}
@@ -134,18 +137,22 @@ def scifact_dir(monkeypatch):
 
 
 @pytest.mark.parametrize("name", _recipes_of("embedding"))
-def test_bundled_embedding_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+def test_bundled_embedding_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir, unchanged):
     extra = ["data.train_limit=12", "data.test.wikiqa_limit=4"]
-    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    recipe = tiny(name, tmp_path, *ENCODER_TINY, *extra)
+    report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     assert {"ndcg@10", "recall@100", "mrr@10"} <= set(models["student"]["metrics"])
     assert (tmp_path / name / "model" / "modules.json").is_file()
 
 
 @pytest.mark.parametrize("name", _recipes_of("sparse_retriever"))
-def test_bundled_sparse_retriever_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+def test_bundled_sparse_retriever_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir, unchanged):
     extra = ["data.query_limit=8", "data.corpus_limit=30", "data.negatives=4", "training.batch_size=2"]
-    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    recipe = tiny(name, tmp_path, *ENCODER_TINY, *extra)
+    report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     assert set(models) == {"student", "baseline"}  # an ensemble teacher has no single model to evaluate
     assert {"ndcg@10", "query_ms", "doc_nonzeros", "bytes_per_doc"} <= set(models["student"]["metrics"])
@@ -153,9 +160,11 @@ def test_bundled_sparse_retriever_recipe_runs_at_tiny_size(name, tmp_path, scifa
 
 
 @pytest.mark.parametrize("name", _recipes_of("vq_index"))
-def test_bundled_vq_index_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+def test_bundled_vq_index_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir, unchanged):
     extra = ["student.nlist=4", "student.nbits=4", "data.query_limit=16", "data.document_queries=8", "data.top_k=10"]
-    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    recipe = tiny(name, tmp_path, *ENCODER_TINY, *extra)
+    report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     assert set(models) == {"teacher", "student", "baseline"}
     assert models["student"]["metrics"]["code_bytes_per_doc"] == 48 * 4 / 8 + 8
@@ -163,9 +172,11 @@ def test_bundled_vq_index_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
 
 
 @pytest.mark.parametrize("name", _recipes_of("ranking"))
-def test_bundled_ranking_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir):
+def test_bundled_ranking_recipe_runs_at_tiny_size(name, tmp_path, scifact_dir, unchanged):
     extra = ["data.query_limit=8", "data.corpus_limit=30", "data.negatives=4", "data.negatives_per_example=2"]
-    report = run_recipe(tiny(name, tmp_path, *ENCODER_TINY, *extra))
+    recipe = tiny(name, tmp_path, *ENCODER_TINY, *extra)
+    report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     assert set(models) == {"teacher", "student", "baseline"}
     assert models["student"]["train"]["steps"] == 3
@@ -197,12 +208,13 @@ TEXT_TINY = [
 
 
 @pytest.mark.parametrize("name", _recipes_of("text_classification"))
-def test_bundled_text_classification_recipe_runs_at_tiny_size(name, tmp_path, sst2_teacher_run, monkeypatch):
+def test_bundled_text_classification_recipe_runs_at_tiny_size(name, tmp_path, sst2_teacher_run, monkeypatch, unchanged):
     monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
     recipe = tiny(name, tmp_path, *TEXT_TINY)
     if recipe.teacher:
         recipe = tiny(name, tmp_path, *TEXT_TINY, f"teacher.model={sst2_teacher_run}")
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     assert set(models) == ({"teacher", "student", "baseline"} if recipe.teacher else {"student"})
     assert {"accuracy", "macro_f1"} <= set(models["student"]["metrics"])
