@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
+from kdforge.checks import load_recipe
 from kdforge.cli import app, main
 from kdforge.errors import RecipeError
 from kdforge.models.diswot import (
@@ -21,7 +22,6 @@ from kdforge.models.diswot import (
     semantic_distance,
 )
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import load_recipe
 from kdforge.tasks import TASKS
 from kdforge.tasks.classification import ClassificationTask
 
@@ -227,7 +227,7 @@ def test_students_rank_user_errors_are_one_line_and_exit_2(args, needle, capsys,
 def test_candidates_round_trip_through_a_saved_recipe_and_are_left_out_when_absent():
     import yaml
 
-    from kdforge.recipe import parse_recipe
+    from kdforge.checks import parse_recipe
 
     recipe = load_recipe("diswot_digits")
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())).candidates == recipe.candidates

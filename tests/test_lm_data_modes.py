@@ -1,5 +1,5 @@
-"""Causal-LM data modes: teacher-written data, fresh answers per epoch, on-policy batches (GKD),
-distilling step-by-step, and the teacher-hacking monitor."""
+"""Causal-LM data modes: teacher-written data, fresh answers per epoch, distilling step-by-step, and the
+teacher-hacking monitor (on-policy batches, GKD, are a method: tests/methods/test_on_policy.py)."""
 
 import json
 from pathlib import Path
@@ -10,14 +10,13 @@ import torch
 
 from conftest import crash_at_step
 from kdforge.data.generate import GenerationStore, sample_continuations
-from kdforge.data.lm import collate_causal, encode_pairs
 from kdforge.errors import RecipeError
 from kdforge.eval.hacking import detect_teacher_hacking
 from kdforge.models.hf_causal_lm import load_causal_lm
 from kdforge.runner import run_recipe
-from kdforge.signals.cache_run import write_recipe_caches
 from kdforge.tasks import lm_generated
-from kdforge.tasks.lm_generated import on_policy_at, prompt_prefixes, split_rationale
+from kdforge.tasks.commands import write_recipe_caches
+from kdforge.tasks.lm_generated import split_rationale
 from test_tasks_causal_lm import lm_recipe, task_of, write_jsonl
 from tiny_lm import save_llama
 
@@ -168,12 +167,11 @@ def test_teacher_generated_answers_cached_with_top_k_train_a_student(
 
 def test_modes_that_write_text_during_the_run_refuse_a_cached_teacher(tmp_path, tiny_lm_teacher, pairs_file):
     teacher = {"signal": "cache", "path": str(tmp_path / "c"), "model": str(tiny_lm_teacher)}
-    for mode in ("on_policy", "online_generation"):
-        with pytest.raises(RecipeError, match=f"teacher.signal: data.mode {mode}"):
-            task_of(mode_recipe(tmp_path, None, pairs_file, mode, teacher=teacher))
+    with pytest.raises(RecipeError, match="teacher.signal: data.mode online_generation"):
+        task_of(mode_recipe(tmp_path, None, pairs_file, "online_generation", teacher=teacher))
 
 
-@pytest.mark.parametrize("mode", ["teacher_generated", "on_policy", "online_generation"])
+@pytest.mark.parametrize("mode", ["teacher_generated", "online_generation"])
 def test_modes_that_answer_prompts_need_jsonl_prompts(tmp_path, tiny_lm_teacher, mode):
     with pytest.raises(RecipeError, match="format: jsonl"):
         lm_recipe(tmp_path, tiny_lm_teacher, tmp_path / "t.txt", f"data.mode={mode}")
@@ -208,69 +206,6 @@ def test_online_generation_writes_fresh_answers_each_epoch_and_resumes_to_the_sa
     student = resumed["runs"][0]["models"]["student"]
     assert student["train"]["resumed_from"] == 4
     assert student["metrics"] == reference["runs"][0]["models"]["student"]["metrics"]
-
-
-# ----- on_policy (GKD) -----------------------------------------------------------------
-
-
-def test_on_policy_draws_respect_lambda_and_repeat_for_the_same_step():
-    steps = range(4000)
-    assert not any(on_policy_at(s, lmbda=0.0, seed=0) for s in steps)
-    assert all(on_policy_at(s, lmbda=1.0, seed=0) for s in steps)
-    for lmbda in (0.1, 0.5, 0.8):
-        share = sum(on_policy_at(s, lmbda=lmbda, seed=1) for s in steps) / len(steps)
-        assert abs(share - lmbda) < 4 * (lmbda * (1 - lmbda) / len(steps)) ** 0.5  # within 4 standard errors
-    assert [on_policy_at(s, lmbda=0.5, seed=7) for s in range(50)] == [
-        on_policy_at(s, lmbda=0.5, seed=7) for s in range(50)
-    ]
-
-
-def test_a_student_batch_keeps_the_prompts_and_learns_only_the_students_answer(tiny_lm_teacher, lm_tokenizer):
-    model = load_causal_lm(str(tiny_lm_teacher), field="t", fresh=True)
-    pairs = [("To be or not", "that is"), ("Whether tis nobler in the mind", "to suffer")]
-    examples = encode_pairs(lm_tokenizer, pairs, 32)
-    batch = collate_causal(examples, 1)
-    batch["example_index"] = torch.tensor([4, 9])
-    prompts = prompt_prefixes(batch)
-    assert [len(p) for p in prompts] == [int(e.counted.float().argmax()) for e in examples]
-    cfg = lm_generated.OnPolicy(max_new_tokens=6)
-    new = lm_generated.student_batch(model, batch, cfg, pad_id=1, stop_ids=[], max_length=32, seed=0)
-    assert torch.equal(new["example_index"], batch["example_index"])
-    for row, prompt in enumerate(prompts):
-        assert new["input_ids"][row, : len(prompt)].tolist() == prompt
-        learned = new["loss_mask"][row].nonzero().flatten()
-        assert learned.tolist() == list(range(len(prompt) - 1, len(prompt) + 5))  # the 6 sampled tokens
-
-
-def test_on_policy_runs_generate_with_probability_lambda_and_never_for_the_baseline(
-    tmp_path, tiny_lm_teacher, pairs_file, monkeypatch, unchanged
-):
-    calls = []
-    original = lm_generated.student_batch
-
-    def counting(model, batch, *args, **kwargs):
-        calls.append(model.training)
-        return original(model, batch, *args, **kwargs)
-
-    monkeypatch.setattr("kdforge.tasks.causal_lm.student_batch", counting)
-    objective = [{"loss": "generalized_jsd", "params": {"beta": 0.5}}]
-    for lmbda, expected in ((0.0, 0), (1.0, 6)):
-        calls.clear()
-        recipe = mode_recipe(
-            tmp_path / str(lmbda),
-            tiny_lm_teacher,
-            pairs_file,
-            "on_policy",
-            f"data.on_policy.lambda={lmbda}",
-            objective=objective,
-        )
-        report = run_recipe(recipe)  # with a baseline, which trains on the file's answers only
-        unchanged(recipe.run_dir, report, key=f"on_policy_lambda_{lmbda}")
-        train = report["runs"][0]["models"]["student"]["train"]
-        assert len(calls) == expected == train["on_policy_steps"] and train["on_policy_lambda"] == lmbda
-    recipe = mode_recipe(tmp_path / "half", tiny_lm_teacher, pairs_file, "on_policy", "data.on_policy.lambda=0.5")
-    task = task_of(recipe)
-    assert task.training_info(6)["on_policy_steps"] == sum(on_policy_at(s, lmbda=0.5, seed=0) for s in range(6))
 
 
 # ----- distilling step-by-step --------------------------------------------------------------

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
+from kdforge.checks import parse_recipe
 from kdforge.data.features import MNIST_IMAGES, MNIST_LABELS, load_arrays, load_mnist, split_indices
 from kdforge.errors import RecipeError
-from kdforge.recipe import parse_recipe
 
 MNIST = SHARED_DATA / "mnist"
 needs_mnist = pytest.mark.skipif(

@@ -8,19 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from kdforge.data import pgkd
-from kdforge.data.pgkd import (
-    LabelledText,
-    LocalGenerator,
-    ServedGenerator,
+from kdforge.data.generate import LocalGenerator, ServedGenerator
+from kdforge.data.text_classification import LabelledText
+from kdforge.methods.pgkd import examples as pgkd
+from kdforge.methods.pgkd.examples import (
     build_prompt,
     class_report,
     confident_mistakes,
     parse_examples,
-    pgkd_loop,
     text_key,
     weak_classes,
 )
+from kdforge.methods.pgkd.rounds import pgkd_loop
 
 CLASSES = ["sports", "weather", "food"]
 

@@ -98,7 +98,11 @@ def test_two_processes_give_the_run_of_one_with_the_same_global_batch(tmp_path, 
 def test_active_distillation_chooses_buys_and_trains_on_two_processes_as_on_one(tmp_path, digits_teacher):
     """Each round's choice (by the student's margins), the teacher's bought logits and the training
     on them: the same on every process, so the run equals one process's."""
-    rad = ["data.train_limit=null", "data.selection={strategy: margin, budget: 40, rounds: 2}", NO_BASELINE]
+    rad = [
+        "data.train_limit=null",
+        "methods=[{name: active_distillation, strategy: margin, budget: 40, rounds: 2}]",
+        NO_BASELINE,
+    ]
     for processes, name in ((1, "one"), (2, "two")):
         kdforge(processes, *_digits_kd(digits_teacher, tmp_path, name, *rad, "training.steps=3"))
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -153,9 +157,9 @@ import torch.distributed as dist
 from accelerate.utils import set_seed
 from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.objective import Objective, teacher_fields_of
-from kdforge.recipe import load_recipe
+from kdforge.checks import load_recipe
 from kdforge.runner import training_loss
-from kdforge.signals.from_recipe import build_signal
+from kdforge.signals import build_signal
 from kdforge.tasks import TASKS
 
 name, batch_size, out, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
@@ -510,7 +514,7 @@ def test_pgkd_asks_its_teacher_once_per_prompt_and_both_processes_train_on_the_a
         settings = [
             "training.epochs=null", "training.steps=2", "training.batch_size=8", "training.eval_every=null",
             "training.checkpoint_every=null", "data.train_limit=16", "data.validation_limit=8",
-            "data.test_limit=8", "data.max_length=24", f"data.pgkd={{url: {url}, rounds: 2, patience: 2}}",
+            "data.test_limit=8", "data.max_length=24", f"methods=[{{name: pgkd, url: {url}, rounds: 2, patience: 2}}]",
             f"output.dir={tmp_path}", "output.name=run",
         ]  # fmt: skip
         kdforge(2, "run", "text_teacher_sst2", *(arg for s in settings for arg in ("--set", s)))

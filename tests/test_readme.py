@@ -32,14 +32,12 @@ def test_quick_start_is_exactly_make_demo_and_make_test():
 
 def test_teacher_signal_examples_are_valid_teacher_sections():
     import yaml
-    from pydantic import TypeAdapter
 
-    from kdforge.recipe import TeacherConfig, _default_signal
+    from kdforge.signals import teacher_config
 
     text = README.read_text()
     block = re.search(r"## Teacher signals.*?```yaml\n(.*?)```", text, flags=re.S).group(1)
     examples = re.split(r"\n(?=teacher:)", block.strip())
     assert len(examples) == 4
-    adapter = TypeAdapter(TeacherConfig)
-    kinds = [adapter.validate_python(_default_signal(yaml.safe_load(e)["teacher"])).signal for e in examples]
+    kinds = [teacher_config(yaml.safe_load(e)["teacher"]).signal for e in examples]
     assert kinds == ["online", "cache", "served", "ensemble"]

@@ -3,8 +3,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kdforge.checks import load_recipe, parse_recipe
 from kdforge.errors import KDForgeError, RecipeError
-from kdforge.recipe import Recipe, apply_override, find_recipe, load_recipe, parse_recipe, read_raw
+from kdforge.recipe import Recipe, apply_override, find_recipe, read_raw
 
 
 def raw(name="digits_kd"):

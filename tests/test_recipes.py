@@ -8,7 +8,7 @@ from conftest import SHARED_DATA, tiny
 from kdforge.data.features import MNIST_IMAGES
 from kdforge.recipe import bundled_recipes, read_raw
 from kdforge.runner import run_recipe
-from kdforge.signals.cache_run import write_recipe_caches
+from kdforge.tasks.commands import write_recipe_caches
 
 
 def _recipes_of(task: str) -> list[str]:

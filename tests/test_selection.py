@@ -5,15 +5,21 @@ import pytest
 import torch
 
 from conftest import tiny
-from kdforge.active import query_teacher, run_selection_rounds
+from kdforge.checks import load_recipe
 from kdforge.cli import main
 from kdforge.data.indexed import INDEX_KEY
-from kdforge.data.pruning import Pruning, keep_indices, margins
-from kdforge.data.selection import Selection, choose, rad_probabilities, systematic_sample, teacher_error_rate
 from kdforge.errors import RecipeError
+from kdforge.methods.active_distillation import query_teacher, run_selection_rounds
+from kdforge.methods.active_distillation.strategies import (
+    Selection,
+    choose,
+    rad_probabilities,
+    systematic_sample,
+    teacher_error_rate,
+)
+from kdforge.methods.data_pruning import Pruning, keep_indices, margins
 from kdforge.models.mlp import MLPClassifier
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import load_recipe
 from kdforge.runner import run_recipe
 from kdforge.signals.base import TeacherSignal
 from kdforge.tasks import TASKS
@@ -144,16 +150,17 @@ def test_queried_outputs_come_from_the_pool_positions(tmp_path):
 
 # ---- whole runs at tiny size -------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["random", "margin", "rad"])
-def test_selection_run_reports_its_queries_and_a_fair_baseline(strategy, tmp_path, digits_teacher):
+def test_selection_run_reports_its_queries_and_a_fair_baseline(strategy, tmp_path, digits_teacher, unchanged):
     recipe = tiny(
         "digits_kd",
         tmp_path,
         f"teacher.model={digits_teacher}",
         "data.train_limit=null",
-        f"data.selection={{strategy: {strategy}, budget: 60, rounds: 3}}",
+        f"methods=[{{name: active_distillation, strategy: {strategy}, budget: 60, rounds: 3}}]",
         "training.steps=3",
     )
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     student = report["runs"][0]["models"]["student"]["train"]
     baseline = report["runs"][0]["models"]["baseline"]["train"]
     assert student["selection"]["teacher_queries"] == 60
@@ -162,18 +169,19 @@ def test_selection_run_reports_its_queries_and_a_fair_baseline(strategy, tmp_pat
     assert "Active distillation" in (recipe.run_dir / "report.html").read_text()
 
 
-def test_pruned_run_trains_student_and_baseline_on_the_kept_share(tmp_path, digits_teacher):
+def test_pruned_run_trains_student_and_baseline_on_the_kept_share(tmp_path, digits_teacher, unchanged):
     recipe = tiny(
         "digits_kd",
         tmp_path,
         f"teacher.model={digits_teacher}",
         "data.train_limit=null",
-        "data.prune={fraction: 0.1, by: teacher_margin}",
+        "methods=[{name: data_pruning, fraction: 0.1, by: teacher_margin}]",
         "training.steps=null",
         "training.epochs=1",
         "training.batch_size=10",
     )
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     assert report["data_plan"]["prune"]["kept"] == round(1347 * 0.1)
     for role in ("student", "baseline"):
         assert report["runs"][0]["models"][role]["train"]["steps"] == 14  # one epoch of 135 examples, batches of 10
@@ -182,10 +190,13 @@ def test_pruned_run_trains_student_and_baseline_on_the_kept_share(tmp_path, digi
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.selection={strategy: rad, budget: 10}", "data.prune={fraction: 0.5}"], "not both"),
-        (["data.selection={strategy: best, budget: 10}"], "data.selection.strategy"),
-        (["data.prune={fraction: 1.5}"], "data.prune.fraction"),
-        (["data.selection={strategy: rad, budget: 0}"], "data.selection.budget"),
+        (
+            ["methods=[{name: active_distillation, strategy: rad, budget: 10}, {name: data_pruning, fraction: 0.5}]"],
+            "cannot be combined",
+        ),
+        (["methods=[{name: active_distillation, strategy: best, budget: 10}]"], "methods[0].strategy"),
+        (["methods=[{name: data_pruning, fraction: 1.5}]"], "methods[0].fraction"),
+        (["methods=[{name: active_distillation, strategy: rad, budget: 0}]"], "methods[0].budget"),
     ],
 )
 def test_bad_plans_are_one_line_errors(overrides, message, capsys):
@@ -196,55 +207,72 @@ def test_bad_plans_are_one_line_errors(overrides, message, capsys):
 
 
 def test_selection_needs_a_teacher_and_logit_terms(tmp_path, digits_teacher):
-    no_teacher = tiny("digits_teacher", tmp_path, "data.selection={strategy: rad, budget: 10}")
-    with pytest.raises(RecipeError, match="add a teacher"):
-        run_recipe(no_teacher)
-    hidden = tiny(
-        "digits_kd",
-        tmp_path,
-        f"teacher.model={digits_teacher}",
-        "data.selection={strategy: rad, budget: 10}",
-        "objective=[{loss: hidden_mse, field: hidden}]",
-        "output.name=hidden",
-        "student.hidden=[64]",
-    )
-    with pytest.raises(RecipeError, match="buys the teacher's logits"):
-        run_recipe(hidden)
+    """Both are found when the recipe is checked, before anything runs."""
+    with pytest.raises(RecipeError, match="'active_distillation' needs a teacher"):
+        tiny("digits_teacher", tmp_path, "methods=[{name: active_distillation, strategy: rad, budget: 10}]")
+    with pytest.raises(RecipeError, match=r"methods\[0\]: active distillation buys the teacher's logits"):
+        tiny(
+            "digits_kd",
+            tmp_path,
+            f"teacher.model={digits_teacher}",
+            "methods=[{name: active_distillation, strategy: rad, budget: 10}]",
+            "objective=[{loss: hidden_mse, field: hidden}]",
+            "student.hidden=[64]",
+        )
+
+
+@pytest.mark.parametrize(("old", "method"), [("selection", "active_distillation"), ("prune", "data_pruning")])
+def test_a_method_left_in_the_data_section_is_refused_with_its_new_spelling(old, method):
+    with pytest.raises(
+        RecipeError, match=rf"data: data.{old} moved to the recipe's methods list; write methods: \[{{name: {method}"
+    ):
+        load_recipe("digits_kd", [f"data.{old}={{budget: 10}}"])
 
 
 def test_a_bundled_recipe_validates_with_a_plan():
-    recipe = load_recipe("digits_kd", ["data.selection={strategy: margin, budget: 100, rounds: 2}"])
-    assert recipe.data["selection"]["budget"] == 100
+    recipe = load_recipe(
+        "digits_kd", ["methods=[{name: active_distillation, strategy: margin, budget: 100, rounds: 2}]"]
+    )
+    assert recipe.methods == [{"name": "active_distillation", "strategy": "margin", "budget": 100, "rounds": 2}]
 
 
 @pytest.mark.parametrize(("fraction", "alpha"), [(1.0, 0.5), (0.5, 1.0), (0.1, 0.25)])
-def test_a_pruning_sweep_cell_runs_at_tiny_size(fraction, alpha, tmp_path, digits_teacher):
+def test_a_pruning_sweep_cell_runs_at_tiny_size(fraction, alpha, tmp_path, digits_teacher, unchanged):
     """One cell of the data-pruning sweep: (1 - alpha) CE + alpha KD on a kept fraction f, as the benchmark sets it."""
     recipe = tiny(
         "digits_kd",
         tmp_path,
         f"teacher.model={digits_teacher}",
         "data.train_limit=null",
-        f"data.prune={{fraction: {fraction}, by: random, seed: 0}}",
+        f"methods=[{{name: data_pruning, fraction: {fraction}, by: random, seed: 0}}]",
         f"objective[0].weight={1 - alpha}",
         f"objective[1].weight={alpha}",
         "evaluation.baseline=false",
     )
     assert [t.weight for t in recipe.objective] == [1 - alpha, alpha]
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     assert report["data_plan"]["prune"]["kept"] == round(1347 * fraction)
     assert report["runs"][0]["models"]["student"]["train"]["steps"] == 12
 
 
 def test_the_selection_seed_follows_the_training_seed_unless_set(tmp_path):
-    from kdforge.active import selection_seed
+    from kdforge.methods.active_distillation import selection_seed
+    from kdforge.methods.base import method_settings
 
-    recipe = tiny("digits_kd", tmp_path, "data.selection={strategy: random, budget: 10}", "training.seed=7")
+    recipe = tiny(
+        "digits_kd", tmp_path, "methods=[{name: active_distillation, strategy: random, budget: 10}]", "training.seed=7"
+    )
     task = TASKS.get(recipe.task)(recipe)
-    assert selection_seed(task, task.data_cfg.selection) == 7
-    fixed = tiny("digits_kd", tmp_path, "data.selection={strategy: random, budget: 10, seed: 3}", "training.seed=7")
+    assert selection_seed(task, method_settings(recipe, "active_distillation")) == 7
+    fixed = tiny(
+        "digits_kd",
+        tmp_path,
+        "methods=[{name: active_distillation, strategy: random, budget: 10, seed: 3}]",
+        "training.seed=7",
+    )
     task = TASKS.get(fixed.task)(fixed)
-    assert selection_seed(task, task.data_cfg.selection) == 3
+    assert selection_seed(task, method_settings(fixed, "active_distillation")) == 3
 
 
 def test_only_the_first_round_warms_up_and_for_at_most_a_tenth_of_its_steps():

@@ -11,15 +11,16 @@ import scipy.sparse as sp
 import torch
 from sentence_transformers import SparseEncoder
 
+from kdforge.checks import parse_recipe
 from kdforge.eval.sparse_index import SparseIndex, query_terms
 from kdforge.models.bm25 import BM25Scorer
 from kdforge.models.sparse_encoder import document_transformer, document_weights, idf_weights
 from kdforge.objective import Objective
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import ObjectiveTerm, parse_recipe
+from kdforge.recipe import ObjectiveTerm
 from kdforge.runner import run_recipe
+from kdforge.signals import build_signal
 from kdforge.signals.ensemble import minmax_per_query
-from kdforge.signals.from_recipe import build_signal
 from kdforge.tasks import TASKS
 from test_tasks_encoders import TEACHER, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 
@@ -41,9 +42,10 @@ def _sparse_recipe(folder, tmp_path, *overrides, teacher=ENSEMBLE, student=None)
         folder,
         tmp_path,
         OBJECTIVE,
+        "methods=[{name: tasb_batches, clusters: 2}]",  # as data.sampler's default was
         *overrides,
         student=student or {"model": TEACHER},
-        data={"negatives": 2, "clusters": 2},
+        data={"negatives": 2},
     )
     raw = recipe.model_dump(mode="json")
     raw["teacher"] = teacher

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import crash_at_step
+from kdforge.checks import parse_recipe
 from kdforge.data.lm import collate_causal, packed_text_blocks, prompt_response_examples
 from kdforge.errors import ModelRefError, RecipeError
 from kdforge.models.from_teacher import (
@@ -15,10 +16,9 @@ from kdforge.models.from_teacher import (
     evenly_spaced_layers,
     student_from_teacher,
 )
-from kdforge.recipe import parse_recipe
 from kdforge.runner import run_recipe
-from kdforge.signals.cache_run import write_recipe_caches
 from kdforge.tasks import TASKS
+from kdforge.tasks.commands import write_recipe_caches
 from tiny_lm import TEXT, make_llama, make_tokenizer, save_llama
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from kdforge.checks import load_recipe
 from kdforge.errors import RecipeError
 from kdforge.models.mlp import MLPClassifier
-from kdforge.recipe import load_recipe
 from kdforge.tasks import TASKS
 
 

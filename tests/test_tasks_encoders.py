@@ -12,11 +12,13 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from kdforge.checks import parse_recipe
 from kdforge.errors import RecipeError
+from kdforge.methods import build_methods
 from kdforge.models.sentence_encoder import load_encoder, run_encoder, transformer_of, with_layers
 from kdforge.objective import Objective
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import ObjectiveTerm, parse_recipe
+from kdforge.recipe import ObjectiveTerm
 from kdforge.runner import run_recipe
 from kdforge.tasks import TASKS
 
@@ -223,7 +225,8 @@ def test_ranking_run_mines_negatives_and_batches_by_topic(beir_dir, tmp_path):
         beir_dir,
         tmp_path,
         objective,
-        data={"negatives": 6, "negatives_per_example": 2, "clusters": 2},
+        "methods=[{name: tasb_batches, clusters: 2}]",
+        data={"negatives": 6, "negatives_per_example": 2},
     )
     task = TASKS.get("ranking")(recipe)
     triples = task.triples
@@ -238,9 +241,10 @@ def test_ranking_run_mines_negatives_and_batches_by_topic(beir_dir, tmp_path):
     for qi, pos, negs in zip(triples.query, triples.positive, triples.negatives):
         relevant = qrels[query_ids[triples.queries[qi]]]
         assert pos == relevant and relevant not in negs and len(negs) == 2
-    sampler = task.train_sampler(0)
-    for batch in sampler.batches(0):
-        assert len({int(triples.query_cluster[triples.query[i]]) for i in batch}) == 1
+    (tasb,) = build_methods(recipe, task)
+    clusters = task.query_clusters(2)
+    for batch in tasb.train_sampler(0).batches(0):
+        assert len({int(clusters[triples.query[i]]) for i in batch}) == 1
 
     report = run_recipe(recipe)
     run = report["runs"][0]
@@ -281,7 +285,7 @@ def test_ranking_takes_a_cross_encoder_teacher(beir_dir, tmp_path, teacher):
 
 def test_ranking_from_cached_teacher_scores(beir_dir, tmp_path):
     """The teacher's scores written once by `kdforge cache`, then read back by example: no teacher model runs."""
-    from kdforge.signals.cache_run import write_recipe_caches
+    from kdforge.tasks.commands import write_recipe_caches
 
     recipe = _recipe(
         "ranking",

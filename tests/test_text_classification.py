@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from kdforge.checks import load_recipe
 from kdforge.data.text_classification import load_split
 from kdforge.errors import DataError, KDForgeError, RecipeError
 from kdforge.models.sentence_encoder import load_encoder, transformer_of
 from kdforge.models.text_classifier import TextClassifier
-from kdforge.recipe import load_recipe
 from kdforge.runner import run_recipe
 from kdforge.tasks import TASKS
 
@@ -180,13 +180,14 @@ def test_pretrained_l3_student_gets_a_new_head_and_the_teachers_tokenizer(data_d
     ],
     ids=["kd+ce", "dkd", "minilm", "mi_alpha"],
 )
-def test_each_objective_trains_a_two_layer_student(data_dir, sst2_teacher, tmp_path, objective):
+def test_each_objective_trains_a_two_layer_student(data_dir, sst2_teacher, tmp_path, objective, unchanged):
     recipe = load_recipe(
         "text_kd_sst2",
         [*TEXT_TINY, f"output.dir={tmp_path}", f"teacher.model={sst2_teacher}", f"objective={objective}",
          "evaluation.baseline=false"],
     )  # fmt: skip
     report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     student = report["runs"][0]["models"]["student"]
     assert student["train"]["steps"] == 4 and torch.isfinite(torch.tensor(student["train"]["final_loss"]))
     assert 0 <= student["metrics"]["accuracy"] <= 1 and "top1_agreement" in student["fidelity"]
@@ -205,8 +206,10 @@ class ScriptedTeacher:
         return self.answers.pop(0) if self.answers else ""
 
 
-def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(data_dir, tmp_path, monkeypatch, caplog):
-    from kdforge.tasks.text_classification import TextClassificationTask
+def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(
+    data_dir, tmp_path, monkeypatch, caplog, unchanged
+):
+    from kdforge.methods.pgkd import PGKD
 
     teacher = ScriptedTeacher(
         [
@@ -217,13 +220,18 @@ def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(data_d
             "",
         ]
     )
-    monkeypatch.setattr(TextClassificationTask, "generator", lambda self: teacher)
+    monkeypatch.setattr(PGKD, "generator", lambda self: teacher)
     recipe = load_recipe(
         "text_teacher_sst2",
-        [*TEXT_TINY, f"output.dir={tmp_path}", "data.pgkd={teacher: package:not-loaded, rounds: 2, patience: 2}"],
+        [
+            *TEXT_TINY,
+            f"output.dir={tmp_path}",
+            "methods=[{name: pgkd, teacher: package:not-loaded, rounds: 2, patience: 2}]",
+        ],
     )
     with caplog.at_level("INFO", logger="kdforge.pgkd"):
         report = run_recipe(recipe)
+    unchanged(recipe.run_dir, report)
     models = report["runs"][0]["models"]
     pgkd = models["student"]["train"]["pgkd"]
     first, second = pgkd["rounds"][1], pgkd["rounds"][2]
@@ -241,5 +249,5 @@ def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(data_d
 
 
 def test_pgkd_needs_one_teacher(data_dir, tmp_path):
-    with pytest.raises(KDForgeError, match=r"data.pgkd"):
-        load_recipe("text_teacher_sst2", ["data.pgkd={rounds: 2}"])
+    with pytest.raises(KDForgeError, match=r"methods\[0\]: give teacher"):
+        load_recipe("text_teacher_sst2", ["methods=[{name: pgkd, rounds: 2}]"])

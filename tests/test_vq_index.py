@@ -119,7 +119,7 @@ def test_run_exports_a_faiss_index_that_reproduces_the_report(task):
     ],
 )
 def test_teachers_that_cannot_give_embeddings_are_refused(beir_dir, tmp_path, teacher, fragment):  # noqa: F811
-    from kdforge.recipe import parse_recipe
+    from kdforge.checks import parse_recipe
 
     raw = _vq_recipe(beir_dir, tmp_path).model_dump(mode="json")
     raw["teacher"] = teacher

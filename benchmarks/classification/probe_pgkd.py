@@ -2,7 +2,7 @@
 
 The student is TF-IDF + logistic regression trained on 60 TREC training questions (10
 per coarse class); validation is 300 other training questions. One teacher round of
-``kdforge.data.pgkd.pgkd_loop`` sends 3 prompts (report, weakest classes, hard
+``kdforge.methods.pgkd.rounds.pgkd_loop`` sends 3 prompts (report, weakest classes, hard
 negatives) to the teacher, parses the answers strictly and retrains the student once.
 Recorded: lines generated, accepted, rejected by reason, a few accepted examples, the
 raw answers, the first prompt, the timings, and the student's validation and TREC-10
@@ -29,7 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from kdforge.data.pgkd import LabelledText, LocalGenerator, pgkd_loop  # noqa: E402
+from kdforge.data.generate import LocalGenerator  # noqa: E402
+from kdforge.data.text_classification import LabelledText  # noqa: E402
+from kdforge.methods.pgkd.rounds import pgkd_loop  # noqa: E402
 from kdforge.settings import data_dir  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

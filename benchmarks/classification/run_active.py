@@ -65,7 +65,8 @@ def overrides(args: argparse.Namespace, strategy: str, budget: int, seed: int) -
         f"data.train_limit={args.pool}",
         f"data.validation_limit={args.validation_limit}",
         f"data.max_length={args.max_length}",
-        f"data.selection={{strategy: {strategy}, budget: {budget}, rounds: {args.rounds}, seed: {seed}}}",
+        f"methods=[{{name: active_distillation, strategy: {strategy}, budget: {budget}, rounds: {args.rounds},"
+        f" seed: {seed}}}]",
         f"training.seed={seed}",
         f"training.epochs={args.epochs}",
         f"training.batch_size={args.batch_size}",
@@ -173,7 +174,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     torch.set_num_threads(args.threads)

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
+from kdforge.checks import load_recipe
 from kdforge.models.diswot import rank_candidates, sample_batch
-from kdforge.recipe import load_recipe
 from kdforge.runner import run_recipe
 from kdforge.tasks import TASKS
 

@@ -60,7 +60,7 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 def train_teacher(epochs: float, out: Path) -> dict[str, Any]:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     recipe = load_recipe("mnist_teacher", [f"output.dir={out}", "output.overwrite=true", f"training.epochs={epochs}"])
@@ -86,7 +86,7 @@ def distill(
     teacher: str, hidden: list[int], temperature: float, epochs: float, seeds: list[int], out: Path, baseline: bool
 ) -> dict[str, Any]:
     """One student size at one temperature over ``seeds``; with ``baseline`` also the student on labels only."""
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     name = f"student-{'-'.join(map(str, hidden))}-T{temperature:g}"

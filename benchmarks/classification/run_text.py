@@ -147,7 +147,7 @@ def role_row(report: dict[str, Any], role: str) -> dict[str, Any] | None:
 
 
 def run_one(overrides: list[str], seeds: list[int], recipe_name: str) -> tuple[dict[str, Any], float]:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     recipe = load_recipe(recipe_name, overrides)
@@ -311,7 +311,7 @@ def main() -> None:
 
 def split_sizes(recipe_name: str, overrides: list[str]) -> dict[str, int]:
     """Examples in the train, validation and test splits a run with these overrides uses."""
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.tasks import TASKS
 
     recipe = load_recipe(recipe_name, overrides)

@@ -16,8 +16,9 @@ as it is measured, so a partial run keeps what it finished):
   ``write_recipe_caches`` (timed) and, with ``--online-mse``, also runs with the online teacher.
 - ``speed``: the runner's throughput function (the same forward, the same batch) on teacher,
   3-layer subset, 2-layer subset and ONNX L3, interleaved round by round, at two max lengths.
-- ``ranking``: recipe ``ranking_tasb_scifact`` with ``data.sampler`` tasb and random, same
-  seed and steps; optionally the contrastive baseline (labels only).
+- ``ranking``: recipe ``ranking_tasb_scifact`` with its ``tasb_batches`` method (TAS-B batches) and
+  without it (``methods=[]``: random batches), same seed and steps; optionally the contrastive
+  baseline (labels only).
 - ``teacher256``: the teacher alone at max_length 256 (the data README's 0.648 setting).
 
 Every kdforge run goes through ``run_recipe``. The teacher's evaluation (identical across
@@ -97,7 +98,7 @@ def memo_teacher_evaluation() -> None:
     signal (online or cache) as usual but reuse the first run's metrics, throughput and size."""
     import kdforge.runner as runner
     from kdforge.objective import teacher_fields_of
-    from kdforge.signals.from_recipe import build_signal
+    from kdforge.signals import build_signal
 
     memo: dict[str, tuple] = {}
     original = runner.load_teacher
@@ -149,7 +150,7 @@ def common_overrides(args, out_dir: Path) -> list[str]:
 
 
 def run(recipe_name: str, overrides: list[str], objective=None):
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     recipe = load_recipe(recipe_name, overrides=overrides)
@@ -192,7 +193,7 @@ def train_text_file(args, path: Path) -> int:
 # ---------------------------------------------------------------------------------------
 # sections
 def section_embedding(args, res: Results, out: Path, text_file: Path) -> None:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
 
     inits = [
         ("subset-L3", ["student.num_layers=3"]),
@@ -251,11 +252,12 @@ def section_embedding(args, res: Results, out: Path, text_file: Path) -> None:
 def section_peer(args, res: Results, out: Path, text_file: Path) -> None:
     import numpy as np
 
+    from kdforge.checks import load_recipe
     from kdforge.eval import throughput
     from kdforge.models.from_teacher import evenly_spaced_layers
     from kdforge.models.sentence_encoder import with_layers
-    from kdforge.recipe import ObjectiveTerm, load_recipe
-    from kdforge.signals.cache_run import write_recipe_caches
+    from kdforge.recipe import ObjectiveTerm
+    from kdforge.tasks.commands import write_recipe_caches
     from kdforge.tasks.embedding import EmbeddingTask
 
     mse = [ObjectiveTerm(loss="embedding_mse", field="embeddings", weight=1.0)]
@@ -398,8 +400,8 @@ def section_speed(args, res: Results) -> None:
     (kdforge.eval.throughput: one untimed pass, then `batches` passes), rotating the order."""
     import torch
 
+    from kdforge.checks import load_recipe
     from kdforge.eval import throughput
-    from kdforge.recipe import load_recipe
     from kdforge.tasks.embedding import EmbeddingTask
 
     recipe = load_recipe("embedding_minilm_l6_to_l3", overrides=["data.test.wikiqa=null"])
@@ -477,7 +479,8 @@ def section_ranking(args, res: Results, out: Path) -> None:
             "ranking_tasb_scifact",
             ov
             + [
-                f"data.sampler={sampler}",
+                # the recipe lists tasb_batches; without it, batches are random queries, a random example each
+                "methods=[{name: tasb_batches, bins: 10}]" if sampler == "tasb" else "methods=[]",
                 f"evaluation.baseline={'true' if baseline else 'false'}",
                 f"output.name=rank-{sampler}",
             ],
@@ -502,7 +505,7 @@ def section_ranking(args, res: Results, out: Path) -> None:
 
 
 def section_teacher256(args, res: Results) -> None:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.tasks.embedding import EmbeddingTask
 
     ov = ["data.test.wikiqa=null", "data.max_length=256"]

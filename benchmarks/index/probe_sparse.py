@@ -24,11 +24,11 @@ from common import log  # noqa: E402
 def main() -> None:
     import torch
 
+    from kdforge.checks import load_recipe
     from kdforge.data.beir import load_beir
     from kdforge.eval.retrieval import retrieval_metrics
     from kdforge.models.bm25 import BM25Scorer, BM25Settings
     from kdforge.models.sparse_encoder import document_transformer, document_weights
-    from kdforge.recipe import load_recipe
     from kdforge.tasks import TASKS
 
     data = load_beir("scifact", "test", field="data.beir")

@@ -52,7 +52,7 @@ def main() -> None:
         print_table(json.loads(Path(args.results).read_text()))
         return
 
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
     from kdforge.tasks import TASKS
 

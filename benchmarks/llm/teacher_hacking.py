@@ -55,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from kdforge.recipe import parse_recipe  # noqa: E402
+from kdforge.checks import parse_recipe  # noqa: E402
 from kdforge.runner import run_recipe  # noqa: E402
 from tiny_lm import make_llama, make_tokenizer  # noqa: E402
 

@@ -104,10 +104,10 @@ def _loss_fn(divergence: str, impl: str):
 
 def _source_sha() -> str:
     """sha256 (12 hex) of the loss sources this process imports: rows of one table must agree."""
-    import kdforge.losses.chunking as chunking
-    import kdforge.losses.logits as logits
-    import kdforge.losses.taid as taid
+    import importlib
 
+    # by module name: `kdforge.losses.taid` the attribute is the loss function (the public API), not its module
+    chunking, logits, taid = (importlib.import_module(f"kdforge.losses.{n}") for n in ("chunking", "logits", "taid"))
     digest = hashlib.sha256()
     for module in (chunking, logits, taid):
         with open(module.__file__, "rb") as f:

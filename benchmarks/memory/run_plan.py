@@ -69,7 +69,7 @@ class TrainingDone(Exception):
 
 
 def _recipe(name: str, out: Path):
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
 
     return load_recipe(name, [*SHORT, *RECIPES[name], f"output.dir={out}"])
 

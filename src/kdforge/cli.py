@@ -102,7 +102,7 @@ def run(
     seeds: str | None = typer.Option(None, "--seeds", help="repeat with these seeds, e.g. 0,1,2; report mean ± std"),
 ) -> None:
     """Train the student (and the baseline), evaluate teacher, student and baseline, write the report."""
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     seed_list = _seeds(seeds)
@@ -132,9 +132,9 @@ def cache(
     set_: list[str] = typer.Option([], "--set", help="override a recipe field, e.g. --set teacher.k=32"),
 ) -> None:
     """Run the recipe's teacher once over the training set and store its outputs; a killed run resumes."""
+    from kdforge.checks import load_recipe
     from kdforge.distributed import is_main
-    from kdforge.recipe import load_recipe
-    from kdforge.signals.cache_run import write_recipe_caches
+    from kdforge.tasks.commands import write_recipe_caches
 
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "q8"):
         raise KDForgeError(f"--dtype {dtype}: use float32, float16, bfloat16 or q8")
@@ -213,7 +213,7 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="override a field before validating"),
 ) -> None:
     """Check a recipe without running it."""
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
 
     parsed = load_recipe(recipe, set_)
     length = f"{parsed.training.steps} steps" if parsed.training.steps else f"{parsed.training.epochs} epochs"
@@ -227,8 +227,8 @@ def plan(
     set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set training.batch_size=16"),
 ) -> None:
     """Estimate the peak memory of the recipe's training (weights, gradients, optimizer, activations, logits)."""
+    from kdforge.checks import load_recipe
     from kdforge.plan import human, plan_recipe
-    from kdforge.recipe import load_recipe
 
     estimate = plan_recipe(load_recipe(recipe, set_))
     length = f", sequence length {estimate.sequence_length}" if estimate.sequence_length else ""
@@ -250,37 +250,74 @@ def plan(
 
 
 @app.command("list")
-def list_components() -> None:
-    """List the registered losses, tasks and teacher signals, and the bundled recipes."""
-    from kdforge.losses import LOSS_MODULES, LOSSES
-    from kdforge.recipe import bundled_recipes
-    from kdforge.signals import SIGNALS
-    from kdforge.tasks import TASKS
+def list_components(
+    methods: bool = typer.Option(False, "--methods", help="only the methods of the papers a recipe can list"),
+    losses: bool = typer.Option(False, "--losses", help="only the losses and loss modules, with their papers"),
+) -> None:
+    """List the registered losses, methods, tasks and teacher signals, and the bundled recipes."""
+    everything = not (methods or losses)
+    if losses or everything:
+        _list_losses()
+    if methods or everything:
+        _list_methods()
+    if everything:
+        from kdforge.recipe import bundled_recipes
+        from kdforge.signals import SIGNALS
+        from kdforge.tasks import TASKS
 
-    losses = Table(title="losses")
+        tasks = Table(title="tasks")
+        for col in ("name", "outputs", "primary metric"):
+            tasks.add_column(col)
+        for name, cls in TASKS.items():
+            tasks.add_row(name, ", ".join(cls.output_fields), cls.primary_metric)
+        out.print(tasks)
+        out.print("teacher signals: " + ", ".join(SIGNALS))
+        out.print("bundled recipes: " + ", ".join(sorted(bundled_recipes())))
+
+
+def _list_losses() -> None:
+    from kdforge.docs_tables import paper_text
+    from kdforge.losses import LOSS_MODULES, LOSSES
+
+    table = Table(title="losses")
     for col in ("name", "compares with", "parameters", "summary"):
-        losses.add_column(col)
+        table.add_column(col)
+    table.add_column("paper", overflow="fold")  # a link is never cut short
     for name, spec in LOSSES.items():
-        losses.add_row(name, spec.target, ", ".join(sorted(spec.param_names())), spec.summary)
-    out.print(losses)
+        params = ", ".join(sorted(spec.param_names()))
+        table.add_row(name, spec.target, params, escape(spec.summary), escape(paper_text(spec.paper)))
+    out.print(table)
     modules = Table(
         title="loss modules (learnable; trained with the student)", caption="* required in the term's params"
     )
     for col in ("name", "compares with", "parameters", "class", "summary"):
         modules.add_column(col)
+    modules.add_column("paper", overflow="fold")
     for name, spec in LOSS_MODULES.items():
         required = spec.required_param_names()
         params = ", ".join(p + ("*" if p in required else "") for p in sorted(spec.param_names()))
-        modules.add_row(name, spec.target, params, spec.cls.__qualname__, spec.summary)
+        modules.add_row(
+            name, spec.target, params, spec.cls.__qualname__, escape(spec.summary), escape(paper_text(spec.paper))
+        )
     out.print(modules)
-    tasks = Table(title="tasks")
-    for col in ("name", "outputs", "primary metric"):
-        tasks.add_column(col)
-    for name, cls in TASKS.items():
-        tasks.add_row(name, ", ".join(cls.output_fields), cls.primary_metric)
-    out.print(tasks)
-    out.print("teacher signals: " + ", ".join(SIGNALS))
-    out.print("bundled recipes: " + ", ".join(sorted(bundled_recipes())))
+
+
+def _list_methods() -> None:
+    from kdforge.docs_tables import method_registry, needs, paper_text
+
+    registry = method_registry()
+    if not list(registry):
+        out.print("methods: none registered")
+        return
+    table = Table(title=escape("methods (a recipe lists them: methods: [{name: NAME, ...}])"))
+    table.add_column("name", no_wrap=True)  # what a recipe writes: whole, never cut
+    table.add_column("summary")
+    table.add_column("paper", overflow="fold")
+    table.add_column("needs")
+    for name, cls in registry.items():
+        summary = escape(getattr(cls, "summary", ""))
+        table.add_row(name, summary, escape(paper_text(cls.paper)), escape(needs(cls).replace("`", "")))
+    out.print(table)
 
 
 @app.command()
@@ -328,9 +365,9 @@ def demo(
 
 
 def _lm_demo(output: Path, seeds: list[int], quick: bool, overrides: list[str]) -> None:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
-    from kdforge.signals.cache_run import write_recipe_caches
+    from kdforge.tasks.commands import write_recipe_caches
 
     run_name = "demo-smollm2-quick" if quick else "demo-smollm2"
     common = [
@@ -358,7 +395,7 @@ def print_samples(report: dict[str, Any]) -> None:
 
 
 def _digits_demo(output: Path, seeds: list[int], overrides: list[str]) -> None:
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
     from kdforge.runner import run_recipe
 
     common = [f"output.dir={output.as_posix()}", "output.overwrite=true"]
@@ -390,8 +427,8 @@ def students_rank(
     Each candidate, freshly initialised, is compared with the teacher on one training batch:
     score = -(sample-relation distance + class-gradient distance); higher is better. Writes nothing.
     """
-    from kdforge.models.diswot import rank_recipe
-    from kdforge.recipe import load_recipe
+    from kdforge.checks import load_recipe
+    from kdforge.tasks.commands import rank_recipe
 
     if init not in ("gaussian", "default"):
         raise KDForgeError(f"--init {init}: use gaussian or default")

@@ -11,6 +11,7 @@ and owns it; :meth:`Objective.loss_modules` hands the modules to whoever trains 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,20 @@ def schedule_factor(schedule: TermSchedule | None, step: int, total_steps: int) 
     elif schedule.shape == "quadratic":  # the FLOPS-weight warm-up of SPLADE and its successors
         progress = progress**2
     return schedule.start + (schedule.end - schedule.start) * progress
+
+
+def term_temperature(term: ObjectiveTerm) -> float:
+    """The temperature a term's loss divides logits by: its ``temperature`` param, the loss's default, or 1.
+
+    Raises TypeError or ValueError when the param is not a number (recipe params are free-form)."""
+    if "temperature" in term.params:
+        return float(term.params["temperature"])
+    spec = find_term_loss(term.loss, field="objective")
+    fn = spec.fn if hasattr(spec, "fn") else spec.cls.forward
+    parameter = inspect.signature(fn).parameters.get("temperature")
+    if parameter is not None and parameter.default is not inspect.Parameter.empty:
+        return float(parameter.default)
+    return 1.0
 
 
 def teacher_fields_of(terms: list[ObjectiveTerm]) -> frozenset[str]:

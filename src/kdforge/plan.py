@@ -400,14 +400,14 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
     """Estimate the peak memory of ``recipe``'s student training (see the module docstring).
 
     A run passes what it has already loaded (its ``task``, ``splits`` and ``teacher``, anything
-    with the ``signal`` and ``model`` of :class:`~kdforge.signals.from_recipe.BuiltSignal`), so
+    with the ``signal`` and ``model`` of :class:`~kdforge.signals.base.BuiltSignal`), so
     planning costs one probe, not a second load of every model.
     """
     from accelerate.utils import send_to_device, set_seed
 
     from kdforge.engine.trainer import check_training_settings, model_parameter_groups
     from kdforge.objective import Objective, teacher_fields_of
-    from kdforge.signals.from_recipe import build_signal
+    from kdforge.signals import build_signal
     from kdforge.tasks import TASKS
 
     cpu, _ = check_training_settings(recipe.training)  # refuses what the engine would refuse here

@@ -4,14 +4,21 @@ A recipe has the sections ``task``, ``teacher``, ``student``, ``data``,
 ``objective``, ``training``, ``evaluation`` and ``output`` (and optionally the
 ``candidates`` students ``kdforge students rank`` scores). ``student`` and
 ``data`` are specific to the task, whose registered schemas validate them, so a
-new task never edits this file. Every error names the field path
+new task never edits this file; nor are the ``teacher`` section's schemas here: each teacher
+signal owns its own (see :mod:`kdforge.signals`). Every error names the field path
 (``objective[1].weight: must be >= 0``).
+
+A leaf of kdforge: it imports nothing of it but its errors. :func:`validate_schema` checks
+the shape of a recipe; :func:`kdforge.checks.load_recipe` and
+:func:`kdforge.checks.parse_recipe`, which every command calls, also validate the teacher
+section and look the names up in the registries (tasks, losses, signals, methods).
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,16 +26,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticKnownError
 
-from kdforge.errors import RecipeError, first_line
+from kdforge.errors import RecipeError
 
 
 class Strict(BaseModel):
@@ -115,103 +123,17 @@ class ObjectiveTerm(Strict):
     teacher_layer: int | None = Field(None, description="the teacher's layer, when it differs from layer")
 
 
-class OnlineTeacherConfig(Strict):
-    """A local model run on each batch."""
-
-    signal: Literal["online"] = "online"
-    model: str = Field(description="local folder, hub id, or package:NAME")
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    trust_remote_code: bool = False
-
-
-class CacheTeacherConfig(Strict):
-    """Outputs written by ``kdforge cache RECIPE`` into ``path``, read back during training.
-
-    ``model`` is the teacher that writes the cache; a run that names it also checks
-    that the cache came from those weights and reports the teacher's own results.
-    Top-k log-probs are stored at ``temperature``: every teacher term of the objective
-    must use that temperature.
-    """
-
-    signal: Literal["cache"]
-    path: str = Field(description="the cache directory")
-    model: str | None = Field(None, description="the teacher that writes (wrote) the cache")
-    k: int = Field(64, ge=1, description="top-k tokens kept per position")
-    dtype: Literal["float32", "float16", "bfloat16", "q8"] = Field(
-        "q8", description="storage of log-probs: q8 is 1/16-nat steps, as faithful as float16 at 3/4 of its size"
-    )
-    temperature: float = Field(1.0, gt=0)
-    device: str | None = Field(None, description="where the teacher runs while writing")
-    trust_remote_code: bool = False
-
-
-class ServedTeacherConfig(Strict):
-    """A causal LM behind an OpenAI-compatible completions endpoint (vLLM, llama.cpp, kdforge serve-teacher)."""
-
-    signal: Literal["served"]
-    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000")
-    model: str | None = Field(None, description="the model name the server knows, sent with each request")
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    k: int = Field(20, ge=1, description="top log-probs per position (vLLM allows 20 by default)")
-    timeout: float = Field(60.0, gt=0, description="seconds per request")
-    retries: int = Field(3, ge=0)
-    temperature: float = Field(1.0, gt=0, description="the temperature of the served log-probs (1 for raw ones)")
-
-    @field_validator("url")
-    @classmethod
-    def _no_password(cls, url: str) -> str:
-        from urllib.parse import urlsplit
-
-        if urlsplit(url).password is not None:
-            raise ValueError(
-                "holds a password; remove it from the URL, put the key in an environment variable and name"
-                " that variable in api_key_env (the recipe is copied into the run folder, the key never is)"
-            )
-        return url
-
-
-class EnsembleTeacherConfig(Strict):
-    """Several teachers of any kind, weighted (equal weights by default)."""
-
-    signal: Literal["ensemble"]
-    members: list[
-        Annotated[OnlineTeacherConfig | CacheTeacherConfig | ServedTeacherConfig, Field(discriminator="signal")]
-    ] = Field(min_length=1)
-    weights: list[float] | None = None
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_fit(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
-        members = info.data.get("members")
-        if weights is not None and members is not None:
-            if len(weights) != len(members):
-                raise ValueError(f"{len(weights)} weights for {len(members)} members")
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError("weights must be >= 0 and not all 0")
-        return weights
-
-
-def _member_label(cfg: Any) -> str:
-    if isinstance(cfg, ServedTeacherConfig):
-        return f"{cfg.model or 'model'} served at {cfg.url}"
-    if isinstance(cfg, CacheTeacherConfig):
-        return f"{cfg.model or 'teacher'} (cache {cfg.path})"
-    return cfg.model
-
-
-TeacherConfig = Annotated[
-    OnlineTeacherConfig | CacheTeacherConfig | ServedTeacherConfig | EnsembleTeacherConfig,
-    Field(discriminator="signal"),
-]
-
-
-def _default_signal(value: Any) -> Any:
-    """``signal`` defaults to online, also inside an ensemble's members."""
-    if isinstance(value, dict):
-        value = {"signal": "online", **value}
-        if value["signal"] == "ensemble" and isinstance(value.get("members"), list):
-            value["members"] = [_default_signal(m) for m in value["members"]]
+def _teacher_section(value: Any, info: ValidationInfo) -> Any:
+    """The ``teacher`` section, validated by the schema of the signal it names: the validator comes in
+    the validation context (``teacher_config``, see :func:`validate_schema`); without one a mapping
+    is kept as written."""
+    if value is None:
+        return None
+    validate = (info.context or {}).get("teacher_config")
+    if validate is not None:
+        return validate(value)
+    if not isinstance(value, (dict, BaseModel)):
+        raise PydanticKnownError("model_attributes_type")
     return value
 
 
@@ -251,13 +173,21 @@ class Recipe(Strict):
         " or signals (e.g. my_project.kd_losses); nothing else a recipe names is ever imported",
     )
     description: str = ""
-    teacher: Annotated[TeacherConfig | None, BeforeValidator(_default_signal)] = None
+    #: the section of the signal it names (``signal``, default online): an object with ``signal``,
+    #: ``label()`` and the signal's own fields, whose class that signal's module defines
+    teacher: Annotated[Any, PlainValidator(_teacher_section)] = None
     student: dict[str, Any]
     data: dict[str, Any]
     objective: list[ObjectiveTerm] = Field(min_length=1)
     training: TrainingConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    methods: list[dict[str, Any]] = Field(
+        [],
+        description="the methods of the papers this run uses, each {name: NAME, ...its settings}, e.g."
+        " [{name: pgkd, rounds: 3}]; `kdforge list --methods` lists them, and each is checked against"
+        " its registered schema and against what the task offers",
+    )
     candidates: list[dict[str, Any]] | None = Field(
         None,
         description="candidate students for `kdforge students rank` (DisWOT, training-free): each entry a"
@@ -265,18 +195,28 @@ class Recipe(Strict):
         " ranking (errors name candidates[i].field); a run ignores it",
     )
 
+    @field_validator("methods")
+    @classmethod
+    def _named(cls, methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, entry in enumerate(methods):
+            if not isinstance(entry.get("name"), str):
+                raise ValueError(f"methods[{i}]: give the method's name, e.g. {{name: pgkd}}")
+        names = [entry["name"] for entry in methods]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"methods: {repeated[0]!r} is listed twice; give each method once")
+        return methods
+
+    def method_names(self) -> list[str]:
+        return [entry["name"] for entry in self.methods]
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir) / (self.output.name or self.name)
 
     def teacher_label(self) -> str | None:
         """The teacher in one phrase, for reports and cards: its model, its server, or its members."""
-        teacher = self.teacher
-        if teacher is None:
-            return None
-        if isinstance(teacher, EnsembleTeacherConfig):
-            return "ensemble of " + ", ".join(_member_label(m) for m in teacher.members)
-        return _member_label(teacher)
+        return None if self.teacher is None else self.teacher.label()
 
     def term_names(self) -> list[str]:
         """Unique display names of the objective terms, in order."""
@@ -292,20 +232,15 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         # no `candidates: null` or `plugins: []` line: a run folder's recipe.yaml (which --resume
         # compares) and model cards read as they did before the fields existed
-        unused = {name for name in ("candidates", "plugins") if not getattr(self, name)}
+        unused = {name for name in ("candidates", "plugins", "methods") if not getattr(self, name)}
         return yaml.safe_dump(self.model_dump(mode="json", exclude=unused or None), sort_keys=False)
 
 
 # ----- loading ---------------------------------------------------------------------
 
 
-#: tags of the teacher union, which pydantic puts in error locations (teacher.cache.path)
-_UNION_TAGS = frozenset({"online", "cache", "served", "ensemble"})
-
-
 def format_location(loc: tuple[Any, ...]) -> str:
     out = ""
-    loc = tuple(part for part in loc if part not in _UNION_TAGS)
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
@@ -442,126 +377,24 @@ def read_raw(path: Path) -> dict[str, Any]:
     return data
 
 
-def parse_recipe(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Validate a raw recipe mapping (after ``--set`` overrides) against every schema."""
+def validate_schema(
+    data: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    teacher_config: Callable[[Any], Any] | None = None,
+) -> Recipe:
+    """A raw recipe mapping (after ``--set`` overrides) validated against the recipe's schema.
+
+    ``teacher_config`` validates the ``teacher`` section (``kdforge.signals.teacher_config``,
+    which :func:`kdforge.checks.parse_recipe` passes); without it the section stays a mapping.
+    The names the recipe gives are not looked up here: :func:`kdforge.checks.check_recipe` does.
+    """
     if not isinstance(data, dict):
         raise RecipeError("recipe: a recipe is a mapping with task, student, data, objective, training")
     data = copy.deepcopy(data)
     for assignment in overrides:
         apply_override(data, assignment)
     try:
-        recipe = Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"teacher_config": teacher_config})
     except ValidationError as exc:
         raise validation_error(exc) from None
-    import_plugins(recipe.plugins)
-    _check_against_registries(recipe)
-    return recipe
-
-
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def import_plugins(modules: list[str]) -> None:
-    """Import the modules a recipe lists under ``plugins:`` (they register components as they load).
-
-    These are the only modules a recipe can make kdforge import: every other name in it
-    (task, loss, signal) is looked up in a registry, never imported from a dotted path.
-    """
-    import importlib
-
-    for i, name in enumerate(modules):
-        if not _MODULE_NAME.match(name):
-            raise RecipeError(f"plugins[{i}]: {name!r} is not a module name; write it as package.module")
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise RecipeError(
-                f"plugins[{i}]: cannot import {name} ({first_line(exc)}); install it or put it on PYTHONPATH"
-            ) from None
-        except Exception as exc:  # the plugin's own code failed while it loaded: the user's to fix
-            raise RecipeError(
-                f"plugins[{i}]: importing {name} failed ({exc.__class__.__name__}: {first_line(exc)}); fix the module"
-            ) from None
-
-
-def load_recipe(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    path = find_recipe(ref)
-    return parse_recipe(read_raw(path), overrides)
-
-
-def _check_against_registries(recipe: Recipe) -> None:
-    """Names in the recipe must be registered components that fit together."""
-    from kdforge.losses.registry import MODULE_PARAM_ERRORS, LossModuleSpec, find_term_loss
-    from kdforge.tasks import TASKS
-
-    task_cls = TASKS.get(recipe.task, field="task")
-    for section in ("student", "data"):
-        schema = getattr(task_cls, f"{section}_schema")
-        try:
-            schema.model_validate(getattr(recipe, section))
-        except ValidationError as exc:
-            raise validation_error(exc, (section,)) from None
-
-    for i, term in enumerate(recipe.objective):
-        where = f"objective[{i}]"
-        spec = find_term_loss(term.loss, field=f"{where}.loss")
-        if term.field not in task_cls.output_fields:
-            raise RecipeError(
-                f"{where}.field: task {recipe.task!r} has no output {term.field!r};"
-                f" it offers {', '.join(task_cls.output_fields)}"
-            )
-        unknown = set(term.params) - spec.param_names()
-        if unknown:
-            name = sorted(unknown)[0]
-            known = ", ".join(sorted(spec.param_names())) or "none"
-            raise RecipeError(f"{where}.params.{name}: {term.loss!r} has no parameter {name!r}; known: {known}")
-        missing = spec.required_param_names() - set(term.params)
-        if missing:
-            name = sorted(missing)[0]
-            raise RecipeError(f"{where}.params.{name}: {term.loss!r} needs {name}; set it in the term's params")
-        if isinstance(spec, LossModuleSpec):
-            try:
-                spec.check_params(term.params)
-            except MODULE_PARAM_ERRORS as exc:
-                raise RecipeError(f"{where}.params: {first_line(exc)}") from None
-        if spec.target == "teacher" and recipe.teacher is None:
-            raise RecipeError(
-                f"{where}.loss: {term.loss!r} compares with the teacher, but the recipe has no teacher;"
-                " set teacher.model or use a labels-only loss such as cross_entropy"
-            )
-        if spec.target == "teacher":
-            _check_term_fits_teacher(recipe.teacher, term, spec, where)
-
-
-def _term_temperature(term: ObjectiveTerm, spec: Any) -> float:
-    """The temperature a teacher term divides logits by: its param, the loss's default, or 1."""
-    import inspect
-
-    if "temperature" in term.params:
-        return float(term.params["temperature"])
-    fn = spec.fn if hasattr(spec, "fn") else spec.cls.forward
-    parameter = inspect.signature(fn).parameters.get("temperature")
-    if parameter is not None and parameter.default is not inspect.Parameter.empty:
-        return float(parameter.default)
-    return 1.0
-
-
-def _check_term_fits_teacher(teacher: Any, term: ObjectiveTerm, spec: Any, where: str) -> None:
-    """Stored log-probs (a cache, a server) exist at one temperature and, for a server, only as logits."""
-    members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
-    for i, member in enumerate(members):
-        path = "teacher" if len(members) == 1 and member is teacher else f"teacher.members[{i}]"
-        if isinstance(member, ServedTeacherConfig) and term.field != "logits":
-            raise RecipeError(f"{where}.field: a served teacher ({path}) gives top-k logits only, not {term.field!r}")
-        if isinstance(member, (CacheTeacherConfig, ServedTeacherConfig)) and term.field == "logits":
-            try:
-                used = _term_temperature(term, spec)
-            except (TypeError, ValueError):  # params are free-form: a list or a word reaches float()
-                raise RecipeError(
-                    f"{where}.params.temperature: must be a number, got {term.params.get('temperature')!r}"
-                ) from None
-            if used != member.temperature:
-                raise RecipeError(
-                    f"{where}.params.temperature: {used:g}, but {path} holds log-probs at temperature"
-                    f" {member.temperature:g}; set them equal ({path}.temperature is what the cache is written at)"
-                )

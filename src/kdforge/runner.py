@@ -6,7 +6,6 @@ whatever model and loss it is given, the task supplies everything task-specific.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -21,24 +20,23 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from torch.utils.data import Dataset
 
-from kdforge.active import check_objective, data_plan, prune_splits, run_selection_rounds, selection_baseline_set
+from kdforge.checks import parse_recipe
 from kdforge.data.indexed import IndexedDataset, indexed_collate
-from kdforge.data.selection import Selection
 from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
-from kdforge.errors import NonFiniteError, RecipeError, RunDirError
+from kdforge.errors import NonFiniteError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
 from kdforge.fsutil import atomic_write_text
+from kdforge.methods import BaselinePlan, Method, StudentRun, build_methods
 from kdforge.objective import Objective, teacher_fields_of
 from kdforge.outputs import nonfinite_fields
 from kdforge.plan import warn_if_too_big
-from kdforge.recipe import Recipe, TrainingConfig, parse_recipe
+from kdforge.recipe import Recipe, TrainingConfig
 from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
 from kdforge.report.html import write_report
-from kdforge.signals import TeacherSignal
-from kdforge.signals.from_recipe import build_signal
+from kdforge.signals import TeacherSignal, build_signal
 from kdforge.tasks import TASKS, Evaluation, Task
 
 console = Console(stderr=True)
@@ -135,15 +133,22 @@ def _planned_steps(recipe: Recipe, train_size: int) -> int:
     return total_optimizer_steps(recipe.training, math.ceil(train_size / recipe.training.batch_size))
 
 
-def training_loss(task: Task, objective: Objective, signal: TeacherSignal | None) -> Callable:
+def training_loss(
+    task: Task, objective: Objective, signal: TeacherSignal | None, methods: list[Method] = ()
+) -> Callable:
     """The engine's ``loss_fn(model, batch, step) -> (loss, terms, scalars)`` for ``task``: the student's
-    and the teacher's outputs on the batch, through the objective."""
+    and the teacher's outputs on the batch, through the objective; each method may change the batch a
+    distillation step trains on and the teacher's outputs the objective sees."""
 
     def loss_fn(m, batch, step):
         if objective.needs_teacher:
             batch = task.training_batch(m, batch, step)
+            for method in methods:
+                batch = method.training_batch(m, batch, step)
         student_out = task.adapter(m, batch, objective.student_fields)
         teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        for method in methods if teacher_out is not None else ():
+            teacher_out = method.teacher_outputs(batch, teacher_out, step)
         loss, terms = objective(student_out, teacher_out, batch, step)
         # a NaN loss from a NaN teacher is named as the teacher's, not as some term's; looked for only
         # then, as a pass over [B, L, V] teacher logits on every step would cost memory and time
@@ -169,12 +174,14 @@ def _train_phase(
     model: torch.nn.Module | None = None,
     signal: TeacherSignal | None = None,
     training: TrainingConfig | None = None,
+    methods: list[Method] = (),
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train (or, on resume, reload a finished) model for one phase, saved to ``folder_name``.
 
     ``train_set`` (default: the training split), ``model`` (default: a fresh student) and ``signal``
     (default: the teacher's) serve the rounds of active distillation; they save nothing (None folder).
     ``training`` replaces the recipe's training section (a round's warm-up, a baseline as long as all rounds).
+    ``methods`` are the recipe's (their hooks shape the steps and the report of this phase).
     """
     folder = seed_dir / folder_name if folder_name else None
     records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
@@ -199,7 +206,7 @@ def _train_phase(
             metrics.update(fidelity(fidelity_ref, result.logits))
         return metrics
 
-    loss_fn = training_loss(task, objective, signal)
+    loss_fn = training_loss(task, objective, signal, methods)
     started = time.perf_counter()
     result = train(
         model,
@@ -213,7 +220,7 @@ def _train_phase(
         resume=resume,
         state_hooks=(objective.state_dict, objective.load_state_dict),
         loss_modules=objective.loss_modules(),
-        sampler=task.train_sampler(recipe.training.seed),
+        sampler=_sampler(task, methods, recipe.training.seed),
     )
     info = {
         "steps": result.steps,
@@ -224,6 +231,8 @@ def _train_phase(
         **({"skipped_batches": result.skipped} if result.skipped else {}),
         **(task.training_info(result.steps) if phase == "student" else {}),
     }
+    for method in methods if phase == "student" else ():
+        info.update(method.training_info(result.steps))
     evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
     if evaluations and evaluations[-1]["step"] < result.steps:
         # the engine evaluates only before the last step; a curve (and a verdict on it) needs the end too
@@ -231,12 +240,23 @@ def _train_phase(
         MetricsLog(seed_dir / "metrics.jsonl", enabled=is_main()).write(record)
         evaluations.append(record)
     info.update(task.review_evaluations(evaluations))
+    for method in methods:
+        info.update(method.review_evaluations(evaluations))
     if is_main():
         if folder is not None:
             task.save_model(model, folder, card="")
         shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
     barrier()  # no process goes on before the model is saved and the checkpoints are gone
     return model, info
+
+
+def _sampler(task: Task, methods: list[Method], seed: int):
+    """The order of training examples: a method's (TAS-B's batches) before the task's own; None: shuffled."""
+    for method in methods:
+        sampler = method.train_sampler(seed)
+        if sampler is not None:
+            return sampler
+    return task.train_sampler(seed)
 
 
 def _objective(recipe: Recipe, train_size: int) -> Objective:
@@ -264,8 +284,10 @@ class _Rounds:
     rounds): a resumed run loads it, and one stopped mid-way starts its rounds again.
     """
 
-    def __init__(self, task: Task, teacher: TeacherView | None, splits, seed_dir: Path, log_name: str):
-        self.task, self.teacher, self.splits, self.seed_dir = task, teacher, splits, seed_dir
+    def __init__(
+        self, task: Task, teacher: TeacherView | None, splits, seed_dir: Path, log_name: str, methods: list[Method]
+    ):
+        self.task, self.teacher, self.splits, self.seed_dir, self.methods = task, teacher, splits, seed_dir, methods
         self.folder = seed_dir / MODEL_DIR
         self.log_file = seed_dir / log_name
         self.infos: list[dict[str, Any]] = []
@@ -282,7 +304,7 @@ class _Rounds:
         trained, info = _train_phase(
             self.task, f"student-round-{r}", _objective(recipe, len(dataset)), self.teacher, self.splits,
             self.seed_dir, False, None, train_set=dataset, model=model, signal=signal,
-            training=_round_training(recipe, r, len(dataset)),
+            training=_round_training(recipe, r, len(dataset)), methods=self.methods,
         )  # fmt: skip
         self.infos.append(info)
         return trained
@@ -303,102 +325,42 @@ class _Rounds:
         return info
 
 
-def _train_selected(
-    task: Task, selection: Selection, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
+def _train_by_method(
+    owner: Method, methods: list[Method], teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The student of an active-distillation run: rounds of selection and training (:mod:`kdforge.active`)."""
-    rounds = _Rounds(task, teacher, splits, seed_dir, "selection.json")
-    done = rounds.finished(resume)
-    if done is not None:
-        return done
-    if teacher is None:
-        raise RecipeError("data.selection: active distillation chooses which points the teacher labels; add a teacher")
-    check_objective(_objective(task.recipe, len(splits.train)).teacher_fields)
-    model, log = run_selection_rounds(
-        task,
-        selection,
-        splits.train,
-        teacher.signal,
-        lambda r, model, dataset, signal: rounds.train(model, dataset, signal),
-        lambda m: on_main(lambda: task.evaluate(m, splits.eval).metrics),
-        task.recipe.evaluation.batch_size,
+    """The student of a method that trains it in rounds of its own (active distillation, PGKD)."""
+    task = owner.task
+    rounds = _Rounds(task, teacher, splits, seed_dir, f"{owner.name}.json", methods)
+    run = StudentRun(
+        task=task,
+        splits=splits,
+        signal=teacher.signal if teacher is not None else None,
+        teacher_model=teacher.model if teacher is not None else None,
+        teacher_fields=teacher_fields_of(task.recipe.objective),
+        rounds=rounds,
+        evaluate=lambda m: on_main(lambda: task.evaluate(m, splits.eval).metrics),
+        on_main=on_main,
     )
-    return model, rounds.save(model, selection={**log.as_dict(), "pool": len(splits.train)})
-
-
-class _AskedOnMain:
-    """PGKD's writing teacher, asked by the main process only: every process trains on its answers.
-
-    A teacher that samples (a served one at a temperature above all) would answer each process
-    differently, and their training sets, and so their steps, would part; the other processes
-    also need no copy of a local teacher (``teacher`` is None there). Every process asks in the
-    same order, since the rounds' evaluations are the same on each (the weights are).
-    """
-
-    def __init__(self, teacher: Callable[[str], str] | None):
-        self._teacher = teacher
-
-    def __call__(self, prompt: str) -> str:
-        return on_main(lambda: self._teacher(prompt))  # type: ignore[misc]
-
-
-def _train_with_generated_data(
-    task: Task, teacher: TeacherView | None, splits, seed_dir: Path, resume: bool
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """PGKD (``data.pgkd``): rounds in which a generative teacher writes examples for the weak classes.
-
-    Each round continues from a copy of the last model (the best one is kept, so it must not
-    change under later rounds); the model of lowest validation loss is the student.
-    """
-    from kdforge.data.pgkd import pgkd_loop
-
-    rounds = _Rounds(task, teacher, splits, seed_dir, "pgkd.json")
-    done = rounds.finished(resume)
-    if done is not None:
-        return done
-    cfg = task.data_cfg.pgkd
-    result = pgkd_loop(
-        train_round=lambda model, examples: rounds.train(
-            copy.deepcopy(model) if model is not None else None, task.dataset_of(examples)
-        ),
-        predict=task.probabilities,
-        train_set=task.labelled_texts(splits.train),
-        validation=task.labelled_texts(splits.eval),
-        class_names=task.class_names,
-        generator=_AskedOnMain(on_main(task.generator, share=False)),  # loaded before round 0
-        task_description=task.task_description(),
-        rounds=cfg.rounds,
-        per_class=cfg.per_class,
-        weak_per_round=cfg.weak_classes,
-        mistakes_per_prompt=cfg.mistakes,
-        patience=cfg.patience,
-        prompts_per_round=cfg.prompts_per_round,
-    )
-    pgkd = result.summary()
-    for record in pgkd["rounds"]:  # class names read better than indices in the report
-        record["weak"] = [task.class_names[c] for c in record["weak"]]
-        record["targeted"] = [task.class_names[c] for c in record["targeted"]]
-        record["added"] = [{"label": task.class_names[e["label"]], "text": e["text"]} for e in record["added"]]
-    return result.model, rounds.save(result.model, pgkd=pgkd)
+    return owner.train_student(run, resume)
 
 
 def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, resume: bool) -> dict[str, Any]:
     """Train the student and the baseline (every process), then evaluate them (the main process,
     whose results every process returns)."""
     recipe = task.recipe
-    _, selection = data_plan(task)
+    methods = build_methods(recipe, task)
     steps = _planned_steps(recipe, len(splits.train))
     objective = Objective(recipe.objective, steps, names=recipe.term_names(), seed=recipe.training.seed)
-    generated = getattr(task.data_cfg, "pgkd", None) is not None
-    if selection is not None:
-        student, student_train = _train_selected(task, selection, teacher, splits, seed_dir, resume)
-    elif generated:
-        student, student_train = _train_with_generated_data(task, teacher, splits, seed_dir, resume)
+    owner = next((m for m in methods if m.trains_student), None)
+    if owner is not None:
+        student, student_train = _train_by_method(owner, methods, teacher, splits, seed_dir, resume)
     else:
-        student, student_train = _train_phase(task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR)
+        student, student_train = _train_phase(
+            task, "student", objective, teacher, splits, seed_dir, resume, MODEL_DIR, methods=methods
+        )
 
     baseline, baseline_train = None, None
-    distilled = (teacher is not None and objective.needs_teacher) or generated
+    distilled = (teacher is not None and objective.needs_teacher) or any(m.distils for m in methods)
     if recipe.evaluation.baseline and distilled:
         baseline_terms = task.baseline_objective()
         if baseline_terms is None:  # no labels to train on: the student as initialised is the baseline
@@ -408,15 +370,15 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
                 task.save_model(baseline, seed_dir / BASELINE_DIR, card="")
             barrier()
         else:
-            # under active distillation, the baseline buys as many labels as the student bought teacher outputs;
-            # under it and PGKD, it trains as many optimizer steps as all rounds together
-            labelled = selection_baseline_set(task, splits.train, student_train, selection)
-            length = student_train["steps"] if labelled is not None or generated else None
-            baseline_obj = Objective(baseline_terms, length or steps)
+            # a method may change what the baseline trains on, and for how long (active distillation: as many
+            # labelled points as the student bought teacher outputs; with PGKD, as many steps as all rounds)
+            plans = [p for p in (m.baseline_plan(splits.train, student_train) for m in methods) if p is not None]
+            plan = plans[0] if plans else BaselinePlan()
+            baseline_obj = Objective(baseline_terms, plan.steps or steps)
+            length = recipe.training.model_copy(update={"steps": plan.steps, "epochs": None}) if plan.steps else None
             baseline, baseline_train = _train_phase(
                 task, "baseline", baseline_obj, None, splits, seed_dir, resume, BASELINE_DIR,
-                train_set=labelled,
-                training=recipe.training.model_copy(update={"steps": length, "epochs": None}) if length else None,
+                train_set=plan.train_set, training=length, methods=methods,
             )  # fmt: skip
     trained = {"student": (student, student_train, MODEL_DIR)}
     if baseline is not None:
@@ -471,7 +433,10 @@ def run_recipe(
     task = TASKS.get(recipe.task, field="task")(recipe)
     splits = task.splits()
     teacher = load_teacher(task, splits.test)
-    splits, pruning = prune_splits(task, splits, teacher.model if teacher is not None else None)
+    data_plan: dict[str, Any] = {}
+    for method in build_methods(recipe, task):  # once, before any seed: every seed trains on the same splits
+        splits, info = method.prepare_splits(splits, teacher.model if teacher is not None else None)
+        data_plan.update(info)
     # the memory plan's probe batch runs the objective once: a mistake that shows only there (a mask,
     # a hidden size) is also found before anything is written; it warns when the run may not fit
     warn_if_too_big(recipe, task=task, splits=splits, teacher=teacher)
@@ -498,8 +463,8 @@ def run_recipe(
 
     report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
     report["teacher_signal"] = teacher.info if teacher is not None else None
-    if pruning:
-        report["data_plan"] = pruning
+    if data_plan:
+        report["data_plan"] = data_plan
     report["throughput_unit"] = task.throughput_unit
     if is_main():
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
@@ -513,6 +478,12 @@ def write_cards(task: Task, seed_dir: Path, result: dict[str, Any]) -> None:
     for role, folder in (("student", MODEL_DIR), ("baseline", BASELINE_DIR)):
         if role in result["models"] and (seed_dir / folder).exists():
             text = model_card.render(
-                task.recipe, result["models"], role=role, load_hint=task.load_hint, library=task.card_library
+                task.recipe,
+                result["models"],
+                role=role,
+                load_hint=task.load_hint,
+                library=task.card_library,
+                task_paper=task.paper,
+                data=task.data_cfg.model_dump(mode="json"),
             )
             atomic_write_text(seed_dir / folder / "README.md", text)

@@ -21,8 +21,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from kdforge.checks import load_recipe, parse_recipe
 from kdforge.errors import KDForgeError
-from kdforge.recipe import Recipe, bundled_recipes, format_location, load_recipe, parse_recipe, read_raw
+from kdforge.recipe import Recipe, bundled_recipes, format_location, read_raw
 
 BUNDLED = {name: read_raw(path) for name, path in sorted(bundled_recipes().items())}
 

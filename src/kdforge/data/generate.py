@@ -3,7 +3,9 @@
 Three data modes of the causal-LM task generate text: the teacher answers the prompts
 once (``teacher_generated``, sequence-level KD) or once per epoch
 (``online_generation``), and the student answers them during training (``on_policy``,
-GKD). :func:`sample_continuations` is the one sampler all of them use.
+GKD). :func:`sample_continuations` is the one sampler all of them use. A prompt-in,
+text-out :class:`TextGenerator` (a local model, :class:`LocalGenerator`, or a served one,
+:class:`ServedGenerator`) writes for methods that ask a teacher in words (PGKD).
 
 A teacher's generations are expensive and must be identical whenever a run (or
 ``kdforge cache``, or a resumed run) asks for them again, so :class:`GenerationStore`
@@ -20,7 +22,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -176,3 +178,123 @@ class GenerationStore:
         (self.folder / f"{self.digest}.key.json").write_text(json.dumps(self.key, indent=2) + "\n")
         os.replace(self._partial, self.path)
         return records
+
+
+class TextGenerator(Protocol):
+    """Anything that answers a prompt with text (the answer only, without the prompt)."""
+
+    def __call__(self, prompt: str) -> str: ...
+
+
+# ----- prompt in, text out: a local model or a served one ----------------------------
+
+
+class LocalGenerator:
+    """A causal LM on this machine as the teacher (a folder, hub id, ``.gguf`` file or ``package:NAME``).
+
+    The prompt goes through the tokenizer's chat template when it has one (instruct
+    models answer far better in their own turn format). Sampling is reproducible: the
+    n-th call is seeded with ``seed + n`` (in a forked RNG, so the caller's random state
+    is untouched), so a run replays exactly while successive prompts still get
+    different samples. ``temperature`` 0 decodes greedily.
+    """
+
+    def __init__(
+        self,
+        ref: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        seed: int = 0,
+        field: str = "pgkd.teacher",
+    ):
+        from kdforge.models.hf_causal_lm import load_causal_lm, load_tokenizer
+
+        self.ref = ref
+        self.model = load_causal_lm(ref, field=field)
+        self.tokenizer = load_tokenizer(ref, field=field)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.calls = 0
+        self.field = field
+
+    def __repr__(self) -> str:
+        return f"LocalGenerator({self.ref!r}, temperature={self.temperature}, seed={self.seed})"
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def __call__(self, prompt: str) -> str:
+        ids = self._prompt_ids(prompt)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + self.max_new_tokens > limit:
+            raise KDForgeError(
+                f"{self.field}: the prompt has {len(ids)} tokens and {self.max_new_tokens} more are asked for,"
+                f" beyond the model's {limit}; show fewer mistakes or shorter texts, or lower max_new_tokens"
+            )
+        stops = stop_token_ids(self.tokenizer, self.model)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        seed = self.seed + self.calls
+        self.calls += 1
+        [new] = sample_continuations(
+            self.model,
+            [ids],
+            pad_id=pad,
+            stop_ids=stops,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+        )
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+class ServedGenerator:
+    """A teacher behind an OpenAI-compatible ``/v1/completions`` endpoint (vLLM, llama.cpp, ``kdforge serve-teacher``).
+
+    The prompt is sent as plain text: a completions endpoint applies no chat template.
+    The API key is read from the environment variable ``api_key_env`` by
+    :class:`~kdforge.signals.served.CompletionsClient`, which keeps it in the request
+    header only; it never appears in this object's repr or in logs. With ``seed`` the
+    n-th call asks the server for seed ``seed + n`` (servers that honour it replay).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        *,
+        api_key_env: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        seed: int | None = None,
+        timeout: float = 120.0,
+    ):
+        from kdforge.signals.served import CompletionsClient
+
+        self.client = CompletionsClient(
+            url, model=model, api_key_env=api_key_env, timeout=timeout, field="pgkd.teacher.url"
+        )
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return f"ServedGenerator({self.client!r}, temperature={self.temperature})"
+
+    def __call__(self, prompt: str) -> str:
+        from kdforge.signals.served import generate
+
+        seed = None if self.seed is None else self.seed + self.calls
+        self.calls += 1
+        [text] = generate(self.client, [prompt], max_tokens=self.max_tokens, temperature=self.temperature, seed=seed)
+        return text

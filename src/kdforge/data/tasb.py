@@ -21,6 +21,10 @@ from ``(seed, epoch)``, so a resumed run skips the batches it already saw and se
 the rest unchanged. :class:`RandomPairSampler` is the ablation baseline with the
 same interface and epoch length: random queries, a uniformly random pair each.
 
+A recipe asks for TAS-B batches with the ``tasb_batches`` method
+(:mod:`kdforge.methods.tasb`); without it the ranking tasks order their pairs with
+:class:`RandomPairSampler`.
+
 Deliberate difference from the reference implementation (matchmaker's
 ``tas_balanced_training_loader.py``): there, a cluster that runs out of queries
 mid-batch hands the rest of the batch to the next cluster. Here a cluster's last

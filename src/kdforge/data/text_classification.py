@@ -27,6 +27,15 @@ FILES: dict[str, dict[str, str | None]] = {
 }
 
 
+@dataclass(frozen=True)
+class LabelledText:
+    """One training or validation example; ``source`` says where it came from ("train", "teacher round 2")."""
+
+    text: str
+    label: int
+    source: str = "train"
+
+
 #: what one line of each set holds, for the error that names a line that does not
 LINE_FORMATS = {"sst2": "label<TAB>sentence", "trec": "COARSE:fine question", "emotion": "text;label"}
 

@@ -26,14 +26,22 @@ from torch.utils.checkpoint import checkpoint
 from kdforge.losses import chunking
 from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss_module
+from kdforge.provenance import Paper
 
 __all__ = ["DACKL"]
 
 #: ``(l, u)`` as floats or tensors broadcastable to the positions ``[B]`` / ``[B, L]``
 Limits = tuple[float | torch.Tensor, float | torch.Tensor]
 
+MGSR = Paper(
+    "Multi-Granularity Semantic Revision for Large Language Model Distillation",
+    2024,
+    "2407.10068",
+    authors="Liu and others",
+)
 
-@register_loss_module("dac_kl")
+
+@register_loss_module("dac_kl", paper=MGSR)
 class DACKL(nn.Module):
     """Distribution-adaptive clipping KL: KL(clipped teacher || student), times T^2.
 

@@ -21,7 +21,33 @@ import torch.nn.functional as F
 
 from kdforge.losses.common import kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
+from kdforge.provenance import Paper
 
+REIMERS = Paper(
+    "Making Monolingual Sentence Embeddings Multilingual using Knowledge Distillation",
+    2020,
+    "2004.09813",
+    authors="Reimers, Nils and Gurevych, Iryna",
+)
+EMBEDDISTILL = Paper(
+    "EmbedDistill: A Geometric Knowledge Distillation for Information Retrieval",
+    2023,
+    "2301.12005",
+    authors="Kim and others",
+)
+FITNETS = Paper("FitNets: Hints for Thin Deep Nets", 2015, "1412.6550", authors="Romero and others")
+MINILM = Paper(
+    "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained Transformers",
+    2020,
+    "2002.10957",
+    authors="Wang and others",
+)
+MINILM_V2 = Paper(
+    "MiniLMv2: Multi-Head Self-Attention Relation Distillation for Compressing Pretrained Transformers",
+    2021,
+    "2012.15828",
+    authors="Wang and others",
+)
 # Floor for probabilities before a log: a student zero where the teacher has mass then
 # gives a large finite KL term (about p * 87) instead of inf, and a zero never gives NaN.
 _TINY = torch.finfo(torch.float32).tiny
@@ -35,7 +61,7 @@ def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -
         )
 
 
-@register_loss("embedding_mse")
+@register_loss("embedding_mse", paper=REIMERS)
 def embedding_mse(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,
@@ -62,7 +88,7 @@ def embedding_mse(
     return masked_mean(per_row, None if mask is None else mask.bool())
 
 
-@register_loss("cosine_distance")
+@register_loss("cosine_distance", paper=EMBEDDISTILL)
 def cosine_distance(
     student_emb: torch.Tensor,
     teacher_emb: torch.Tensor,
@@ -88,7 +114,7 @@ def cosine_distance(
     return masked_mean(per_row, None if mask is None else mask.bool())
 
 
-@register_loss("hidden_mse", code_only=("projection",))
+@register_loss("hidden_mse", code_only=("projection",), paper=FITNETS)
 def hidden_mse(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -140,7 +166,7 @@ def _check_query_mask(mask: torch.Tensor | None, batch: int, length: int) -> tor
     return mask.bool()
 
 
-@register_loss("attention_kl")
+@register_loss("attention_kl", paper=MINILM)
 def attention_kl(
     student_attn: torch.Tensor,
     teacher_attn: torch.Tensor,
@@ -220,7 +246,7 @@ def _relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, mask:
     return masked_mean(kl_per_position(log_p, log_q).mean(1), mask)
 
 
-@register_loss("value_relation")
+@register_loss("value_relation", paper=MINILM)
 def value_relation(
     student_values: torch.Tensor,
     teacher_values: torch.Tensor,
@@ -251,7 +277,7 @@ def value_relation(
     return _relation_kl(student_values, teacher_values, num_heads, mask)
 
 
-@register_loss("qkv_relations")
+@register_loss("qkv_relations", paper=MINILM_V2)
 def qkv_relations(
     student_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     teacher_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],

@@ -32,6 +32,25 @@ import torch.nn.functional as F
 from kdforge.losses.chunking import FusedKernel, Teacher, check_pair, fused_per_position, per_position, teacher_tail
 from kdforge.losses.common import check_temperature, kl_per_position, logsumexp_or_neginf, masked_mean, upcast
 from kdforge.losses.registry import register_loss
+from kdforge.provenance import Paper
+
+HINTON = Paper(
+    "Distilling the Knowledge in a Neural Network",
+    2015,
+    "1503.02531",
+    authors="Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff",
+)
+GKD = Paper(
+    "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
+    2024,
+    "2306.13649",
+    authors="Agarwal and others",
+)
+DISTILLM = Paper(
+    "DistiLLM: Towards Streamlined Distillation for Large Language Models", 2024, "2402.03898", authors="Ko and others"
+)
+MINILLM = Paper("MiniLLM: Knowledge Distillation of Large Language Models", 2024, "2306.08543", authors="Gu and others")
+DKD = Paper("Decoupled Knowledge Distillation", 2022, "2203.08679", authors="Zhao and others")
 
 
 def require_dense_teacher(teacher: Teacher, loss: str, reason: str) -> None:
@@ -178,7 +197,7 @@ KERNELS = {
 }
 
 
-@register_loss("forward_kl")
+@register_loss("forward_kl", paper=HINTON)
 def forward_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -205,7 +224,7 @@ def forward_kl(
     return _divergence(student, teacher, FORWARD_KL, temperature=temperature, mask=mask)
 
 
-@register_loss("hinton_kd")
+@register_loss("hinton_kd", paper=HINTON)
 def hinton_kd(
     student: torch.Tensor,
     teacher: Teacher,
@@ -224,7 +243,7 @@ def hinton_kd(
     return forward_kl(student, teacher, temperature=temperature, mask=mask)
 
 
-@register_loss("reverse_kl")
+@register_loss("reverse_kl", paper=MINILLM)
 def reverse_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -241,7 +260,7 @@ def reverse_kl(
     return _divergence(student, teacher, REVERSE_KL, temperature=temperature, mask=mask)
 
 
-@register_loss("generalized_jsd")
+@register_loss("generalized_jsd", paper=GKD)
 def generalized_jsd(
     student: torch.Tensor,
     teacher: Teacher,
@@ -276,7 +295,7 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
 
 
-@register_loss("skew_kl")
+@register_loss("skew_kl", paper=DISTILLM)
 def skew_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -296,7 +315,7 @@ def skew_kl(
     return _divergence(student, teacher, skew_kl_kernel(alpha), temperature=temperature, mask=mask)
 
 
-@register_loss("skew_reverse_kl")
+@register_loss("skew_reverse_kl", paper=DISTILLM)
 def skew_reverse_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -329,7 +348,7 @@ def total_variation(
     return _divergence(student, teacher, TOTAL_VARIATION, temperature=temperature, mask=mask)
 
 
-@register_loss("dkd", needs_labels=True)
+@register_loss("dkd", needs_labels=True, paper=DKD)
 def dkd(
     student: torch.Tensor,
     teacher: torch.Tensor,

@@ -24,6 +24,7 @@ from torch import nn
 
 from kdforge.losses.common import upcast
 from kdforge.losses.registry import SizeMismatch, register_loss_module
+from kdforge.provenance import Paper
 
 __all__ = ["MIAlpha", "log_mean_exp_leave_one_out", "mi_alpha_bound"]
 
@@ -122,7 +123,15 @@ class _SeparableMLPCritic(nn.Module):
         )
 
 
-@register_loss_module("mi_alpha", couples_batch=True)
+DISTILLER = Paper(
+    "Distiller: A Systematic Study of Model Distillation Methods in Natural Language Processing",
+    2021,
+    "2109.11105",
+    authors="He and others",
+)
+
+
+@register_loss_module("mi_alpha", couples_batch=True, paper=DISTILLER)
 class MIAlpha(nn.Module):
     """Loss = -I_alpha, the interpolated MI lower bound between student and teacher representations.
 

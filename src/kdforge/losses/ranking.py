@@ -15,6 +15,29 @@ import torch.nn.functional as F
 
 from kdforge.losses.common import check_temperature, kl_per_position, masked_mean, upcast
 from kdforge.losses.registry import register_loss
+from kdforge.provenance import Paper
+
+MARGIN_MSE = Paper(
+    "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge Distillation",
+    2020,
+    "2010.02666",
+    authors="Hofstätter and others",
+)
+TCT = Paper(
+    "Distilling Dense Representations for Ranking using Tightly-Coupled Teachers",
+    2020,
+    "2010.11386",
+    authors="Lin, Sheng-Chieh and Yang, Jheng-Hong and Lin, Jimmy",
+)
+DISTILL_VQ = Paper(
+    "Distill-VQ: Learning Retrieval Oriented Vector Quantization By Distilling Knowledge from Dense Embeddings",
+    2022,
+    "2204.00185",
+    authors="Xiao and others",
+)
+DPR = Paper(
+    "Dense Passage Retrieval for Open-Domain Question Answering", 2020, "2004.04906", authors="Karpukhin and others"
+)
 
 
 def _check_scores(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -52,7 +75,7 @@ def _query_weights(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask.any(dim=-1)
 
 
-@register_loss("listwise_kl")
+@register_loss("listwise_kl", paper=TCT)
 def listwise_kl(
     student_scores: torch.Tensor,
     teacher_scores: torch.Tensor,
@@ -95,7 +118,7 @@ def listwise_kl(
     return masked_mean(per_query, _query_weights(mask)) * temperature**2
 
 
-@register_loss("listnet")
+@register_loss("listnet", paper=DISTILL_VQ)
 def listnet(
     student_scores: torch.Tensor,
     teacher_scores: torch.Tensor,
@@ -185,7 +208,7 @@ def margin_mse(
     return _margin_squared_errors(student_pos, student_neg, teacher_pos, teacher_neg).mean()
 
 
-@register_loss("margin_mse")
+@register_loss("margin_mse", paper=MARGIN_MSE)
 def margin_mse_scores(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -217,7 +240,7 @@ def margin_mse_scores(
     return masked_mean(errors, pairs)
 
 
-@register_loss("contrastive", target="labels")
+@register_loss("contrastive", target="labels", paper=DPR)
 def contrastive(
     student: torch.Tensor,
     labels: torch.Tensor,

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from kdforge.errors import RecipeError
+from kdforge.provenance import Paper
 from kdforge.registry import Registry
 
 LossFn = Callable[..., "object"]
@@ -69,6 +70,8 @@ class LossSpec:
     #: the value couples the rows of a batch (a transport plan, a batch mean inside a square,
     #: in-batch negatives): on several processes its inputs are gathered from all of them
     couples_batch: bool = False
+    #: the paper the loss comes from (README's table, ``kdforge list``, model cards' citations)
+    paper: Paper | None = None
 
     def loss_param_names(self) -> set[str]:
         """Keyword-only parameters of the loss function a recipe may set."""
@@ -107,8 +110,9 @@ def register_loss(
     state: type[TermState] | None = None,
     code_only: tuple[str, ...] = (),
     couples_batch: bool = False,
+    paper: Paper | None = None,
 ):
-    """Register ``fn`` under ``name``; its docstring's first line is its summary.
+    """Register ``fn`` under ``name``; its docstring's first line is its summary, ``paper`` its source.
 
     A loss that averages over positions or rows does so with
     :func:`kdforge.losses.common.masked_mean`, which is what makes it exact on several
@@ -126,6 +130,7 @@ def register_loss(
             state=state,
             code_only=code_only,
             couples_batch=couples_batch,
+            paper=paper,
         )
         if name in LOSS_MODULES:
             raise ValueError(f"loss {name!r} has the name of a registered loss module")
@@ -168,6 +173,8 @@ class LossModuleSpec:
     needs_labels: bool = False
     #: as :attr:`LossSpec.couples_batch`
     couples_batch: bool = False
+    #: as :attr:`LossSpec.paper`
+    paper: Paper | None = None
 
     def init_param_names(self) -> set[str]:
         return _keyword_params(self.cls.__init__, exclude={"self"})
@@ -210,14 +217,24 @@ LOSS_MODULES: Registry[LossModuleSpec] = Registry("loss module")
 
 
 def register_loss_module(
-    name: str, *, target: Literal["teacher", "labels", "none"] = "teacher", couples_batch: bool = False
+    name: str,
+    *,
+    target: Literal["teacher", "labels", "none"] = "teacher",
+    couples_batch: bool = False,
+    paper: Paper | None = None,
 ):
-    """Register a learnable loss ``nn.Module`` class under ``name``; its docstring's first line is its summary."""
+    """Register a learnable loss ``nn.Module`` class under ``name``; its docstring's first line is its summary,
+    ``paper`` its source."""
 
     def decorate(cls: type) -> type:
         doc = (inspect.getdoc(cls) or "").strip().splitlines()
         spec = LossModuleSpec(
-            name=name, cls=cls, target=target, summary=doc[0] if doc else name, couples_batch=couples_batch
+            name=name,
+            cls=cls,
+            target=target,
+            summary=doc[0] if doc else name,
+            couples_batch=couples_batch,
+            paper=paper,
         )
         # a name in both signatures would be ambiguous in a recipe's params
         both = spec.init_param_names() & spec.loss_param_names()

@@ -11,6 +11,11 @@ import torch
 
 from kdforge.losses.common import upcast
 from kdforge.losses.registry import register_loss
+from kdforge.provenance import Paper
+
+FLOPS = Paper(
+    "Minimizing FLOPs to Learn Efficient Sparse Representations", 2020, "2004.05665", authors="Paria and others"
+)
 
 
 def flops(weights: torch.Tensor) -> torch.Tensor:
@@ -36,7 +41,7 @@ def flops(weights: torch.Tensor) -> torch.Tensor:
     return (upcast(weights).abs().mean(0) ** 2).sum()
 
 
-@register_loss("flops", target="none", couples_batch=True)
+@register_loss("flops", target="none", couples_batch=True, paper=FLOPS)
 def flops_regulariser(
     student: torch.Tensor,
     teacher: object = None,

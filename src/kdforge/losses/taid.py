@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from kdforge.losses.chunking import FusedKernel, check_pair, fused_per_position
 from kdforge.losses.common import kl_per_position, masked_mean
 from kdforge.losses.registry import register_loss
+from kdforge.provenance import Paper
+
+TAID = Paper(
+    "TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge Transfer in Language Models",
+    2025,
+    "2501.16937",
+    authors="Shing and others",
+)
 
 
 def _sigmoid(x: float) -> float:
@@ -152,7 +160,7 @@ class TAIDSchedule:
         self.momentum = float(state["momentum"])
 
 
-@register_loss("taid", state=TAIDSchedule)
+@register_loss("taid", state=TAIDSchedule, paper=TAID)
 def taid(
     student: torch.Tensor,
     teacher: torch.Tensor,

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from kdforge.losses.chunking import Teacher, check_pair, teacher_tail
 from kdforge.losses.common import check_temperature, upcast
 from kdforge.losses.registry import register_loss
+from kdforge.provenance import Paper
+
+SINKD = Paper("Sinkhorn Distance Minimization for Knowledge Distillation", 2024, "2402.17110", authors="Cui and others")
 
 
 def _sinkhorn_plan(cost: torch.Tensor, *, epsilon: float, iterations: int) -> torch.Tensor:
@@ -60,7 +63,7 @@ def _topk_l1_cost(q: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor) -> to
     return cost
 
 
-@register_loss("sinkhorn", couples_batch=True)
+@register_loss("sinkhorn", couples_batch=True, paper=SINKD)
 def sinkhorn(
     student: torch.Tensor,
     teacher: Teacher,

@@ -13,7 +13,7 @@ distances; the score is ``-(d_rel + d_sem)`` and higher is better:
 
 :func:`rank_candidates` scores a list of student sections of a recipe with any task whose
 adapter gives ``hidden`` (the features the classifier head reads, [B, C]) and ``logits``
-([B, K]); :func:`rank_recipe` does it for a recipe's ``candidates``.
+([B, K]); :func:`kdforge.tasks.commands.rank_recipe` does it for a recipe's ``candidates``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from kdforge.errors import KDForgeError, RecipeError
 from kdforge.outputs import ModelOutputs
 
 if TYPE_CHECKING:
-    from kdforge.recipe import Recipe
     from kdforge.tasks.base import Task
 
 #: the outputs DisWOT reads from a task's adapter
@@ -275,24 +274,3 @@ def sample_batch(task: Task, batch_size: int, seed: int) -> dict[str, Any]:
         )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return task.collate([train[int(i)] for i in order[:batch_size]])
-
-
-def rank_recipe(recipe: Recipe, batch_size: int = 64, seed: int = 0, init: Init = "gaussian") -> list[Ranked]:
-    """Rank ``recipe.candidates`` for ``recipe.teacher.model`` on one training batch (``kdforge students rank``)."""
-    from kdforge.tasks import TASKS
-
-    if not recipe.candidates:
-        raise RecipeError(
-            "candidates: the recipe lists no candidate students; add e.g. `candidates: [{hidden: [16]},"
-            " {hidden: [64, 32]}]` (each entry a partial student section)"
-        )
-    teacher_cfg = recipe.teacher
-    model_ref = getattr(teacher_cfg, "model", None)
-    if teacher_cfg is None or teacher_cfg.signal not in ("online", "cache") or model_ref is None:
-        raise RecipeError(
-            "teacher.model: ranking students compares them with one local teacher model, and the recipe names"
-            " none; set teacher.model (a served or ensemble teacher gives no features to compare)"
-        )
-    task = TASKS.get(recipe.task, field="task")(recipe)
-    batch = sample_batch(task, batch_size, seed)
-    return rank_candidates(task, task.load_teacher(model_ref), recipe.candidates, batch, seed, init)

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 
 from kdforge.engine.metrics_log import read_metrics
 from kdforge.errors import RunDirError
@@ -76,11 +77,29 @@ def write_report(run_dir: Path) -> Path:
         )
     env = Environment(loader=PackageLoader("kdforge", "report/templates"), autoescape=select_autoescape())
     env.filters["fmt"] = format_stat
+    sections = []
+    for cls, entry in _methods_of(report):  # each method renders its own section and figures
+        first = report["runs"][0]["models"].get("student", {})
+        context = {"report": report, "summary": summary, "train": first.get("train", {}), "settings": entry}
+        html = cls.report_html(report, lambda template, c=context: env.from_string(template).render(**c))
+        if html.strip():
+            sections.append(Markup(html))
+        figures += [(title, _data_uri(png)) for title, png in cls.report_figures(report, run_dir)]
     html = env.get_template("report.html").render(
         report=report,
         summary=summary,
         roles=[r for r in ("teacher", "student", "baseline") if r in summary],
         figures=[(title, uri) for title, uri in figures if uri],
+        method_sections=sections,
         recipe_yaml=yaml.safe_dump(report["recipe"], sort_keys=False),
     )
     return atomic_write_text(run_dir / "report.html", html)
+
+
+def _methods_of(report: dict[str, Any]) -> list[tuple[type, dict[str, Any]]]:
+    """The registered class and recipe entry of each method the run used (one no longer registered is skipped:
+    an old run folder still gets its report)."""
+    from kdforge.methods import METHODS
+
+    entries = report.get("recipe", {}).get("methods") or []
+    return [(METHODS.get(e["name"]), e) for e in entries if isinstance(e, dict) and e.get("name") in METHODS]

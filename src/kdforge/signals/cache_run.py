@@ -31,6 +31,7 @@ from kdforge.errors import CacheError, Interrupted, RecipeError
 from kdforge.interrupts import stop_requests
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
+from kdforge.signals.base import teacher_members
 from kdforge.signals.cache_store import (
     CacheDtype,
     CacheWriter,
@@ -40,36 +41,11 @@ from kdforge.signals.cache_store import (
     prepare_shares,
     read_manifest,
 )
-from kdforge.signals.cached import split_outputs
-from kdforge.signals.fingerprint import files_digest, value_digest
-from kdforge.signals.online import OnlineTeacher
+from kdforge.signals.cached import CacheTeacherConfig, split_outputs
+from kdforge.signals.fingerprint import cache_fingerprint, cache_settings
+from kdforge.signals.online import OnlineTeacher, OnlineTeacherConfig
 
 console = Console(stderr=True)
-
-
-def cache_settings(*, k: int, dtype: CacheDtype, temperature: float, fields: list[str]) -> dict[str, Any]:
-    return {"k": k, "dtype": dtype, "temperature": temperature, "fields": sorted(fields)}
-
-
-def cache_fingerprint(
-    task, settings: dict[str, Any], *, teacher_ref: str | None, field: str = "teacher.model"
-) -> dict[str, Any]:
-    """The parts a cache must match: teacher weights, tokenizer, dataset, settings.
-
-    Without ``teacher_ref`` the teacher is left out (a run that reads a cache without
-    naming the teacher model can check only the rest).
-    """
-    recipe = task.recipe
-    parts: dict[str, Any] = {
-        "task": recipe.task,
-        "dataset": value_digest({"data": recipe.data, "files": files_digest(task.data_files())}),
-        "tokenizer": files_digest(task.tokenizer_files()),
-        "settings": settings,
-    }
-    if teacher_ref:
-        weights = task.teacher_weight_files(teacher_ref, field)
-        parts["teacher"] = files_digest(weights) if weights else value_digest(teacher_ref)
-    return parts
 
 
 def _field_specs(outputs: ModelOutputs, fields: list[str], *, k: int, dtype: CacheDtype) -> dict[str, FieldSpec]:
@@ -108,7 +84,7 @@ def write_teacher_cache(
     """Write (or finish) the cache of teacher ``teacher_ref`` on ``task``'s training set; returns the manifest.
 
     Under several processes every process calls it (after :func:`join_processes`, as
-    :func:`write_recipe_caches` does), writes its share, and gets the merged manifest.
+    :func:`write_caches` does), writes its share, and gets the merged manifest.
     """
     if not teacher_fields:
         raise RecipeError("objective: no term uses the teacher, so there is nothing to cache")
@@ -220,8 +196,9 @@ def cpu_only(devices: list[str | None]) -> bool:
     return all(d is not None and d.split(":")[0] == "cpu" for d in devices)
 
 
-def write_recipe_caches(
+def write_caches(
     recipe,
+    build_task: Callable[[Any], Any],
     *,
     k: int | None = None,
     dtype: CacheDtype | None = None,
@@ -231,34 +208,34 @@ def write_recipe_caches(
     shard_examples: int = 1024,
     overwrite: bool = False,
 ) -> list[tuple[Path, Manifest]]:
-    """``kdforge cache``: write every cache the recipe's teacher reads (or, for an online teacher, one at ``output``).
+    """Write every cache the recipe's teacher reads (or, for an online teacher, one at ``output``);
+    ``build_task(recipe)`` gives the recipe's task (``kdforge cache`` passes the task registry's).
 
     A cache teacher's settings come from the recipe; a flag that contradicts them is
     refused, since the run would then refuse the cache.
     """
     from kdforge.objective import teacher_fields_of
-    from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, OnlineTeacherConfig
-    from kdforge.tasks import TASKS
 
     teacher = recipe.teacher
     if teacher is None:
         raise RecipeError("teacher: the recipe has no teacher, so there is nothing to cache")
-    jobs = []  # (config, where)
-    if isinstance(teacher, EnsembleTeacherConfig):
-        jobs = [
-            (m, f"teacher.members[{i}]") for i, m in enumerate(teacher.members) if isinstance(m, CacheTeacherConfig)
-        ]
-        if not jobs:
-            raise RecipeError("teacher.members: no member has signal: cache, so there is nothing to cache")
-    elif isinstance(teacher, (CacheTeacherConfig, OnlineTeacherConfig)):
+    # (config, where) of each cache to write: an online teacher's one (at --output), or each cache teacher's
+    members = teacher_members(teacher)
+    if isinstance(teacher, OnlineTeacherConfig):
         jobs = [(teacher, "teacher")]
     else:
-        raise RecipeError("teacher.signal: a served teacher is not cached by kdforge; use signal: cache with a model")
+        jobs = [(cfg, where) for where, cfg in members if isinstance(cfg, CacheTeacherConfig)]
+    if not jobs:
+        if members[0][1] is not teacher:  # an ensemble's members
+            raise RecipeError("teacher.members: no member has signal: cache, so there is nothing to cache")
+        raise RecipeError(
+            f"teacher.signal: a {teacher.signal} teacher is not cached by kdforge; use signal: cache with a model"
+        )
     if output is not None and len(jobs) > 1:
         raise RecipeError("--output: the recipe reads several caches; their folders come from each member's path")
     # joined before the task is built: preparing its data may ask Accelerate which process this is
     join_processes([cfg.device for cfg, _ in jobs])
-    task = TASKS.get(recipe.task, field="task")(recipe)
+    task = build_task(recipe)
     fields = teacher_fields_of(recipe.objective)
     written = []
     for cfg, where in jobs:

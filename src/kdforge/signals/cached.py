@@ -11,13 +11,25 @@ back as the top-k pair ``(ids, log_probs)`` that every logit divergence accepts.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from kdforge.data.indexed import INDEX_KEY
 from kdforge.errors import CacheError
 from kdforge.outputs import ModelOutputs
-from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
-from kdforge.signals.cache_store import CacheReader, ExampleOutputs, FieldSpec, pad_topk, topk_of
+from kdforge.signals.base import SIGNALS, Batch, BuiltSignal, SignalConfig, TeacherSignal
+from kdforge.signals.cache_store import (
+    CacheReader,
+    ExampleOutputs,
+    FieldSpec,
+    bytes_per_position,
+    pad_topk,
+    topk_of,
+)
+from kdforge.signals.fingerprint import cache_fingerprint, cache_settings
 
 #: per-position masks a batch may carry, in order of preference: ``position_mask`` is the task's
 #: own, aligned with its outputs (a causal LM's shifted logits have one position fewer than
@@ -66,10 +78,65 @@ def split_outputs(
     return [ExampleOutputs(rows) for rows in per_example]
 
 
+class CacheTeacherConfig(SignalConfig):
+    """Outputs written by ``kdforge cache RECIPE`` into ``path``, read back during training.
+
+    ``model`` is the teacher that writes the cache; a run that names it also checks
+    that the cache came from those weights and reports the teacher's own results.
+    Top-k log-probs are stored at ``temperature``: every teacher term of the objective
+    must use that temperature.
+    """
+
+    signal: Literal["cache"]
+    path: str = Field(description="the cache directory")
+    model: str | None = Field(None, description="the teacher that writes (wrote) the cache")
+    k: int = Field(64, ge=1, description="top-k tokens kept per position")
+    dtype: Literal["float32", "float16", "bfloat16", "q8"] = Field(
+        "q8", description="storage of log-probs: q8 is 1/16-nat steps, as faithful as float16 at 3/4 of its size"
+    )
+    temperature: float = Field(1.0, gt=0)
+    device: str | None = Field(None, description="where the teacher runs while writing")
+    trust_remote_code: bool = False
+
+    def label(self) -> str:
+        return f"{self.model or 'teacher'} (cache {self.path})"
+
+    def stored_temperature(self) -> float | None:
+        return self.temperature
+
+
 @SIGNALS.register("cache")
 class CachedTeacher(TeacherSignal):
+    config = CacheTeacherConfig
+
     def __init__(self, reader: CacheReader):
         self.reader = reader
+
+    @classmethod
+    def from_config(
+        cls, task, cfg: CacheTeacherConfig, teacher_fields: frozenset[str], where: str = "teacher"
+    ) -> BuiltSignal:
+        settings = cache_settings(k=cfg.k, dtype=cfg.dtype, temperature=cfg.temperature, fields=sorted(teacher_fields))
+        expected = cache_fingerprint(task, settings, teacher_ref=cfg.model, field=f"{where}.model")
+        reader = CacheReader(Path(cfg.path), expected_fingerprint=expected)
+        model = task.load_teacher(cfg.model, f"{where}.model") if cfg.model else None
+        manifest = reader.manifest
+        info = {
+            "signal": "cache",
+            "path": cfg.path,
+            "model": cfg.model,
+            "k": cfg.k,
+            "dtype": cfg.dtype,
+            "temperature": cfg.temperature,
+            "examples": manifest.examples,
+            "positions": manifest.positions,
+            "bytes_per_position": bytes_per_position(Path(cfg.path)),
+            "kept_mass": manifest.kept_mass(),
+            "stored": {
+                name: f"top-{spec.k}" if spec.kind == "topk" else "dense" for name, spec in manifest.fields.items()
+            },
+        }
+        return BuiltSignal(cls(reader), model, cfg.model, info)
 
     def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
         index = batch.get(INDEX_KEY)

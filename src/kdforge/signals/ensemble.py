@@ -18,11 +18,22 @@ Weights are normalised to sum to 1.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, PlainValidator, ValidationInfo, field_validator
 
 from kdforge.outputs import ModelOutputs
-from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
+from kdforge.signals.base import (
+    SIGNALS,
+    Batch,
+    BuiltSignal,
+    SignalConfig,
+    TeacherSignal,
+    build_signal,
+    teacher_config,
+    teacher_members,
+)
 
 TopK = tuple[torch.Tensor, torch.Tensor]
 
@@ -81,8 +92,50 @@ def combine(field: str, values: list, weights: list[float]):
     return sum(w * v.float() for v, w in zip(values, weights))
 
 
+def _member(value: Any) -> SignalConfig:
+    return teacher_config(value, member=True)
+
+
+class EnsembleTeacherConfig(SignalConfig):
+    """Several teachers of any kind, weighted (equal weights by default)."""
+
+    signal: Literal["ensemble"]
+    #: each member's section is validated by the schema of the signal it names (any but an ensemble)
+    members: list[Annotated[Any, PlainValidator(_member)]] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_fit(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        members = info.data.get("members")
+        if weights is not None and members is not None:
+            if len(weights) != len(members):
+                raise ValueError(f"{len(weights)} weights for {len(members)} members")
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError("weights must be >= 0 and not all 0")
+        return weights
+
+    def label(self) -> str:
+        return "ensemble of " + ", ".join(member.label() for _, member in teacher_members(self))
+
+    def teachers(self, where: str) -> list[tuple[str, SignalConfig]]:
+        return [(f"{where}.members[{i}]", member) for i, member in enumerate(self.members)]
+
+
 @SIGNALS.register("ensemble")
 class EnsembleTeacher(TeacherSignal):
+    config = EnsembleTeacherConfig
+    ensemble_member = False
+
+    @classmethod
+    def from_config(
+        cls, task, cfg: EnsembleTeacherConfig, teacher_fields: frozenset[str], where: str = "teacher"
+    ) -> BuiltSignal:
+        members = [build_signal(task, member, teacher_fields, path) for path, member in teacher_members(cfg, where)]
+        ensemble = cls([m.signal for m in members], cfg.weights)
+        info = {"signal": "ensemble", "weights": ensemble.weights, "members": [m.info for m in members]}
+        return BuiltSignal(ensemble, info=info)
+
     def __init__(self, members: list[TeacherSignal], weights: list[float] | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")

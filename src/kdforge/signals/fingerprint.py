@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kdforge.signals.cache_store import file_sha256
+from kdforge.signals.cache_store import CacheDtype, file_sha256
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -43,3 +43,28 @@ def files_digest(paths: Iterable[Path]) -> str:
 def value_digest(value: Any) -> str:
     """sha256 (16 hex) of a JSON-able value, key order ignored."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_settings(*, k: int, dtype: CacheDtype, temperature: float, fields: list[str]) -> dict[str, Any]:
+    return {"k": k, "dtype": dtype, "temperature": temperature, "fields": sorted(fields)}
+
+
+def cache_fingerprint(
+    task, settings: dict[str, Any], *, teacher_ref: str | None, field: str = "teacher.model"
+) -> dict[str, Any]:
+    """The parts a cache must match: teacher weights, tokenizer, dataset, settings.
+
+    Without ``teacher_ref`` the teacher is left out (a run that reads a cache without
+    naming the teacher model can check only the rest).
+    """
+    recipe = task.recipe
+    parts: dict[str, Any] = {
+        "task": recipe.task,
+        "dataset": value_digest({"data": recipe.data, "files": files_digest(task.data_files())}),
+        "tokenizer": files_digest(task.tokenizer_files()),
+        "settings": settings,
+    }
+    if teacher_ref:
+        weights = task.teacher_weight_files(teacher_ref, field)
+        parts["teacher"] = files_digest(weights) if weights else value_digest(teacher_ref)
+    return parts

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
+from kdforge.distributed import process_gpu
 from kdforge.outputs import ModelOutputs
-from kdforge.signals.base import SIGNALS, Adapter, Batch, TeacherSignal
+from kdforge.signals.base import SIGNALS, Adapter, Batch, BuiltSignal, SignalConfig, TeacherSignal
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,12 +28,35 @@ def _to(value, device: torch.device, dtype: torch.dtype | None = None):
     return value
 
 
+class OnlineTeacherConfig(SignalConfig):
+    """A local model run on each batch."""
+
+    signal: Literal["online"] = "online"
+    model: str = Field(description="local folder, hub id, or package:NAME")
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    trust_remote_code: bool = False
+
+    def label(self) -> str:
+        return self.model
+
+
 @SIGNALS.register("online")
 class OnlineTeacher(TeacherSignal):
     """Runs ``model`` through ``adapter``; optionally on its own device and dtype.
 
     Outputs come back on the batch's device so losses never see mixed devices.
     """
+
+    config = OnlineTeacherConfig
+
+    @classmethod
+    def from_config(
+        cls, task, cfg: OnlineTeacherConfig, teacher_fields: frozenset[str], where: str = "teacher"
+    ) -> BuiltSignal:
+        model = task.load_teacher(cfg.model, f"{where}.model")
+        signal = cls(model, task.adapter, device=cfg.device or process_gpu(), dtype=cfg.dtype)
+        return BuiltSignal(signal, model, cfg.model, {"signal": "online", "model": cfg.model})
 
     def __init__(self, model: nn.Module, adapter: Adapter, *, device: str | None = None, dtype: str | None = None):
         self.device = torch.device(device) if device else None

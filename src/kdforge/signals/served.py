@@ -19,13 +19,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from kdforge.errors import ServedTeacherError
 from kdforge.outputs import ModelOutputs
-from kdforge.signals.base import SIGNALS, Batch, TeacherSignal
+from kdforge.signals.base import SIGNALS, Batch, BuiltSignal, SignalConfig, TeacherSignal
 from kdforge.signals.cache_store import pad_topk
 
 #: HTTP statuses worth retrying: rate limits and server-side failures
@@ -176,6 +177,37 @@ def generate(
     return [c.get("text", "") for c in choices]
 
 
+class ServedTeacherConfig(SignalConfig):
+    """A causal LM behind an OpenAI-compatible completions endpoint (vLLM, llama.cpp, kdforge serve-teacher)."""
+
+    signal: Literal["served"]
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8000")
+    model: str | None = Field(None, description="the model name the server knows, sent with each request")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    k: int = Field(20, ge=1, description="top log-probs per position (vLLM allows 20 by default)")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    retries: int = Field(3, ge=0)
+    temperature: float = Field(1.0, gt=0, description="the temperature of the served log-probs (1 for raw ones)")
+
+    topk_logits_only = True
+
+    @field_validator("url")
+    @classmethod
+    def _no_password(cls, url: str) -> str:
+        if urllib.parse.urlsplit(url).password is not None:
+            raise ValueError(
+                "holds a password; remove it from the URL, put the key in an environment variable and name"
+                " that variable in api_key_env (the recipe is copied into the run folder, the key never is)"
+            )
+        return url
+
+    def label(self) -> str:
+        return f"{self.model or 'model'} served at {self.url}"
+
+    def stored_temperature(self) -> float | None:
+        return self.temperature
+
+
 @SIGNALS.register("served")
 class ServedTeacher(TeacherSignal):
     """Top-k log-probs of each batch's sequences from a served causal LM.
@@ -185,9 +217,25 @@ class ServedTeacher(TeacherSignal):
     padded positions filled with a uniform top-k that masked losses never count.
     """
 
+    config = ServedTeacherConfig
+
     def __init__(self, client: CompletionsClient, *, k: int = 64):
         self.client = client
         self.k = k
+
+    @classmethod
+    def from_config(
+        cls, task, cfg: ServedTeacherConfig, teacher_fields: frozenset[str], where: str = "teacher"
+    ) -> BuiltSignal:
+        client = CompletionsClient(
+            cfg.url,
+            model=cfg.model,
+            api_key_env=cfg.api_key_env,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            field=f"{where}.url",
+        )
+        return BuiltSignal(cls(client, k=cfg.k), info={"signal": "served", "url": cfg.url, "k": cfg.k})
 
     def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
         unsupported = set(fields) - {"logits"}

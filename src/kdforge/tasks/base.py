@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from kdforge.outputs import ModelOutputs
+from kdforge.provenance import Paper
 from kdforge.recipe import ObjectiveTerm, Recipe
 from kdforge.registry import Registry
 
@@ -52,6 +53,15 @@ class Task(ABC):
     load_hint: ClassVar[str]
     #: the model card's library_name (where the Hub files the saved model)
     card_library: ClassVar[str] = "kdforge"
+    #: what the task offers methods (kdforge.methods.base.CAPABILITIES): a method that needs more is refused.
+    #: A capability is also what the task then gives the method:
+    #: ``writes_text`` (on_policy): ``tokenizer``, ``pad_id``, ``stop_ids(model)``, ``max_length``, ``kinds``;
+    #: ``has_pairs`` (tasb_batches): ``triples`` (each example's ``query`` and teacher ``margin``) and
+    #: ``query_clusters(n)``; ``labelled_texts`` (pgkd): ``labelled_texts(dataset)``, ``dataset_of(examples)``
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: the paper whose method the task itself is (Distill-VQ's index), for model cards' citations; None for a
+    #: task that many papers' methods run on
+    paper: ClassVar[Paper | None] = None
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -150,3 +160,20 @@ class Task(ABC):
 
 
 TASKS: Registry[type[Task]] = Registry("task")
+
+
+def refuse_moved_settings(data: Any, moved: dict[str, str]) -> Any:
+    """A ``data`` section that still holds a method's settings (``data.pgkd``, before methods had a list of
+    their own) is refused with the new spelling (use as a pydantic ``model_validator(mode="before")``)."""
+    if isinstance(data, dict):
+        for old, method in moved.items():
+            if old in data:
+                raise ValueError(
+                    f"data.{old} moved to the recipe's methods list; write methods: [{{name: {method}, ...}}]"
+                    f" with the same settings, and remove data.{old}"
+                )
+    return data
+
+
+#: the data fields of round 1 that are methods now, and the method each became
+MOVED_TO_METHODS = {"prune": "data_pruning", "selection": "active_distillation", "pgkd": "pgkd"}

@@ -57,19 +57,17 @@ from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokeni
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import replace_folder
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, ObjectiveTerm, OnlineTeacherConfig, Recipe
+from kdforge.recipe import ObjectiveTerm, Recipe
 from kdforge.settings import cache_dir
+from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
 from kdforge.signals.fingerprint import files_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
 from kdforge.tasks.lm_config import CausalLMData, CausalLMStudent
 from kdforge.tasks.lm_generated import (
     EpochResponses,
     ResponseWriter,
-    derived_seed,
-    on_policy_at,
     prompt_prefixes,
     split_rationale,
-    student_batch,
 )
 
 console = Console(stderr=True)
@@ -94,6 +92,7 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
 @TASKS.register("causal_lm")
 class CausalLMTask(Task):
     name = "causal_lm"
+    capabilities = frozenset({"writes_text"})
     student_schema = CausalLMStudent
     data_schema = CausalLMData
     output_fields = ("logits", "hidden", "hidden_states")
@@ -111,14 +110,13 @@ class CausalLMTask(Task):
         self._check_teacher_scores_new_text()
 
     def _check_teacher_scores_new_text(self) -> None:
-        """on_policy and online_generation train on text no cache holds: the teacher must run on it."""
+        """online_generation trains on text no cache holds: the teacher must run on it (the on_policy
+        method checks the same of its own text)."""
         mode, teacher = self.data_cfg.mode, self.recipe.teacher
-        if mode not in ("on_policy", "online_generation") or teacher is None:
+        if mode != "online_generation" or teacher is None:
             return
-        members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
-        for i, member in enumerate(members):
+        for where, member in teacher_members(teacher):
             if isinstance(member, CacheTeacherConfig):
-                where = "teacher" if member is teacher else f"teacher.members[{i}]"
                 raise RecipeError(
                     f"{where}.signal: data.mode {mode} trains on text written during the run, which no cache"
                     " holds; use signal: online (or served), or data.mode teacher_generated with the cache"
@@ -128,13 +126,8 @@ class CausalLMTask(Task):
 
     def _teacher_models(self) -> list[tuple[str, str, bool]]:
         """(reference, recipe field, trust_remote_code) of each local teacher model the recipe names."""
-        teacher = self.recipe.teacher
-        if teacher is None:
-            return []
-        members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
         found = []
-        for i, member in enumerate(members):
-            where = "teacher" if member is teacher else f"teacher.members[{i}]"
+        for where, member in teacher_members(self.recipe.teacher):
             if isinstance(member, (OnlineTeacherConfig, CacheTeacherConfig)) and member.model:
                 found.append((member.model, f"{where}.model", member.trust_remote_code))
         return found
@@ -524,33 +517,24 @@ class CausalLMTask(Task):
         mask = "label_mask" if self.data_cfg.step_by_step is not None else "loss_mask"
         return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0, mask=mask)]
 
-    # ----- on-policy batches (GKD) ----------------------------------------------------
+    # ----- text the student writes (capability writes_text: the on_policy method) -------------
+    # A method that has the student answer the batch's prompts collates its answers as this
+    # task does: the tokenizer (``tokenizer``), the id of padded positions (``pad_id``), the
+    # ids that end an answer (``stop_ids``), the longest sequence (``max_length``) and the
+    # batch's masks (``kinds``); ``collate`` of TokenExamples gives the batch layout.
 
-    def _on_policy_at(self, step: int) -> bool:
-        cfg = self.data_cfg
-        return cfg.mode == "on_policy" and on_policy_at(step, lmbda=cfg.on_policy.lmbda, seed=self.recipe.training.seed)
+    def stop_ids(self, model: nn.Module) -> list[int]:
+        """The token ids that end an answer ``model`` writes (the tokenizer's and the model's end tokens)."""
+        return stop_token_ids(self.tokenizer, model)
 
-    def training_batch(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, Any]:
-        """With probability lambda (data.on_policy.lambda) per step, the student's own answers to the prompts."""
-        if not self._on_policy_at(step):
-            return batch
-        return student_batch(
-            model,
-            batch,
-            self.data_cfg.on_policy,
-            pad_id=self.pad_id,
-            stop_ids=stop_token_ids(self.tokenizer, model),
-            max_length=self.data_cfg.max_length,
-            seed=derived_seed(self.recipe.training.seed, "on-policy", step),
-            kinds=self.kinds,
-        )
+    @property
+    def max_length(self) -> int:
+        """Tokens per example, prompt and answer together (``data.max_length``)."""
+        return self.data_cfg.max_length
 
     def training_info(self, steps: int) -> dict[str, Any]:
         cfg = self.data_cfg
         info: dict[str, Any] = {"data_mode": cfg.mode}
-        if cfg.mode == "on_policy":
-            info["on_policy_steps"] = sum(self._on_policy_at(s) for s in range(steps))
-            info["on_policy_lambda"] = cfg.on_policy.lmbda
         if cfg.step_by_step is not None:
             info["step_by_step"] = self._step_by_step[3]
         return info

@@ -20,8 +20,6 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from kdforge.data.features import MNIST_IMAGES, MNIST_LABELS, FeatureDataset, load_arrays, split_indices
-from kdforge.data.pruning import Pruning
-from kdforge.data.selection import Selection
 from kdforge.errors import ModelRefError, RecipeError
 from kdforge.models.mlp import MLPClassifier
 from kdforge.models.refs import resolve_model_ref
@@ -29,7 +27,7 @@ from kdforge.models.store import is_kdforge_folder, load_kdforge_model, save_kdf
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import Strict
 from kdforge.settings import data_dir
-from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
+from kdforge.tasks.base import MOVED_TO_METHODS, TASKS, Evaluation, Splits, Task, refuse_moved_settings
 
 
 class MLPStudent(Strict):
@@ -49,19 +47,14 @@ class FeatureData(Strict):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     split_seed: int = 0
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
-    prune: Pruning | None = Field(None, description="train student and baseline on a kept fraction of the data")
-    selection: Selection | None = Field(None, description="active distillation: which points the teacher labels")
 
-    @model_validator(mode="after")
-    def _one_plan(self) -> FeatureData:
-        if self.prune is not None and self.selection is not None:
-            raise ValueError("give data.prune or data.selection, not both")
-        return self
+    _moved = model_validator(mode="before")(lambda data: refuse_moved_settings(data, MOVED_TO_METHODS))
 
 
 @TASKS.register("classification")
 class ClassificationTask(Task):
     name = "classification"
+    capabilities = frozenset({"has_labels", "gives_logits"})
     student_schema = MLPStudent
     data_schema = FeatureData
     output_fields = ("logits", "hidden", "hidden_states")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -84,8 +84,25 @@ class EmbeddingData(EncoderData):
         return self
 
 
+def _refuse_tasb_settings(data: Any) -> Any:
+    """``data.sampler``, ``data.clusters`` and ``data.bins`` became the tasb_batches method: refused with its
+    spelling (without the method, batches are random queries, a random pair each: the former ``sampler: random``)."""
+    if isinstance(data, dict):
+        for old in ("sampler", "clusters", "bins"):
+            if old in data:
+                raise ValueError(
+                    f"data.{old} moved to the recipe's methods list; for TAS-B batches write methods:"
+                    " [{name: tasb_batches, clusters: N, bins: 10}] (clusters and bins as data had them), for random"
+                    f" batches list no such method, and remove data.{old}"
+                )
+    return data
+
+
 class RankingData(EncoderData):
-    """(query, positive, negatives) from a BEIR folder's training qrels, negatives mined with the teacher."""
+    """(query, positive, negatives) from a BEIR folder's training qrels, negatives mined with the teacher.
+
+    Batches are random queries, a random pair each, unless the recipe lists the ``tasb_batches`` method.
+    """
 
     beir: str = Field("scifact", description="BEIR folder with the training queries and qrels")
     train_split: str = "train"
@@ -95,13 +112,6 @@ class RankingData(EncoderData):
     )
     skip_top: int = Field(0, ge=0, description="skip the teacher's N best non-positives (unlabelled positives)")
     negatives_per_example: int = Field(1, ge=1, description="K: negatives scored with each (query, positive)")
-    sampler: Literal["tasb", "random"] = Field(
-        "tasb", description="tasb: one topic cluster per batch and margin-balanced pairs; random: neither"
-    )
-    clusters: int | None = Field(
-        None, ge=1, description="k-means clusters of the training queries (default: queries / (2 * batch size))"
-    )
-    bins: int = Field(10, ge=1, description="margin bins per query (TAS-B)")
     miner: str | None = Field(
         None, description="the bi-encoder that mines negatives (default: the teacher; needed for a cross-encoder)"
     )
@@ -114,6 +124,8 @@ class RankingData(EncoderData):
     corpus_limit: int | None = Field(
         None, ge=1, description="mine among the judged documents plus the first N others only (quick runs)"
     )
+
+    _moved = model_validator(mode="before")(_refuse_tasb_settings)
 
     @model_validator(mode="after")
     def _enough_negatives(self) -> RankingData:

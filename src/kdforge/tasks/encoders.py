@@ -42,8 +42,8 @@ from kdforge.models.sentence_encoder import (
 )
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
-from kdforge.recipe import CacheTeacherConfig, OnlineTeacherConfig
 from kdforge.settings import cache_dir
+from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig
 from kdforge.signals.fingerprint import files_digest, value_digest
 from kdforge.tasks.base import Evaluation, Task
 from kdforge.tasks.encoder_config import EncoderStudent, RetrievalTest

@@ -6,18 +6,20 @@
 - ``teacher_generated``: the teacher answers the file's prompts once before training
   (sequence-level KD); the answers are stored, so ``kdforge cache`` can add their top-k
   log-probs and every later run reads the same set;
-- ``on_policy``: the data as in ``offline``, but with probability ``on_policy.lambda``
-  per optimizer step the student answers the batch's prompts itself and the teacher
-  scores its answers (GKD);
 - ``online_generation``: the teacher answers the training prompts afresh every epoch
   (the teacher-hacking paper's remedy for a fixed offline set).
+
+On-policy distillation (GKD), where the student answers the prompts itself, is a method
+of the recipe's list (``methods: [{name: on_policy, lambda: 0.5}]``, see
+:mod:`kdforge.methods.on_policy`) over ``offline`` data; ``data.mode: on_policy`` and
+``data.on_policy`` of earlier recipes are refused with that spelling.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from kdforge.recipe import Strict
 
@@ -56,19 +58,6 @@ class Generation(Strict):
     seed: int = Field(0, description="the sampling seed (each batch and epoch derives its own from it)")
     model: str | None = Field(None, description="the model that writes; default: teacher.model")
     store: str | None = Field(None, description="folder of stored generations; default KDFORGE_CACHE_DIR/generations")
-
-
-class OnPolicy(Strict):
-    """GKD: how often, and how, the student answers the prompts itself."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    lmbda: float = Field(
-        0.5, ge=0, le=1, alias="lambda", description="probability per optimizer step that the student generates"
-    )
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (GKD samples at 1)")
-    top_p: float = Field(1.0, gt=0, le=1)
 
 
 class StepByStep(Strict):
@@ -110,7 +99,18 @@ class HackingMonitor(Strict):
         return self
 
 
-DataMode = Literal["offline", "teacher_generated", "on_policy", "online_generation"]
+DataMode = Literal["offline", "teacher_generated", "online_generation"]
+
+
+def _refuse_on_policy(data: Any) -> Any:
+    """``data.mode: on_policy`` and ``data.on_policy`` became the on_policy method: refused with its spelling."""
+    if isinstance(data, dict) and ("on_policy" in data or data.get("mode") == "on_policy"):
+        raise ValueError(
+            "data.mode on_policy and data.on_policy moved to the recipe's methods list; write methods:"
+            " [{name: on_policy, lambda: 0.5, ...}] with data.on_policy's settings, and remove data.mode on_policy"
+            " and data.on_policy"
+        )
+    return data
 
 
 class CausalLMData(Strict):
@@ -128,10 +128,11 @@ class CausalLMData(Strict):
     eval_limit: int | None = Field(None, ge=1, description="use only the first N validation and test examples")
     fidelity_positions: int = Field(256, ge=1, description="counted positions whose logits fidelity compares")
     generation: Generation = Generation()
-    on_policy: OnPolicy = OnPolicy()
     step_by_step: StepByStep | None = Field(None, description="distilling step-by-step (jsonl prompts)")
     monitor: HackingMonitor | None = Field(None, description="the teacher-hacking monitor")
     samples: int = Field(3, ge=0, description="held-out prompts whose generations the report shows side by side")
+
+    _moved = model_validator(mode="before")(_refuse_on_policy)
 
     @model_validator(mode="after")
     def _consistent(self) -> CausalLMData:

@@ -1,7 +1,7 @@
-"""Responses written by a model during a causal-LM run: teacher answers, step-by-step rationales, on-policy batches.
+"""Responses written by a model during a causal-LM run: teacher answers, step-by-step rationales, prompts.
 
-The causal-LM task calls these; they know tokenizers and models but nothing of recipes
-beyond the settings they are handed.
+The causal-LM task and the on_policy method (:mod:`kdforge.methods.on_policy`) call these;
+they know tokenizers and models but nothing of recipes beyond the settings they are handed.
 """
 
 from __future__ import annotations
@@ -10,16 +10,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from kdforge.data.generate import GenerationStore, sample_continuations
-from kdforge.data.indexed import INDEX_KEY
-from kdforge.data.lm import TokenExample, collate_causal
+from kdforge.data.lm import TokenExample
 from kdforge.signals.fingerprint import value_digest
-from kdforge.tasks.lm_config import Generation, OnPolicy
+from kdforge.tasks.lm_config import Generation
 
 
 def derived_seed(*parts: Any) -> int:
@@ -142,22 +139,6 @@ def split_rationale(text: str) -> tuple[str, str | None]:
     return text[: last.start()].strip(), answer or None
 
 
-# ----- on-policy (GKD) ---------------------------------------------------------------
-
-
-def on_policy_at(step: int, *, lmbda: float, seed: int) -> bool:
-    """Whether optimizer step ``step`` trains on the student's own answers: a draw with probability lambda.
-
-    Drawn from (seed, step) alone, so a resumed run, or another process, decides the
-    same way for the same step.
-    """
-    if lmbda <= 0:
-        return False
-    if lmbda >= 1:
-        return True
-    return bool(np.random.default_rng([seed, step, 0x6B64]).random() < lmbda)
-
-
 def prompt_prefixes(batch: dict[str, Any]) -> list[list[int]]:
     """Each row's tokens up to its first learned one: the prompt the response answers."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
@@ -168,39 +149,3 @@ def prompt_prefixes(batch: dict[str, Any]) -> list[list[int]]:
         end = int(counted[0]) + 1 if len(counted) else int(batch["attention_mask"][row].sum())
         prompts.append(ids[row, :end].tolist())
     return prompts
-
-
-def student_batch(
-    model: nn.Module,
-    batch: dict[str, Any],
-    cfg: OnPolicy,
-    *,
-    pad_id: int,
-    stop_ids: list[int],
-    max_length: int,
-    seed: int,
-    kinds: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The batch's prompts answered by ``model`` (sampled, no gradient), as a batch of the same layout."""
-    prompts = prompt_prefixes(batch)
-    room = max_length - min(len(p) for p in prompts)
-    continuations = sample_continuations(
-        model,
-        prompts,
-        pad_id=pad_id,
-        stop_ids=stop_ids,
-        max_new_tokens=max(1, min(cfg.max_new_tokens, room)),
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=seed,
-    )
-    examples = []
-    for prompt, continuation in zip(prompts, continuations):
-        ids = (prompt + (continuation or [pad_id]))[:max_length]
-        counted = torch.zeros(len(ids), dtype=torch.bool)
-        counted[len(prompt) :] = True
-        examples.append(TokenExample(torch.tensor(ids, dtype=torch.long), counted))
-    out = collate_causal(examples, pad_id, kinds)
-    if INDEX_KEY in batch:
-        out[INDEX_KEY] = batch[INDEX_KEY]
-    return out

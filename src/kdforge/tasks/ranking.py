@@ -12,10 +12,14 @@ document embeddings. Outputs:
 
 The teacher is any scorer: a sentence-transformers bi-encoder, a ``CrossEncoder``
 (loaded as one when its folder holds a sequence-classification model), or a kdforge
-cache of its scores. With ``data.sampler: tasb`` (the default), batches follow TAS-B
-(Hofstätter et al. 2021): the training queries are clustered with k-means on the
-miner's query embeddings, each batch draws its queries from one cluster, and each
-query's example from margin-balanced bins of the teacher's margins.
+cache of its scores. Each batch draws random queries and a random example of each
+(:class:`~kdforge.data.tasb.RandomPairSampler`), unless the recipe lists the
+``tasb_batches`` method (:mod:`kdforge.methods.tasb`): its batches follow TAS-B
+(Hofstätter et al. 2021), each from one k-means cluster of the training queries (on the
+miner's query embeddings), each query's example from margin-balanced bins of the
+teacher's margins. The task offers the method its training pairs (capability
+``has_pairs``): :attr:`RankingTask.triples` (each example's query and teacher margin)
+and :meth:`RankingTask.query_clusters`.
 
 The no-distillation baseline trains on the labels alone: InfoNCE over the same
 candidates (``contrastive``).
@@ -39,7 +43,7 @@ from torch.utils.data import Dataset, Sampler
 
 from kdforge.data.beir import load_beir, resolve_data_path
 from kdforge.data.mining import mine_negatives
-from kdforge.data.tasb import RandomPairSampler, TASBSampler, cluster_queries
+from kdforge.data.tasb import RandomPairSampler, cluster_queries
 from kdforge.distributed import batch_items, batch_rows
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import retrieval_metrics, search
@@ -47,7 +51,8 @@ from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sentence_encoder import run_encoder, uses_cosine
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
-from kdforge.recipe import CacheTeacherConfig, ObjectiveTerm
+from kdforge.recipe import ObjectiveTerm
+from kdforge.signals import CacheTeacherConfig
 from kdforge.tasks.base import TASKS, Evaluation, Splits
 from kdforge.tasks.encoder_config import RankingData
 from kdforge.tasks.encoders import EncoderTask, RetrievalSet, limit_collection, scoring_rows
@@ -63,7 +68,7 @@ class TrainingTriples:
     positive: list[str]  # [P] doc id
     negatives: list[list[str]]  # [P][K] doc ids
     margin: np.ndarray  # [P] t(q, pos) - mean_k t(q, neg_k)
-    query_cluster: np.ndarray  # [Q] k-means cluster of each query
+    query_embeddings: np.ndarray  # [Q, D] the miner's embedding of each query (what TAS-B clusters)
 
 
 class TripleDataset(Dataset):
@@ -112,6 +117,7 @@ def in_batch_layout(scores: torch.Tensor, own: int | None = None, first: int = 0
 @TASKS.register("ranking")
 class RankingTask(EncoderTask):
     name = "ranking"
+    capabilities = frozenset({"has_pairs"})
     data_schema = RankingData
     output_fields = ("scores", "embeddings")
 
@@ -185,7 +191,6 @@ class RankingTask(EncoderTask):
                     rows.append((qi, p, negs[start : start + per_chunk]))
         scores = self._teacher_scores(texts, doc_ids, data.corpus, rows, q_emb, d_emb)
         margin = scores[:, 0] - scores[:, 1:].mean(1)
-        clusters = cfg.clusters or max(1, len(query_ids) // (2 * self.recipe.training.batch_size))
         return TrainingTriples(
             queries=texts,
             corpus=data.corpus,
@@ -193,7 +198,7 @@ class RankingTask(EncoderTask):
             positive=[doc_ids[r[1]] for r in rows],
             negatives=[[doc_ids[n] for n in r[2]] for r in rows],
             margin=margin,
-            query_cluster=cluster_queries(q_emb, clusters, seed=self.recipe.training.seed),
+            query_embeddings=q_emb,
         )
 
     def _teacher_scores(self, queries, doc_ids, corpus, rows, q_emb, d_emb) -> np.ndarray:
@@ -224,19 +229,33 @@ class RankingTask(EncoderTask):
         test = self.test_set()
         return Splits(TripleDataset(self.triples), test, test, "test")
 
-    def train_sampler(self, seed: int) -> Sampler[int]:
+    # ---- training pairs (capability has_pairs: the tasb_batches method composes batches of them) --------
+    def query_clusters(self, clusters: int | None = None) -> np.ndarray:
+        """[Q] k-means cluster of each training query (indexed as ``triples.query``), on the miner's query
+        embeddings: ``clusters`` of them, by default Q / (2 * training.batch_size) (at least 1), seeded with
+        training.seed; computed once per count."""
         t = self.triples
-        kind = TASBSampler if self.data_cfg.sampler == "tasb" else RandomPairSampler
-        return kind(t.query, t.margin, t.query_cluster, self.recipe.training.batch_size, seed, bins=self.data_cfg.bins)
+        count = clusters or max(1, len(t.queries) // (2 * self.recipe.training.batch_size))
+        if count not in self._query_clusters:
+            self._query_clusters[count] = cluster_queries(t.query_embeddings, count, seed=self.recipe.training.seed)
+        return self._query_clusters[count]
+
+    @cached_property
+    def _query_clusters(self) -> dict[int, np.ndarray]:
+        return {}
+
+    def train_sampler(self, seed: int) -> Sampler[int] | None:
+        """Random queries, a random example of each; the epoch as long as TAS-B's over the default clusters.
+        (A method that composes the batches, tasb_batches, takes precedence in the runner.)"""
+        t = self.triples
+        return RandomPairSampler(t.query, t.margin, self.query_clusters(), self.recipe.training.batch_size, seed)
 
     def training_info(self, steps: int) -> dict[str, Any]:
         t = self.triples
-        return {
-            "training_examples": len(t.query),
-            "training_queries": len(t.queries),
-            "sampler": self.data_cfg.sampler,
-            "query_clusters": int(len(np.unique(t.query_cluster))),
-        }
+        info: dict[str, Any] = {"training_examples": len(t.query), "training_queries": len(t.queries)}
+        # what this order is; a method that composes the batches reports its own over these keys
+        info.update(sampler="random", query_clusters=int(len(np.unique(self.query_clusters()))))
+        return info
 
     def collate(self, items: list[tuple[str, list[str], list[str]]]) -> dict[str, Any]:
         queries = [q for q, _, _ in items]

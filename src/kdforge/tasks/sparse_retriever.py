@@ -54,7 +54,9 @@ from kdforge.models.sparse_encoder import (
 )
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
-from kdforge.recipe import CacheTeacherConfig, EnsembleTeacherConfig, ObjectiveTerm, OnlineTeacherConfig
+from kdforge.provenance import Paper
+from kdforge.recipe import ObjectiveTerm
+from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
 from kdforge.tasks.base import TASKS, Evaluation
 from kdforge.tasks.encoder_config import SparseData, SparseStudent
 from kdforge.tasks.encoders import RetrievalSet
@@ -65,14 +67,22 @@ DOC_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 def _model_teachers(recipe) -> list[str]:
     """The teacher models a recipe names, ensemble members included, in order."""
-    teacher = recipe.teacher
-    members = teacher.members if isinstance(teacher, EnsembleTeacherConfig) else [teacher]
-    return [m.model for m in members if isinstance(m, (OnlineTeacherConfig, CacheTeacherConfig)) and m.model]
+    return [
+        m.model
+        for _, m in teacher_members(recipe.teacher)
+        if isinstance(m, (OnlineTeacherConfig, CacheTeacherConfig)) and m.model
+    ]
 
 
 @TASKS.register("sparse_retriever")
 class SparseRetrieverTask(RankingTask):
     name = "sparse_retriever"
+    paper = Paper(
+        "Towards Competitive Search Relevance For Inference-Free Learned Sparse Retrievers",
+        2024,
+        "2411.04403",
+        authors="Geng and others",
+    )
     student_schema = SparseStudent
     data_schema = SparseData
     output_fields = ("scores", "doc_weights")

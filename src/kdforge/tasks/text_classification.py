@@ -27,10 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
-from kdforge.data.pgkd import LabelledText, LocalGenerator, ServedGenerator, TextGenerator
-from kdforge.data.pruning import Pruning
-from kdforge.data.selection import Selection
-from kdforge.data.text_classification import DatasetName, LabelledTexts, data_files, load_split
+from kdforge.data.text_classification import DatasetName, LabelledText, LabelledTexts, data_files, load_split
 from kdforge.errors import RecipeError
 from kdforge.models.from_teacher import evenly_spaced_layers
 from kdforge.models.refs import resolve_model_ref
@@ -38,8 +35,9 @@ from kdforge.models.sentence_encoder import load_encoder, same_vocabulary, trans
 from kdforge.models.text_classifier import TextClassifier, is_text_classifier_folder
 from kdforge.objective import FIELD_MASKS
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import CacheTeacherConfig, OnlineTeacherConfig, Strict
-from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
+from kdforge.recipe import Strict
+from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig
+from kdforge.tasks.base import MOVED_TO_METHODS, TASKS, Evaluation, Splits, Task, refuse_moved_settings
 from kdforge.tasks.encoders import field_masks, internals, tokenizer_files_of
 
 
@@ -59,35 +57,6 @@ class TextClassifierStudent(Strict):
     def _one_cut(self) -> TextClassifierStudent:
         if self.layers is not None and self.num_layers is not None:
             raise ValueError("give student.layers or student.num_layers, not both")
-        return self
-
-
-class PGKDSettings(Strict):
-    """Performance-guided distillation: a generative teacher writes examples for the student's weak classes."""
-
-    teacher: str | None = Field(
-        None, description="a local causal LM: folder, .gguf file, hub id or package:NAME (or give url)"
-    )
-    url: str | None = Field(None, description="an OpenAI-compatible completions endpoint instead of a local teacher")
-    model: str | None = Field(None, description="the served model's name")
-    api_key_env: str | None = Field(None, description="environment variable holding the endpoint's API key")
-    rounds: int = Field(3, ge=1, description="teacher rounds after the first training round")
-    per_class: int = Field(8, ge=1, description="examples asked for per weak class")
-    weak_classes: int = Field(2, ge=1, description="the weakest classes (by validation F1) asked for per round")
-    mistakes: int = Field(4, ge=0, description="confident validation mistakes shown per prompt")
-    prompts_per_round: int = Field(1, ge=1)
-    patience: int = Field(1, ge=1, description="rounds without a lower validation loss before stopping")
-    max_new_tokens: int = Field(256, ge=16)
-    temperature: float = Field(0.7, ge=0)
-    seed: int = 0
-    description: str | None = Field(
-        None, description="one sentence saying what the classes mean (default: per dataset)"
-    )
-
-    @model_validator(mode="after")
-    def _one_teacher(self) -> PGKDSettings:
-        if (self.teacher is None) == (self.url is None):
-            raise ValueError("give data.pgkd.teacher (a local causal LM) or data.pgkd.url (a served one), not both")
         return self
 
 
@@ -112,16 +81,8 @@ class TextClassData(Strict):
         0.1, gt=0, lt=1, description="share of train held out for validation where the set has no validation file"
     )
     split_seed: int = 0
-    prune: Pruning | None = Field(None, description="train student and baseline on a kept fraction of the data")
-    selection: Selection | None = Field(None, description="active distillation: which points the teacher labels")
-    pgkd: PGKDSettings | None = Field(None, description="performance-guided distillation with a generative teacher")
 
-    @model_validator(mode="after")
-    def _one_plan(self) -> TextClassData:
-        plans = [name for name in ("prune", "selection", "pgkd") if getattr(self, name) is not None]
-        if len(plans) > 1:
-            raise ValueError(f"give one of data.prune, data.selection, data.pgkd, not {' and '.join(plans)}")
-        return self
+    _moved = model_validator(mode="before")(lambda data: refuse_moved_settings(data, MOVED_TO_METHODS))
 
 
 class LabelledSet(Dataset):
@@ -139,6 +100,7 @@ class LabelledSet(Dataset):
 @TASKS.register("text_classification")
 class TextClassificationTask(Task):
     name = "text_classification"
+    capabilities = frozenset({"has_labels", "gives_logits", "labelled_texts"})
     student_schema = TextClassifierStudent
     data_schema = TextClassData
     output_fields = ("logits", "hidden", "hidden_states", "attentions", "qkv", "values")
@@ -196,7 +158,7 @@ class TextClassificationTask(Task):
     def data_files(self) -> list[Path]:
         return data_files(self.data_cfg.dataset, self.data_cfg.path)
 
-    # ---- performance-guided distillation (data.pgkd) --------------------------------------
+    # ---- labelled texts (capability labelled_texts: PGKD adds to them) ----------------------
     def labelled_texts(self, dataset: Dataset) -> list[LabelledText]:
         return [
             LabelledText(item["text"], item["label"], "train") for item in (dataset[i] for i in range(len(dataset)))
@@ -208,27 +170,9 @@ class TextClassificationTask(Task):
     def probabilities(self, model: nn.Module, texts: list[str]) -> np.ndarray:
         return torch.softmax(self.logits(model, LabelledSet(texts, [0] * len(texts))), dim=-1).numpy()
 
-    def generator(self) -> TextGenerator:
-        cfg = self.data_cfg.pgkd
-        if cfg.teacher is not None:
-            return LocalGenerator(
-                cfg.teacher,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=cfg.seed,
-                field="data.pgkd.teacher",
-            )
-        return ServedGenerator(
-            cfg.url,
-            cfg.model,
-            api_key_env=cfg.api_key_env,
-            max_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-        )
-
     def task_description(self) -> str:
-        return self.data_cfg.pgkd.description or DESCRIPTIONS[self.data_cfg.dataset]
+        """What the classes mean, in one sentence (a generative teacher's prompt)."""
+        return DESCRIPTIONS[self.data_cfg.dataset]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = self.tokens([item["text"] for item in items])

@@ -50,7 +50,8 @@ from kdforge.eval.retrieval import flat_ip_index, retrieval_metrics, search, ser
 from kdforge.models.ivfpq import IVFPQSpec, IVFPQStudent, build_faiss_index, index_bytes
 from kdforge.models.store import replace_folder
 from kdforge.outputs import ModelOutputs
-from kdforge.recipe import CacheTeacherConfig, OnlineTeacherConfig
+from kdforge.provenance import Paper
+from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig
 from kdforge.tasks.base import TASKS, Evaluation, Splits
 from kdforge.tasks.encoder_config import VQData, VQStudent
 from kdforge.tasks.encoders import EncoderTask, RetrievalSet, limit_collection, scoring_rows
@@ -74,6 +75,12 @@ class QueryRows(Dataset):
 @TASKS.register("vq_index")
 class VQIndexTask(EncoderTask):
     name = "vq_index"
+    paper = Paper(
+        "Distill-VQ: Learning Retrieval Oriented Vector Quantization By Distilling Knowledge from Dense Embeddings",
+        2022,
+        "2204.00185",
+        authors="Xiao and others",
+    )
     student_schema = VQStudent
     data_schema = VQData
     output_fields = ("scores", "ivf_scores")

@@ -1,13 +1,14 @@
-"""Active distillation and data pruning: which training points the student learns from.
+"""Active distillation: the teacher's outputs are bought point by point, under a budget.
 
-Both are recipe settings of a classification task's data (``data.selection``,
-``data.prune``) and both work on any task whose ``evaluate`` returns logits. The runner
-calls :func:`prune_splits` before training, and :func:`run_selection_rounds` instead
-of one training phase when the recipe selects: the student trains in rounds, and
-after each round the strategy (:mod:`kdforge.data.selection`) picks the next points
-whose teacher outputs are bought. Each point is queried once; its outputs are kept
-and served back by :class:`QueriedTeacher` in later rounds, so the count of teacher
-queries in the report is the number of distinct points the teacher has seen.
+The student trains in rounds; after each round a strategy (:mod:`.strategies`: random,
+margin, or robust active distillation) picks the next points whose teacher outputs are
+bought. Each point is queried once; its outputs are kept and served back by
+:class:`QueriedTeacher` in later rounds, so the count of teacher queries in the report
+is the number of distinct points the teacher has seen. The baseline trains on as many
+random labelled points, as many optimizer steps.
+
+A recipe: ``methods: [{name: active_distillation, strategy: rad, budget: 200, rounds: 4}]``.
+Works on any task whose ``evaluate`` returns logits.
 """
 
 from __future__ import annotations
@@ -22,39 +23,13 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from kdforge.data.indexed import INDEX_KEY
-from kdforge.data.pruning import Pruning, keep_indices, margins
-from kdforge.data.selection import Selection, choose, teacher_error_rate
 from kdforge.errors import RecipeError
+from kdforge.methods.active_distillation.strategies import Selection, choose, teacher_error_rate
+from kdforge.methods.base import BaselinePlan, Method, StudentRun, register_method
 from kdforge.outputs import ModelOutputs
+from kdforge.provenance import Paper
 from kdforge.signals.base import Batch, TeacherSignal
-from kdforge.tasks.base import Splits, Task
-
-
-def data_plan(task: Task) -> tuple[Pruning | None, Selection | None]:
-    return getattr(task.data_cfg, "prune", None), getattr(task.data_cfg, "selection", None)
-
-
-def prune_splits(task: Task, splits: Splits, teacher_model: nn.Module | None) -> tuple[Splits, dict[str, Any]]:
-    """``splits`` with the training set cut to ``data.prune.fraction`` (student and baseline both see it)."""
-    cfg, _ = data_plan(task)
-    if cfg is None:
-        return splits, {}
-    total = len(splits.train)
-    scores = None
-    if cfg.by == "teacher_margin":
-        if teacher_model is None:
-            raise RecipeError(
-                "data.prune.by: teacher_margin scores the training set with the teacher, and this recipe has no"
-                " local teacher model; use by: random"
-            )
-        logits = task.evaluate(teacher_model, splits.train).logits
-        if logits is None:
-            raise RecipeError(f"data.prune.by: the {task.name} task gives no logits to take margins of; use random")
-        scores = margins(logits)
-    kept = keep_indices(total, cfg, scores)
-    info = {"prune": {"fraction": cfg.fraction, "by": cfg.by, "keep": cfg.keep, "kept": len(kept), "of": total}}
-    pruned = Splits(Subset(splits.train, kept.tolist()), splits.eval, splits.test, splits.eval_name)
-    return pruned, info
+from kdforge.tasks.base import Task
 
 
 class QueriedTeacher(TeacherSignal):
@@ -103,15 +78,6 @@ def query_teacher(
     return torch.cat(rows)
 
 
-def check_objective(teacher_fields: frozenset[str]) -> None:
-    other = sorted(teacher_fields - {"logits"})
-    if other:
-        raise RecipeError(
-            f"data.selection: active distillation buys the teacher's logits per point; the objective also compares"
-            f" the teacher's {', '.join(other)}; use logit losses (hinton_kd, dkd, ...) with data.selection"
-        )
-
-
 def run_selection_rounds(
     task: Task,
     cfg: Selection,
@@ -157,12 +123,66 @@ def selection_seed(task: Task, cfg: Selection) -> int:
     return cfg.seed if cfg.seed is not None else task.recipe.training.seed
 
 
-def selection_baseline_set(
-    task: Task, pool: Dataset, student_train: dict[str, Any], cfg: Selection | None
-) -> Dataset | None:
-    """The labels-only baseline of an active run: as many random labelled points as teacher queries bought."""
-    if cfg is None:
-        return None
-    count = student_train.get("selection", {}).get("teacher_queries", cfg.budget)
-    rng = np.random.default_rng(selection_seed(task, cfg))
-    return Subset(pool, np.sort(rng.choice(len(pool), size=min(count, len(pool)), replace=False)).tolist())
+@register_method
+class ActiveDistillation(Method):
+    """Rounds of (choose points, buy the teacher's outputs on them, train), under a budget of queries."""
+
+    name = "active_distillation"
+    summary = "Buy the teacher's outputs point by point under a budget: random, margin or robust (RAD) choice"
+    paper = Paper("Robust Active Distillation", 2023, "2210.01213")
+    settings = Selection
+    requires = frozenset({"gives_logits"})
+    needs_teacher = True
+    trains_student = True
+
+    @classmethod
+    def check(cls, cfg, recipe, where):
+        from kdforge.objective import teacher_fields_of
+
+        other = sorted(teacher_fields_of(recipe.objective) - {"logits"})
+        if other:
+            raise RecipeError(
+                f"{where}: active distillation buys the teacher's logits per point; the objective also compares"
+                f" the teacher's {', '.join(other)}; use logit losses (hinton_kd, dkd, ...) with it"
+            )
+
+    def train_student(self, run: StudentRun, resume: bool):
+        done = run.rounds.finished(resume)
+        if done is not None:
+            return done
+        if run.signal is None:
+            raise RecipeError(
+                f"{self.where}: active distillation chooses which points the teacher labels; add a teacher"
+            )
+        model, log = run_selection_rounds(
+            self.task,
+            self.cfg,
+            run.splits.train,
+            run.signal,
+            lambda r, model, dataset, signal: run.rounds.train(model, dataset, signal),
+            run.evaluate,
+            self.task.recipe.evaluation.batch_size,
+        )
+        return model, run.rounds.save(model, selection={**log.as_dict(), "pool": len(run.splits.train)})
+
+    def baseline_plan(self, pool: Dataset, student_train: dict[str, Any]) -> BaselinePlan:
+        """As many random labelled points as teacher queries bought, as many optimizer steps as all rounds."""
+        cfg: Selection = self.cfg  # type: ignore[assignment]
+        count = student_train.get("selection", {}).get("teacher_queries", cfg.budget)
+        rng = np.random.default_rng(selection_seed(self.task, cfg))
+        chosen = np.sort(rng.choice(len(pool), size=min(count, len(pool)), replace=False)).tolist()
+        return BaselinePlan(train_set=Subset(pool, chosen), steps=student_train["steps"])
+
+    @classmethod
+    def report_html(cls, report, render):
+        return render(_SECTION)
+
+
+_SECTION = """{% if train.selection %}{% set sel = train.selection %}
+<h2>Active distillation (first seed)</h2>
+<p>Strategy <b>{{ sel.strategy }}</b>: {{ sel.teacher_queries }} teacher queries of a budget of {{ sel.budget }}
+ (pool of {{ sel.pool }} points, each queried at most once); the baseline trained on as many random labelled points, as many steps.</p>
+<table><tr><th>round</th><th>queried</th><th>points so far</th><th>teacher error estimate</th>{% for k in sel.rounds[0] if k.startswith("eval_") %}<th>{{ k[5:] }} (evaluation split)</th>{% endfor %}</tr>
+{% for r in sel.rounds %}<tr><td>{{ r.round }}</td><td>{{ r.queried }}</td><td>{{ r.total }}</td><td>{{ "%.3f" | format(r.teacher_error_estimate) }}</td>{% for k in r if k.startswith("eval_") %}<td>{{ "%.4f" | format(r[k]) }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% endif %}"""  # noqa: E501 (HTML, kept as it renders)

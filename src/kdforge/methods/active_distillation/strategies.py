@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from kdforge.data.pruning import margins
+from kdforge.methods.data_pruning import margins
 from kdforge.recipe import Strict
 
 Strategy = Literal["random", "margin", "rad"]
