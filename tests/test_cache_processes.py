@@ -19,8 +19,8 @@ import torch
 
 from conftest import launch, run_launched
 from kdforge.errors import CacheError
+from kdforge.signals.cache_reader import CacheReader
 from kdforge.signals.cache_store import (
-    CacheReader,
     CacheWriter,
     ExampleOutputs,
     FieldSpec,
@@ -97,7 +97,7 @@ import torch
 from kdforge.errors import CacheError
 
 from kdforge import distributed
-from kdforge.signals.cache_store import CacheReader
+from kdforge.signals.cache_reader import CacheReader
 
 distributed.start_processes(cpu=True)
 two, one, out = CacheReader(sys.argv[1]), CacheReader(sys.argv[2]), Path(sys.argv[3])

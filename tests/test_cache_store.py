@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from kdforge.errors import CacheError
+from kdforge.signals.cache_reader import CacheReader, bytes_per_position
 from kdforge.signals.cache_store import (
     MANIFEST,
-    CacheReader,
     CacheWriter,
     ExampleOutputs,
     FieldSpec,
-    bytes_per_position,
     decode_topk,
     encode_logprobs,
     read_manifest,
@@ -173,12 +172,12 @@ def test_not_a_cache(tmp_path):
 
 
 def test_reader_keeps_few_shards_open(tmp_path):
-    from kdforge.signals import cache_store
+    from kdforge.signals import cache_reader
 
     _write(tmp_path / "c", _examples(30), shard_examples=2)
     reader = CacheReader(tmp_path / "c")
     for i in range(30):
         reader.example(i)
-    assert len(reader._open) == cache_store.OPEN_SHARDS
+    assert len(reader._open) == cache_reader.OPEN_SHARDS
     with pytest.raises(CacheError, match="outside"):
         reader.example(30)

@@ -5,7 +5,8 @@ from kdforge.errors import CacheError
 from kdforge.losses.logits import forward_kl
 from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import TeacherSignal
-from kdforge.signals.cache_store import CacheReader, CacheWriter, FieldSpec, topk_of
+from kdforge.signals.cache_reader import CacheReader
+from kdforge.signals.cache_store import CacheWriter, FieldSpec, topk_of
 from kdforge.signals.cached import CachedTeacher, split_outputs
 from kdforge.signals.ensemble import EnsembleTeacher
 

@@ -205,7 +205,8 @@ def size_and_fidelity(args, teacher, student, batches, workdir: Path, start: flo
 
     from kdforge.losses.logits import forward_kl
     from kdforge.outputs import ModelOutputs
-    from kdforge.signals.cache_store import CacheReader, CacheWriter, bytes_per_position
+    from kdforge.signals.cache_reader import CacheReader, bytes_per_position
+    from kdforge.signals.cache_store import CacheWriter
     from kdforge.signals.cached import CachedTeacher, split_outputs
 
     sequences = sum(b["input_ids"].shape[0] for b in batches)
@@ -377,7 +378,7 @@ def training_step(args, teacher, student, batches, cache_dir: Path, start: float
     import torch
 
     from kdforge.losses.logits import cross_entropy, forward_kl
-    from kdforge.signals.cache_store import CacheReader
+    from kdforge.signals.cache_reader import CacheReader
     from kdforge.signals.cached import CachedTeacher
 
     cached = CachedTeacher(CacheReader(cache_dir))
@@ -453,7 +454,8 @@ def write_synthetic_cache(directory: Path, megabytes: float, seq_len: int, k: in
     """Random ids and log-probs for as many examples of ``seq_len`` tokens as make about ``megabytes``."""
     import torch
 
-    from kdforge.signals.cache_store import CacheWriter, ExampleOutputs, bytes_per_position
+    from kdforge.signals.cache_reader import bytes_per_position
+    from kdforge.signals.cache_store import CacheWriter, ExampleOutputs
 
     value_bytes = {"float32": 4, "float16": 2, "bfloat16": 2, "q8": 1}[dtype]
     per_token = 2 * k + value_bytes * k + 4  # uint16 ids, values, float32 tail
@@ -488,7 +490,7 @@ def memory_worker(spec: dict) -> dict:
     import torch
 
     from kdforge.losses.logits import forward_kl
-    from kdforge.signals.cache_store import CacheReader
+    from kdforge.signals.cache_reader import CacheReader
     from kdforge.signals.cached import CachedTeacher
 
     if spec["threads"]:

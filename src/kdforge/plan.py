@@ -18,6 +18,10 @@ the objective) and measures rather than guesses:
   gradients backward makes for the student's outputs (hooks on them in one real backward).
 
 Nothing here knows a task by name: the Task API builds the models and batches.
+
+(About 530 lines, kept in one module on purpose: the counting helpers, the probe and the
+estimate are one measurement whose parts share the same ``seen`` storage set and only make
+sense together; split apart, each would need the others' invariants restated.)
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from kdforge.signals.cache_store import CacheReader, read_manifest
+from kdforge.signals.cache_reader import CacheReader
+from kdforge.signals.cache_store import read_manifest
 from kdforge.signals.served import CompletionsClient, topk_logprobs
 
 

@@ -21,14 +21,8 @@ from kdforge.data.indexed import INDEX_KEY
 from kdforge.errors import CacheError
 from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import SIGNALS, Batch, BuiltSignal, SignalConfig, TeacherSignal
-from kdforge.signals.cache_store import (
-    CacheReader,
-    ExampleOutputs,
-    FieldSpec,
-    bytes_per_position,
-    pad_topk,
-    topk_of,
-)
+from kdforge.signals.cache_reader import CacheReader, bytes_per_position, pad_topk
+from kdforge.signals.cache_store import ExampleOutputs, FieldSpec, topk_of
 from kdforge.signals.fingerprint import cache_fingerprint, cache_settings
 
 #: per-position masks a batch may carry, in order of preference: ``position_mask`` is the task's

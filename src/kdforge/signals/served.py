@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 from kdforge.errors import ServedTeacherError
 from kdforge.outputs import ModelOutputs
 from kdforge.signals.base import SIGNALS, Batch, BuiltSignal, SignalConfig, TeacherSignal
-from kdforge.signals.cache_store import pad_topk
+from kdforge.signals.cache_reader import pad_topk
 
 #: HTTP statuses worth retrying: rate limits and server-side failures
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
