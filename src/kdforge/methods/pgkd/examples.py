@@ -2,22 +2,7 @@
 
 Performance-guided knowledge distillation (PGKD; Di Palo et al., EMNLP 2024, arXiv 2411.05045).
 
-A generative teacher (any causal LM, local or served) writes new labelled training
-examples for the classes the student handles worst. One round:
-
-1. train the student on the training set (round 0: the labelled set alone);
-2. evaluate it on validation data: per-class precision / recall / F1, accuracy, loss;
-3. mine hard negatives: misclassified validation examples the student was most sure of;
-4. prompt the teacher with the class list, the report, the hard negatives and the
-   weakest classes, and ask for ``per_class`` new examples of each weak class;
-5. parse the answer strictly (``<label>: <text>`` per line), keep the valid new lines,
-   add them to the training set, and train the next round;
-6. stop when the validation loss has not improved for ``patience`` rounds; keep the
-   model of lowest validation loss.
-
-The module is task-agnostic: the caller supplies ``train_round`` and ``predict`` (any
-model, any framework) and a :class:`TextGenerator` (``__call__(prompt) -> str``).
-Everything here is deterministic given a deterministic generator and trainer.
+The loop these serve is :mod:`kdforge.methods.pgkd` (steps 3 to 5 of each round happen here).
 
 Generated text is untrusted: every line is checked, and each rejected line is logged
 (logger ``kdforge.pgkd``, INFO) with its reason. Validation texts count as already
