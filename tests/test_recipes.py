@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, tiny
+from kdforge.commands import write_recipe_caches
 from kdforge.data.features import MNIST_IMAGES
 from kdforge.recipe import bundled_recipes, read_raw
 from kdforge.runner import run_recipe
-from kdforge.tasks.commands import write_recipe_caches
 
 
 def _recipes_of(task: str) -> list[str]:

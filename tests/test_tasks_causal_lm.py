@@ -8,6 +8,7 @@ import torch
 
 from conftest import crash_at_step
 from kdforge.checks import parse_recipe
+from kdforge.commands import build_task, write_recipe_caches
 from kdforge.data.lm import collate_causal, packed_text_blocks, prompt_response_examples
 from kdforge.errors import ModelRefError, RecipeError
 from kdforge.models.from_teacher import (
@@ -17,8 +18,6 @@ from kdforge.models.from_teacher import (
     student_from_teacher,
 )
 from kdforge.runner import run_recipe
-from kdforge.tasks import TASKS
-from kdforge.tasks.commands import write_recipe_caches
 from tiny_lm import TEXT, make_llama, make_tokenizer, save_llama
 
 
@@ -40,7 +39,8 @@ def lm_recipe(out: Path, teacher_ref: Path | str | None, path: Path | str, *over
 
 
 def task_of(recipe):
-    return TASKS.get(recipe.task)(recipe)
+    """The recipe's task as a run builds it: set up by the recipe's methods."""
+    return build_task(recipe)
 
 
 @pytest.fixture

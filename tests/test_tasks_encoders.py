@@ -285,7 +285,7 @@ def test_ranking_takes_a_cross_encoder_teacher(beir_dir, tmp_path, teacher):
 
 def test_ranking_from_cached_teacher_scores(beir_dir, tmp_path):
     """The teacher's scores written once by `kdforge cache`, then read back by example: no teacher model runs."""
-    from kdforge.tasks.commands import write_recipe_caches
+    from kdforge.commands import write_recipe_caches
 
     recipe = _recipe(
         "ranking",

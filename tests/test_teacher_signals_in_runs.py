@@ -9,10 +9,10 @@ import time
 import pytest
 
 from conftest import tiny
+from kdforge.commands import write_recipe_caches
 from kdforge.errors import CacheError, RecipeError
 from kdforge.runner import run_recipe
 from kdforge.signals.cache_store import read_manifest
-from kdforge.tasks.commands import write_recipe_caches
 
 
 def _losses(run_dir):

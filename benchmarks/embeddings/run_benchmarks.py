@@ -253,11 +253,11 @@ def section_peer(args, res: Results, out: Path, text_file: Path) -> None:
     import numpy as np
 
     from kdforge.checks import load_recipe
+    from kdforge.commands import write_recipe_caches
     from kdforge.eval import throughput
     from kdforge.models.from_teacher import evenly_spaced_layers
     from kdforge.models.sentence_encoder import with_layers
     from kdforge.recipe import ObjectiveTerm
-    from kdforge.tasks.commands import write_recipe_caches
     from kdforge.tasks.embedding import EmbeddingTask
 
     mse = [ObjectiveTerm(loss="embedding_mse", field="embeddings", weight=1.0)]

@@ -5,17 +5,17 @@ Three tiny Llamas share one byte-level BPE tokenizer (512 tokens, trained on Tin
 1. the **oracle** ("golden" model, 4 layers, hidden 128): trained by kdforge labels-only
    (cross-entropy, no teacher) on the first 200 KB of TinyShakespeare, packed text;
 2. the **teacher** (2 layers, hidden 64): trained labels-only on the oracle's sampled
-   answers to ``--teacher-prompts`` prompts (``data.mode: teacher_generated`` with
+   answers to ``--teacher-prompts`` prompts (the ``teacher_generated`` method with
    ``data.generation.model`` = the oracle), so it is an imperfect copy of the oracle;
 3. the **student** (1 layer, hidden 64, random init): distilled from the teacher with
    ``forward_kl`` (teacher online), with the teacher-hacking monitor
-   (``data.monitor.golden`` = the oracle) evaluating proxy_kl = KL(teacher || student) and
+   (method ``teacher_hacking_monitor``, ``golden`` = the oracle) evaluating proxy_kl = KL(teacher || student) and
    golden_kl = KL(oracle || student) per token on ``--test-prompts`` held-out prompts
    (answered by the teacher) once per epoch.
 
 Each ``--settings`` entry PROMPTS:EPOCHS trains on the first PROMPTS training prompts
 (``data.train_limit``; the held-out prompts are the same in every setting) for EPOCHS
-epochs, twice per seed, identical except for ``data.mode``: ``teacher_generated`` (the
+epochs, twice per seed, identical except for the method: ``teacher_generated`` (the
 teacher answers each training prompt once; the same fixed set every epoch) and
 ``online_generation`` (fresh teacher answers every epoch). Epoch 0 of both is the same
 stored set. A prompt is a speaker's name line plus the first line of the speech, ending in
@@ -95,7 +95,7 @@ def write_jsonl(path: Path, prompts: list[str]) -> Path:
 COMMON_EVAL = {"batch_size": 64, "throughput_batches": 1, "throughput_repeats": 1}
 
 
-def labels_only_recipe(name: str, init: Path, data: dict, steps: int, work: Path):
+def labels_only_recipe(name: str, init: Path, data: dict, steps: int, work: Path, methods: list | None = None):
     """A causal-LM run with no teacher: ``init`` trained on ``data`` with cross-entropy (oracle, teacher)."""
     return parse_recipe(
         {
@@ -103,6 +103,7 @@ def labels_only_recipe(name: str, init: Path, data: dict, steps: int, work: Path
             "task": "causal_lm",
             "student": {"model": str(init)},
             "data": data,
+            "methods": methods or [],
             "objective": [{"loss": "cross_entropy"}],
             "training": {
                 "lr": 3e-3,
@@ -138,13 +139,12 @@ def train_teacher(work: Path, tokenizer, oracle: Path, prompts: Path, steps: int
     data = {
         "format": "jsonl",
         "path": str(prompts),
-        "mode": "teacher_generated",
         "chat_template": False,
         "max_length": 64,
         "test_fraction": 0.05,
         "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 100, "model": str(oracle)},
     }
-    recipe = labels_only_recipe("teacher", init, data, steps, work)
+    recipe = labels_only_recipe("teacher", init, data, steps, work, methods=[{"name": "teacher_generated"}])
     report = run_recipe(recipe)
     print(
         "teacher: perplexity on held-out oracle answers"
@@ -170,16 +170,19 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, settin
             "data": {
                 "format": "jsonl",
                 "path": str(prompts),
-                "mode": mode,
                 "chat_template": False,
                 "max_length": 64,
                 # the same held-out prompts in every setting; a setting trains on the first n_train of the rest
                 "test_fraction": args.test_prompts / (args.train_prompts + args.test_prompts),
                 "train_limit": n_train,
                 "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 64, "seed": seed},
-                "monitor": {"golden": str(oracle), "examples": args.test_prompts},
                 "samples": 0,
             },
+            # mode: the method that writes the training answers (teacher_generated or online_generation)
+            "methods": [
+                {"name": mode},
+                {"name": "teacher_hacking_monitor", "golden": str(oracle), "examples": args.test_prompts},
+            ],
             "objective": [{"loss": "forward_kl"}],
             "training": {
                 "lr": args.lr,

@@ -133,8 +133,8 @@ def cache(
 ) -> None:
     """Run the recipe's teacher once over the training set and store its outputs; a killed run resumes."""
     from kdforge.checks import load_recipe
+    from kdforge.commands import write_recipe_caches
     from kdforge.distributed import is_main
-    from kdforge.tasks.commands import write_recipe_caches
 
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "q8"):
         raise KDForgeError(f"--dtype {dtype}: use float32, float16, bfloat16 or q8")
@@ -366,8 +366,8 @@ def demo(
 
 def _lm_demo(output: Path, seeds: list[int], quick: bool, overrides: list[str]) -> None:
     from kdforge.checks import load_recipe
+    from kdforge.commands import write_recipe_caches
     from kdforge.runner import run_recipe
-    from kdforge.tasks.commands import write_recipe_caches
 
     run_name = "demo-smollm2-quick" if quick else "demo-smollm2"
     common = [
@@ -428,7 +428,7 @@ def students_rank(
     score = -(sample-relation distance + class-gradient distance); higher is better. Writes nothing.
     """
     from kdforge.checks import load_recipe
-    from kdforge.tasks.commands import rank_recipe
+    from kdforge.commands import rank_recipe
 
     if init not in ("gaussian", "default"):
         raise KDForgeError(f"--init {init}: use gaussian or default")

@@ -409,16 +409,16 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
     """
     from accelerate.utils import send_to_device, set_seed
 
+    from kdforge.commands import build_task
     from kdforge.engine.trainer import check_training_settings, model_parameter_groups
     from kdforge.objective import Objective, teacher_fields_of
     from kdforge.signals import build_signal
-    from kdforge.tasks import TASKS
 
     cpu, _ = check_training_settings(recipe.training)  # refuses what the engine would refuse here
     device = torch.device("cpu" if cpu else "cuda")
     available = available_memory(device)  # before this plan loads anything
     notes: list[str] = []
-    task = task if task is not None else TASKS.get(recipe.task, field="task")(recipe)
+    task = task if task is not None else build_task(recipe)
     splits = splits if splits is not None else task.splits()
     objective = Objective(recipe.objective, 1, names=recipe.term_names(), seed=recipe.training.seed)
 
@@ -436,7 +436,7 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
     teacher_bytes = count_bytes((t for m in teacher_models for t in _module_tensors(m)), seen)
 
     # the runner builds the student from a task of its own (one per seed), which keeps what it loads
-    seed_task = TASKS.get(recipe.task)(recipe)
+    seed_task = build_task(recipe)
     set_seed(recipe.training.seed)
     student = seed_task.build_student().to(device)
     student.train()

@@ -21,6 +21,7 @@ from rich.console import Console
 from torch.utils.data import Dataset
 
 from kdforge.checks import parse_recipe
+from kdforge.commands import build_task
 from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
@@ -37,7 +38,7 @@ from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
 from kdforge.report.html import write_report
 from kdforge.signals import TeacherSignal, build_signal
-from kdforge.tasks import TASKS, Evaluation, Task
+from kdforge.tasks import Evaluation, Task
 
 console = Console(stderr=True)
 MODEL_DIR = "model"
@@ -430,7 +431,7 @@ def run_recipe(
     # under `accelerate launch`, join the processes first: on a GPU machine told to train on the
     # CPU, a group made by a later default would be NCCL's, which Accelerate then cannot change
     start_processes(cpu)
-    task = TASKS.get(recipe.task, field="task")(recipe)
+    task = build_task(recipe)  # set up by the recipe's methods (configure_task) before its splits
     splits = task.splits()
     teacher = load_teacher(task, splits.test)
     data_plan: dict[str, Any] = {}
@@ -451,7 +452,7 @@ def run_recipe(
     runs = []
     for seed in seeds:
         seeded = parse_recipe(recipe.model_dump(mode="json"), [f"training.seed={seed}"])
-        seed_task = TASKS.get(recipe.task)(seeded)
+        seed_task = build_task(seeded)
         seed_dir = run_dir if len(seeds) == 1 else run_dir / f"seed-{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
         result = run_seed(seed_task, seed_dir, teacher, splits, resume)

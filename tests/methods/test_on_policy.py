@@ -116,8 +116,11 @@ def test_a_cached_teacher_is_refused(tmp_path, tiny_lm_teacher, pairs_file):
     ("overrides", "message"),
     [
         (["data.format=text"], r"methods\[0\]: on_policy needs prompts to answer: use data.format: jsonl"),
-        (["data.mode=teacher_generated"], r"methods\[0\]: .* leave data.mode: offline \(not teacher_generated\)"),
-        (["data.step_by_step={}"], r"methods\[0\]: step_by_step writes its own data"),
+        (
+            ["methods=[{name: on_policy}, {name: teacher_generated}]"],
+            r"methods\[0\].name: on_policy and teacher_generated cannot be combined",
+        ),
+        (["methods=[{name: step_by_step}, {name: on_policy}]"], r"methods\[0\].name: step_by_step and on_policy"),
         (["teacher=null", "objective=[{loss: cross_entropy}]"], r"'on_policy' needs a teacher"),
     ],
 )

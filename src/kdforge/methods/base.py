@@ -9,6 +9,9 @@ unless the method overrides it. A new method is one new file here, imported by
 
 The hooks, in the order of a run:
 
+- :meth:`Method.configure_task`: right after each task is built, for a run (the recipe's task
+  and each seed's) or for ``kdforge cache`` (``kdforge.commands.build_task``), before the task
+  makes its splits (teacher_generated hands the causal-LM task where its responses come from);
 - :meth:`Method.prepare_splits`: once, before any seed (data pruning cuts the training set);
 - :meth:`Method.train_student`: instead of the one training phase (rounds: active
   distillation, PGKD); at most one method of a recipe may do this;
@@ -109,6 +112,15 @@ class Method:
         """Mistakes in how the recipe combines this method with the rest (raise a RecipeError naming ``where``)."""
 
     # ----- hooks -------------------------------------------------------------------------
+
+    def configure_task(self, task: Task) -> None:
+        """Set up ``task`` before it makes its splits; called on every task built for the recipe (a run's,
+        each seed's, the one ``kdforge cache`` writes the teacher's outputs for), so all see the same data.
+
+        A method that changes how the task makes its data hands the task an object of a protocol the task
+        defines (the causal-LM task's ``use_responses(ResponseSource(...))``): tasks never import methods.
+        Default: nothing.
+        """
 
     def prepare_splits(self, splits: Splits, teacher_model: nn.Module | None) -> tuple[Splits, dict[str, Any]]:
         """The splits every seed trains on, and what the report says of them (under ``data_plan``)."""

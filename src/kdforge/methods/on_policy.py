@@ -117,6 +117,8 @@ class OnPolicy(Method):
     settings = OnPolicySettings
     requires = frozenset({"writes_text"})
     needs_teacher = True
+    #: it mixes the student's answers with the file's responses: no method that writes them instead
+    excludes = frozenset({"teacher_generated", "online_generation", "step_by_step"})
 
     @classmethod
     def check(cls, cfg: OnPolicySettings, recipe, where: str) -> None:
@@ -125,20 +127,12 @@ class OnPolicy(Method):
             raise RecipeError(
                 f"{where}: on_policy needs prompts to answer: use data.format: jsonl with a prompt per line"
             )
-        mode = data.get("mode", "offline")
-        if mode != "offline":
-            raise RecipeError(
-                f"{where}: on_policy mixes the student's answers with the file's responses; leave data.mode: offline"
-                f" (not {mode})"
-            )
-        if data.get("step_by_step") is not None:
-            raise RecipeError(f"{where}: step_by_step writes its own data with the teacher; drop one of them")
         # the student writes text during the run, which no cache holds: the teacher must run on it
         for path, member in teacher_members(recipe.teacher):
             if isinstance(member, CacheTeacherConfig):
                 raise RecipeError(
                     f"{path}.signal: method on_policy ({where}) trains on text written during the run, which no"
-                    " cache holds; use signal: online (or served), or data.mode teacher_generated with the cache"
+                    " cache holds; use signal: online (or served), or the teacher_generated method with the cache"
                 )
 
     def _seed(self) -> int:

@@ -13,7 +13,7 @@ distances; the score is ``-(d_rel + d_sem)`` and higher is better:
 
 :func:`rank_candidates` scores a list of student sections of a recipe with any task whose
 adapter gives ``hidden`` (the features the classifier head reads, [B, C]) and ``logits``
-([B, K]); :func:`kdforge.tasks.commands.rank_recipe` does it for a recipe's ``candidates``.
+([B, K]); :func:`kdforge.commands.rank_recipe` does it for a recipe's ``candidates``.
 """
 
 from __future__ import annotations

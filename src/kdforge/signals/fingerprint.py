@@ -60,7 +60,9 @@ def cache_fingerprint(
     recipe = task.recipe
     parts: dict[str, Any] = {
         "task": recipe.task,
-        "dataset": value_digest({"data": recipe.data, "files": files_digest(task.data_files())}),
+        "dataset": value_digest(
+            {"data": recipe.data, "files": files_digest(task.data_files()), **task.data_identity()}
+        ),
         "tokenizer": files_digest(task.tokenizer_files()),
         "settings": settings,
     }

@@ -56,6 +56,8 @@ class Task(ABC):
     #: what the task offers methods (kdforge.methods.base.CAPABILITIES): a method that needs more is refused.
     #: A capability is also what the task then gives the method:
     #: ``writes_text`` (on_policy): ``tokenizer``, ``pad_id``, ``stop_ids(model)``, ``max_length``, ``kinds``;
+    #: and (teacher_generated, online_generation, step_by_step, teacher_hacking_monitor)
+    #: ``use_responses(ResponseSource)`` and ``monitor_teacher_hacking(settings, where)``;
     #: ``has_pairs`` (tasb_batches): ``triples`` (each example's ``query`` and teacher ``margin``) and
     #: ``query_clusters(n)``; ``labelled_texts`` (pgkd): ``labelled_texts(dataset)``, ``dataset_of(examples)``
     capabilities: ClassVar[frozenset[str]] = frozenset()
@@ -145,6 +147,11 @@ class Task(ABC):
     def data_files(self) -> list[Path]:
         """Files the datasets are read from (their contents go into a teacher cache's fingerprint)."""
         return []
+
+    def data_identity(self) -> dict[str, Any]:
+        """Settings beyond the recipe's ``data`` section that decide the datasets (a method's, handed to the
+        task), for a teacher cache's fingerprint; empty for none."""
+        return {}
 
     def tokenizer_files(self) -> list[Path]:
         """The teacher's tokenizer files (a cache is valid only for the same tokenizer)."""

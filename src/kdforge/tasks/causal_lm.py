@@ -50,7 +50,6 @@ from kdforge.data.lm import (
 )
 from kdforge.distributed import is_main, on_main
 from kdforge.errors import RecipeError
-from kdforge.eval.hacking import detect_teacher_hacking
 from kdforge.losses.logits import cross_entropy, forward_kl
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
@@ -62,9 +61,10 @@ from kdforge.settings import cache_dir
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
 from kdforge.signals.fingerprint import files_digest
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
-from kdforge.tasks.lm_config import CausalLMData, CausalLMStudent
+from kdforge.tasks.lm_config import CausalLMData, CausalLMStudent, HackingMonitor, StepByStep
 from kdforge.tasks.lm_generated import (
     EpochResponses,
+    ResponseSource,
     ResponseWriter,
     prompt_prefixes,
     split_rationale,
@@ -107,20 +107,35 @@ class CausalLMTask(Task):
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
         self._student_template: nn.Module | None = None
-        self._check_teacher_scores_new_text()
+        #: where the training responses come from (None: the data file's), and the teacher-hacking monitor's
+        #: settings with the recipe path that gave them: methods set them (:meth:`use_responses`,
+        #: :meth:`monitor_teacher_hacking`) before the task makes its splits
+        self._source: ResponseSource | None = None
+        self._monitor: HackingMonitor | None = None
+        self._monitor_where = "methods"
 
-    def _check_teacher_scores_new_text(self) -> None:
-        """online_generation trains on text no cache holds: the teacher must run on it (the on_policy
-        method checks the same of its own text)."""
-        mode, teacher = self.data_cfg.mode, self.recipe.teacher
-        if mode != "online_generation" or teacher is None:
-            return
-        for where, member in teacher_members(teacher):
-            if isinstance(member, CacheTeacherConfig):
-                raise RecipeError(
-                    f"{where}.signal: data.mode {mode} trains on text written during the run, which no cache"
-                    " holds; use signal: online (or served), or data.mode teacher_generated with the cache"
-                )
+    # ----- what methods hand the task (capability writes_text) ---------------------------
+
+    def use_responses(self, source: ResponseSource) -> None:
+        """Train on responses the teacher writes, as ``source`` says (called before :meth:`splits`)."""
+        if self._source is not None and self._source != source:
+            raise RecipeError(
+                f"{source.where}: {source.name} and {self._source.name} ({self._source.where}) both write the"
+                " training responses; list one of them"
+            )
+        self._source = source
+
+    def monitor_teacher_hacking(self, settings: HackingMonitor, where: str) -> None:
+        """Add the monitor's proxy and golden distances to every evaluation of a student."""
+        self._monitor, self._monitor_where = settings, where
+
+    @property
+    def _teacher_writes(self) -> bool:
+        return self._source is not None
+
+    @property
+    def _sbs(self) -> StepByStep | None:
+        return self._source.step_by_step if self._source is not None else None
 
     # ----- models and tokenizer ---------------------------------------------------
 
@@ -276,10 +291,17 @@ class CausalLMTask(Task):
     def data_path(self) -> Path:
         return resolve_data_path(self.data_cfg.path)
 
+    def data_identity(self) -> dict[str, Any]:
+        """Where the responses come from, when the teacher writes them (a cache is valid only for the same)."""
+        if self._source is None:
+            return {}
+        sbs = self._source.step_by_step
+        return {"responses": {"name": self._source.name, "step_by_step": sbs.model_dump() if sbs else None}}
+
     def data_files(self) -> list[Path]:
         """The data file, and the stored responses the teacher wrote for it (they are the training data)."""
         files = [self.data_path]
-        if self.data_cfg.format == "jsonl" and self.data_cfg.teacher_writes:
+        if self.data_cfg.format == "jsonl" and self._teacher_writes:
             self._jsonl_splits  # noqa: B018 (writes the responses when they are not stored yet)
             train, val, test = self._record_splits
             purpose, instruction = self._written_data
@@ -293,7 +315,7 @@ class CausalLMTask(Task):
             return max(int(example.input_ids.max()) for example in self._text_blocks)
         # the prompts, and the file's responses; what the teacher writes comes from its own vocabulary
         ids = [max(p) for p in self._prompt_ids if p]
-        if not self.data_cfg.teacher_writes:
+        if not self._teacher_writes:
             ids.extend(int(e.input_ids.max()) for examples in self._jsonl_splits for e in examples)
         return max(ids)
 
@@ -304,15 +326,15 @@ class CausalLMTask(Task):
     @cached_property
     def _records(self) -> list[tuple[str, str | None]]:
         cfg = self.data_cfg
-        sbs = cfg.step_by_step
-        need_response = not cfg.teacher_writes or (sbs is not None and sbs.label_source == "data")
+        sbs = self._sbs
+        need_response = not self._teacher_writes or (sbs is not None and sbs.label_source == "data")
         records = read_pairs(self.data_path, cfg.prompt_field, cfg.response_field, need_response=need_response)
         if not records:
             raise RecipeError(f"data.path: {self.data_path} holds no JSON lines")
         return records
 
     def _task_prompt(self, prompt: str, kind: str | None) -> str:
-        sbs = self.data_cfg.step_by_step
+        sbs = self._sbs
         if sbs is None or kind is None:
             return prompt
         return (sbs.label_prefix if kind == "label" else sbs.rationale_prefix) + prompt
@@ -320,7 +342,7 @@ class CausalLMTask(Task):
     @cached_property
     def _prompt_ids(self) -> list[list[int]]:
         """Each record's prompt as the student reads it (step-by-step: its label task's prompt)."""
-        kind = "label" if self.data_cfg.step_by_step is not None else None
+        kind = "label" if self._sbs is not None else None
         prompts = [self._task_prompt(p, kind) for p, _ in self._records]
         return prompt_token_ids(self.tokenizer, prompts, chat_template=self.data_cfg.chat_template)
 
@@ -376,8 +398,8 @@ class CausalLMTask(Task):
         teachers = self._teacher_models()
         if not teachers:
             raise RecipeError(
-                f"data.generation.model: data.mode {self.data_cfg.mode} (or step_by_step) needs a model to write"
-                " the responses; name the teacher's model (teacher.model) or data.generation.model"
+                f"data.generation.model: {self._source.name if self._source else 'the task'} needs a model to write"
+                " the training responses; name the teacher's model (teacher.model) or data.generation.model"
             )
         return teachers[0]
 
@@ -405,7 +427,7 @@ class CausalLMTask(Task):
     @property
     def _written_data(self) -> tuple[str, str | None]:
         """(purpose, instruction) of the teacher's answers that make the data of every split."""
-        sbs = self.data_cfg.step_by_step
+        sbs = self._sbs
         return ("step_by_step", sbs.instruction) if sbs is not None else ("responses", None)
 
     def _teacher_prompt_ids(self, indices: list[int], instruction: str | None = None) -> list[list[int]]:
@@ -432,7 +454,7 @@ class CausalLMTask(Task):
     @cached_property
     def _step_by_step(self) -> tuple[list[TokenExample], list[TokenExample], list[TokenExample], dict[str, int]]:
         """Training (both tasks), validation and test examples (label task), and how many answers were usable."""
-        sbs = self.data_cfg.step_by_step
+        sbs = self._sbs
         assert sbs is not None
         train, val, test = self._record_splits
         used = [*train, *val, *test]
@@ -454,12 +476,12 @@ class CausalLMTask(Task):
         val_ok, test_ok = [i for i in val if usable(i)], [i for i in test if usable(i)]
         if missing and is_main():
             console.print(
-                f"[yellow]data.step_by_step: {missing} of {len(used)} teacher responses gave no rationale or no"
-                " 'Answer:' line and are left out"
+                f"[yellow]{self._source.where} (step_by_step): {missing} of {len(used)} teacher responses gave no"
+                " rationale or no 'Answer:' line and are left out"
             )
         if not train_ok or not test_ok:
             raise RecipeError(
-                "data.step_by_step.instruction: too few teacher responses have a rationale and an 'Answer:' line;"
+                f"{self._source.where}.instruction: too few teacher responses have a rationale and an 'Answer:' line;"
                 " reword the instruction, use label_source: data, or a stronger teacher"
             )
         counts = {"written": len(used), "usable": len(used) - missing}
@@ -473,14 +495,13 @@ class CausalLMTask(Task):
 
     @cached_property
     def _jsonl_splits(self) -> tuple[list[TokenExample], list[TokenExample], list[TokenExample]]:
-        cfg = self.data_cfg
         train, val, test = self._record_splits
-        if cfg.step_by_step is not None:
+        if self._sbs is not None:
             return self._step_by_step[:3]
         # the teacher answers every prompt used, in one store; the file's responses otherwise
         responses = (
             self._generated_responses([*train, *val, *test], epoch=0)
-            if cfg.teacher_writes
+            if self._teacher_writes
             else {i: r for i, (_, r) in enumerate(self._records)}
         )
 
@@ -499,7 +520,7 @@ class CausalLMTask(Task):
         else:
             train_examples, val_examples, test_examples = self._jsonl_splits
             train_set = TokenDataset(train_examples)
-            if self.data_cfg.mode == "online_generation":
+            if self._source is not None and self._source.fresh_each_epoch:
                 indices = self._record_splits[0]
                 first = train_examples
 
@@ -514,7 +535,7 @@ class CausalLMTask(Task):
 
     def baseline_objective(self) -> list[ObjectiveTerm]:
         """Labels only; for step-by-step, the answers only (standard fine-tuning, no rationales)."""
-        mask = "label_mask" if self.data_cfg.step_by_step is not None else "loss_mask"
+        mask = "label_mask" if self._sbs is not None else "loss_mask"
         return [ObjectiveTerm(loss="cross_entropy", field="logits", weight=1.0, mask=mask)]
 
     # ----- text the student writes (capability writes_text: the on_policy method) -------------
@@ -533,15 +554,15 @@ class CausalLMTask(Task):
         return self.data_cfg.max_length
 
     def training_info(self, steps: int) -> dict[str, Any]:
-        cfg = self.data_cfg
-        info: dict[str, Any] = {"data_mode": cfg.mode}
-        if cfg.step_by_step is not None:
+        source = self._source
+        info: dict[str, Any] = {"data_mode": (source.data_mode or source.name) if source is not None else "offline"}
+        if self._sbs is not None:
             info["step_by_step"] = self._step_by_step[3]
         return info
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return ("label", "rationale") if self.data_cfg.step_by_step is not None else ()
+        return ("label", "rationale") if self._sbs is not None else ()
 
     def collate(self, items: list[TokenExample]) -> dict[str, Any]:
         return collate_causal(items, self.pad_id, self.kinds)
@@ -606,9 +627,9 @@ class CausalLMTask(Task):
             raise RecipeError("data: the evaluated split has no token to score; give more data")
         mean_nll = total_nll / tokens
         metrics = {"perplexity": math.exp(mean_nll), "nll": mean_nll}
-        if self.data_cfg.step_by_step is not None:
+        if self._sbs is not None:
             metrics["answer_accuracy"] = self._answer_accuracy(model, dataset)
-        if self.data_cfg.monitor is not None and model not in self._monitor_references():
+        if self._monitor is not None and model not in self._monitor_references():
             metrics.update(self._monitor_metrics(model, dataset))
         return Evaluation(metrics=metrics, logits=torch.cat(kept))
 
@@ -641,7 +662,7 @@ class CausalLMTask(Task):
 
     def _answer_accuracy(self, model: nn.Module, dataset: Dataset) -> float:
         """Step-by-step: the share of label prompts the model answers exactly (spaces and case ignored)."""
-        sbs = self.data_cfg.step_by_step
+        sbs = self._sbs
         assert sbs is not None
         right = total = 0
         for batch in self._eval_batches(model, dataset):
@@ -671,35 +692,37 @@ class CausalLMTask(Task):
 
     @cached_property
     def _proxy_teacher(self) -> nn.Module | None:
-        if self.data_cfg.monitor is None:
+        if self._monitor is None:
             return None
         teachers = self._teacher_models()
         if not teachers:
             raise RecipeError(
-                "data.monitor: the monitor compares the student with the teacher's model; name teacher.model"
+                f"{self._monitor_where}: the monitor compares the student with the teacher's model; name teacher.model"
             )
         ref, field, _ = teachers[0]
         return self.load_teacher(ref, field)
 
     @cached_property
     def _golden(self) -> nn.Module | None:
-        monitor = self.data_cfg.monitor
+        monitor = self._monitor
         if monitor is None or monitor.golden is None:
             return None
-        model = load_causal_lm(monitor.golden, field="data.monitor.golden")
-        self._check_vocab_size(model, "data.monitor.golden")
+        field = f"{self._monitor_where}.golden"
+        model = load_causal_lm(monitor.golden, field=field)
+        self._check_vocab_size(model, field)
         return model
 
     @cached_property
     def _golden_examples(self) -> TokenDataset | None:
-        monitor = self.data_cfg.monitor
+        monitor = self._monitor
         if monitor is None or monitor.golden_data is None:
             return None
-        path = resolve_data_path(monitor.golden_data, field="data.monitor.golden_data")
-        pairs = read_pairs(path, self.data_cfg.prompt_field, self.data_cfg.response_field, "data.monitor.golden_data")
+        field = f"{self._monitor_where}.golden_data"
+        path = resolve_data_path(monitor.golden_data, field=field)
+        pairs = read_pairs(path, self.data_cfg.prompt_field, self.data_cfg.response_field, field)
         examples = self._encode(pairs[: monitor.examples])  # type: ignore[arg-type]
         if not examples:
-            raise RecipeError(f"data.monitor.golden_data: {path} holds no example that fits data.max_length")
+            raise RecipeError(f"{field}: {path} holds no example that fits data.max_length")
         return TokenDataset(examples)
 
     def _token_mean(self, model: nn.Module, dataset: Dataset, value, limit: int | None = None) -> float:
@@ -722,7 +745,7 @@ class CausalLMTask(Task):
 
     def _monitor_metrics(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """Proxy (to the teacher) and golden (to the golden model, or NLL of golden-written answers) distances."""
-        monitor = self.data_cfg.monitor
+        monitor = self._monitor
         assert monitor is not None
         teacher = self._proxy_teacher
         assert teacher is not None
@@ -738,17 +761,6 @@ class CausalLMTask(Task):
 
             metrics["golden_nll"] = self._token_mean(model, golden_set, nll)
         return metrics
-
-    def review_evaluations(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        monitor = self.data_cfg.monitor
-        if monitor is None:
-            return {}
-        golden = "golden_kl" if monitor.golden is not None else "golden_nll"
-        return {
-            "teacher_hacking": detect_teacher_hacking(
-                records, proxy="proxy_kl", golden=golden, patience=monitor.patience, tolerance=monitor.tolerance
-            )
-        }
 
     throughput_unit = "tokens/s"
 

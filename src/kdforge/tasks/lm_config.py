@@ -1,18 +1,21 @@
-"""The causal-LM task's recipe sections: ``student`` and ``data`` (with its data modes).
+"""The causal-LM task's recipe sections: ``student`` and ``data``, and the settings methods hand it.
 
-``data.mode`` says where the training responses come from:
+The training responses are the data file's own (or its text), unless a method of the
+recipe's list has a teacher write them (:class:`kdforge.tasks.lm_generated.ResponseSource`):
 
-- ``offline``: the file's own responses (or text), a fixed set; teacher online or cached;
 - ``teacher_generated``: the teacher answers the file's prompts once before training
-  (sequence-level KD); the answers are stored, so ``kdforge cache`` can add their top-k
-  log-probs and every later run reads the same set;
+  (sequence-level KD, :mod:`kdforge.methods.teacher_generated`);
 - ``online_generation``: the teacher answers the training prompts afresh every epoch
-  (the teacher-hacking paper's remedy for a fixed offline set).
+  (:mod:`kdforge.methods.online_generation`);
+- ``step_by_step``: the teacher writes a rationale and an answer
+  (:mod:`kdforge.methods.step_by_step`, settings :class:`StepByStep`).
 
-On-policy distillation (GKD), where the student answers the prompts itself, is a method
-of the recipe's list (``methods: [{name: on_policy, lambda: 0.5}]``, see
-:mod:`kdforge.methods.on_policy`) over ``offline`` data; ``data.mode: on_policy`` and
-``data.on_policy`` of earlier recipes are refused with that spelling.
+``data.generation`` says how the teacher writes, for all of them (and for the report's
+sample generations). The teacher-hacking monitor is a method too
+(:mod:`kdforge.methods.teacher_hacking_monitor`, settings :class:`HackingMonitor`).
+On-policy distillation (GKD), where the student answers the prompts itself, is the
+``on_policy`` method. The ``data`` fields these methods had before (``data.mode``,
+``data.step_by_step``, ``data.monitor``, ``data.on_policy``) are refused with the new spelling.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kdforge.recipe import Strict
+from kdforge.tasks.base import refuse_moved_settings
 
 
 class FromTeacher(Strict):
@@ -49,7 +53,7 @@ class CausalLMStudent(Strict):
 
 
 class Generation(Strict):
-    """How the teacher writes responses (teacher_generated, online_generation, step_by_step)."""
+    """How the teacher writes responses (the methods teacher_generated, online_generation, step_by_step)."""
 
     max_new_tokens: int = Field(64, ge=1, description="longest response, in tokens")
     temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 decodes greedily")
@@ -99,24 +103,34 @@ class HackingMonitor(Strict):
         return self
 
 
-DataMode = Literal["offline", "teacher_generated", "online_generation"]
-
-
-def _refuse_on_policy(data: Any) -> Any:
-    """``data.mode: on_policy`` and ``data.on_policy`` became the on_policy method: refused with its spelling."""
-    if isinstance(data, dict) and ("on_policy" in data or data.get("mode") == "on_policy"):
+def _refuse_moved(data: Any) -> Any:
+    """The data modes and the settings that became methods (``data.mode: on_policy``, ``data.on_policy``,
+    ``data.mode: teacher_generated``, ...) are refused with the new spelling."""
+    if not isinstance(data, dict):
+        return data
+    if "on_policy" in data or data.get("mode") == "on_policy":
         raise ValueError(
             "data.mode on_policy and data.on_policy moved to the recipe's methods list; write methods:"
             " [{name: on_policy, lambda: 0.5, ...}] with data.on_policy's settings, and remove data.mode on_policy"
             " and data.on_policy"
         )
-    return data
+    if "mode" in data:
+        mode = data["mode"]
+        if mode in ("teacher_generated", "online_generation"):
+            raise ValueError(
+                f"data.mode {mode} moved to the recipe's methods list; write methods: [{{name: {mode}}}]"
+                " and remove data.mode"
+            )
+        raise ValueError(
+            "data.mode is gone: the file's responses are the default, and a teacher writes them through a method"
+            " (methods: [{name: teacher_generated}] or [{name: online_generation}]); remove data.mode"
+        )
+    return refuse_moved_settings(data, {"step_by_step": "step_by_step", "monitor": "teacher_hacking_monitor"})
 
 
 class CausalLMData(Strict):
     format: Literal["text", "jsonl"] = "text"
     path: str = Field(description="the file; a relative path is looked for here, then in KDFORGE_DATA_DIR")
-    mode: DataMode = Field("offline", description="where training responses come from (see the task's docs)")
     max_length: int = Field(128, ge=2, description="tokens per example (text: block length; jsonl: cut there)")
     prompt_field: str = Field("prompt", description="jsonl: the prompt's key")
     response_field: str = Field("response", description="jsonl: the response's key")
@@ -127,25 +141,15 @@ class CausalLMData(Strict):
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
     eval_limit: int | None = Field(None, ge=1, description="use only the first N validation and test examples")
     fidelity_positions: int = Field(256, ge=1, description="counted positions whose logits fidelity compares")
-    generation: Generation = Generation()
-    step_by_step: StepByStep | None = Field(None, description="distilling step-by-step (jsonl prompts)")
-    monitor: HackingMonitor | None = Field(None, description="the teacher-hacking monitor")
+    generation: Generation = Field(
+        Generation(), description="how the teacher writes responses (the methods that have it write, and samples)"
+    )
     samples: int = Field(3, ge=0, description="held-out prompts whose generations the report shows side by side")
 
-    _moved = model_validator(mode="before")(_refuse_on_policy)
+    _moved = model_validator(mode="before")(_refuse_moved)
 
     @model_validator(mode="after")
     def _consistent(self) -> CausalLMData:
         if self.test_fraction + self.validation_fraction >= 1:
             raise ValueError("data.test_fraction + data.validation_fraction must be < 1, leaving data to train on")
-        if self.format == "text" and (self.mode != "offline" or self.step_by_step is not None):
-            what = "step_by_step" if self.step_by_step is not None else f"mode {self.mode}"
-            raise ValueError(f"{what} needs prompts to answer: use format: jsonl with a prompt per line")
-        if self.step_by_step is not None and self.mode != "offline":
-            raise ValueError("step_by_step writes its own data with the teacher; leave mode: offline")
         return self
-
-    @property
-    def teacher_writes(self) -> bool:
-        """The teacher writes the training responses (before or during training)."""
-        return self.mode in ("teacher_generated", "online_generation") or self.step_by_step is not None

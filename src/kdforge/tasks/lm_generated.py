@@ -1,13 +1,19 @@
 """Responses written by a model during a causal-LM run: teacher answers, step-by-step rationales, prompts.
 
-The causal-LM task and the on_policy method (:mod:`kdforge.methods.on_policy`) call these;
-they know tokenizers and models but nothing of recipes beyond the settings they are handed.
+The causal-LM task and the methods that write text (:mod:`kdforge.methods.on_policy`,
+``teacher_generated``, ``online_generation``, ``step_by_step``) call these; they know
+tokenizers and models but nothing of recipes beyond the settings they are handed.
+
+:class:`ResponseSource` is where the training responses come from: a method hands one to
+the task (``CausalLMTask.use_responses``) before the task makes its splits, so the task
+writes its data as the method says without knowing any method.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -16,7 +22,27 @@ from torch.utils.data import Dataset
 from kdforge.data.generate import GenerationStore, sample_continuations
 from kdforge.data.lm import TokenExample
 from kdforge.signals.fingerprint import value_digest
-from kdforge.tasks.lm_config import Generation
+from kdforge.tasks.lm_config import Generation, StepByStep
+
+
+@dataclass(frozen=True)
+class ResponseSource:
+    """Where a causal-LM task's training responses come from when the teacher writes them (without one:
+    the data file's responses).
+
+    The teacher (``data.generation``) answers every prompt once before training; with
+    ``fresh_each_epoch`` it answers the training prompts afresh for every later epoch; with
+    ``step_by_step`` it writes a rationale and an answer, and the student learns two tasks.
+    """
+
+    #: what asked for it (a method's name) and its recipe path (``methods[0]``), which errors name
+    name: str
+    where: str
+    fresh_each_epoch: bool = False
+    step_by_step: StepByStep | None = None
+    #: what the report's training info calls the data (``data_mode``; default: ``name``): step-by-step's
+    #: rationales are one fixed set, written before training, and were reported as ``offline``
+    data_mode: str | None = None
 
 
 def derived_seed(*parts: Any) -> int:

@@ -1,8 +1,10 @@
-"""Commands that need a recipe's task: they build it here and hand it to the layers below.
+"""Commands that need a recipe's task: they build it here, with its methods, and hand it to the layers below.
 
-Signals and models never import the tasks; what they do for a recipe's task (``kdforge
-cache`` writes the teacher's caches, ``kdforge students rank`` ranks candidate students)
-gets the task from here.
+Signals and models never import the tasks, and tasks never import the methods; what they
+do for a recipe's task (a run, ``kdforge cache`` writes the teacher's caches, ``kdforge
+students rank`` ranks candidate students) gets the task from :func:`build_task`, which
+lets every listed method set the task up (:meth:`kdforge.methods.base.Method.configure_task`:
+where a causal LM's training responses come from) before the task makes its splits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdforge.errors import RecipeError
+from kdforge.methods import build_methods
 from kdforge.models.diswot import Init, Ranked, rank_candidates, sample_batch
 from kdforge.recipe import Recipe
 from kdforge.signals.cache_run import write_caches
@@ -18,8 +21,11 @@ from kdforge.tasks.base import TASKS, Task
 
 
 def build_task(recipe: Recipe) -> Task:
-    """The recipe's task, from the task registry."""
-    return TASKS.get(recipe.task, field="task")(recipe)
+    """The recipe's task, from the task registry, set up by each of the recipe's methods."""
+    task = TASKS.get(recipe.task, field="task")(recipe)
+    for method in build_methods(recipe, task):
+        method.configure_task(task)
+    return task
 
 
 def write_recipe_caches(
