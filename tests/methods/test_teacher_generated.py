@@ -125,3 +125,13 @@ def test_teacher_generated_answers_cached_with_top_k_train_a_student(
     assert len(samples) == 3 and set(samples[0]) == {"prompt", "reference", "teacher", "student", "baseline"}
     html = (recipe.run_dir / "report.html").read_text()
     assert "Sample generations" in html and "tokens/s" in html
+
+
+def test_a_teacher_cache_fingerprint_tells_who_wrote_the_responses(tmp_path, tiny_lm_teacher, prompts_file):
+    # a cache of the file's responses, or of another method's, is not one of the teacher's own answers
+    written = task_of(mode_recipe(tmp_path, tiny_lm_teacher, prompts_file, "teacher_generated"))
+    assert written.data_identity() == {"responses": {"name": "teacher_generated", "step_by_step": None}}
+    fresh = task_of(mode_recipe(tmp_path, tiny_lm_teacher, prompts_file, "online_generation"))
+    assert fresh.data_identity()["responses"]["name"] == "online_generation"
+    offline = task_of(lm_recipe(tmp_path, tiny_lm_teacher, prompts_file, "data.format=jsonl"))
+    assert offline.data_identity() == {}
