@@ -56,3 +56,13 @@ class StepByStep(Method):
         # the report keeps calling the data offline (a fixed set, as before step_by_step was a method)
         source = ResponseSource(self.name, self.where, step_by_step=self.cfg, data_mode="offline")  # type: ignore[arg-type]
         task.use_responses(source)
+
+    @classmethod
+    def report_html(cls, report, render):
+        return render(_SECTION)
+
+
+_SECTION = """{% if train.step_by_step %}
+<p>Distilling step-by-step: {{ train.step_by_step.usable }} of {{ train.step_by_step.written }} teacher responses
+ had a rationale and an answer.</p>
+{% endif %}"""

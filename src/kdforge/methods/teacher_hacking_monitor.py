@@ -21,6 +21,7 @@ from typing import Any
 from kdforge.eval.hacking import detect_teacher_hacking
 from kdforge.methods.base import Method, register_method
 from kdforge.methods.online_generation import TEACHER_HACKING
+from kdforge.report.plots import COLORS, plt, png
 from kdforge.tasks.lm_config import HackingMonitor
 
 
@@ -49,3 +50,53 @@ class TeacherHackingMonitor(Method):
                 records, proxy="proxy_kl", golden=golden, patience=monitor.patience, tolerance=monitor.tolerance
             )
         }
+
+    @classmethod
+    def report_html(cls, report, render):
+        return render(_SECTION)
+
+    @classmethod
+    def report_figures(cls, report, run_dir):
+        train = report["runs"][0]["models"].get("student", {}).get("train", {})
+        return [("Teacher-hacking monitor: proxy and golden metrics (first seed)", hacking_curves(train))]
+
+
+def hacking_curves(train: dict[str, Any]) -> bytes | None:
+    """The monitor's proxy (distance to the teacher) and golden (to the golden model) metrics over steps."""
+    hack = train.get("teacher_hacking")
+    if not hack or not hack.get("steps"):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(hack["steps"], hack["proxy_values"], marker="o", ms=3, color=COLORS["teacher"], label=hack["proxy"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"proxy: {hack['proxy']}")
+    other = ax.twinx()
+    other.plot(hack["steps"], hack["golden_values"], marker="s", ms=3, color=COLORS["student"], label=hack["golden"])
+    other.set_ylabel(f"golden: {hack['golden']}")
+    if hack.get("flagged"):
+        ax.axvline(hack["golden_best_step"], color="#C44E52", ls="--", lw=1)
+        ax.set_title("teacher hacking flagged: golden's best at the dashed line")
+    else:
+        ax.set_title("proxy and golden metrics (lower = closer)")
+    lines = ax.get_lines() + other.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    ax.grid(alpha=0.3)
+    return png(fig)
+
+
+_SECTION = """{% set hack = train.teacher_hacking %}
+{% if hack %}
+<h2>Teacher-hacking monitor (first seed)</h2>
+{% if hack.flagged %}
+<p class="verdict"><b>Teacher hacking flagged:</b> since step {{ hack.golden_best_step }} the proxy ({{ hack.proxy }})
+ changed by {{ "%+.1f" | format(100 * hack.proxy_change) }}% while the golden metric ({{ hack.golden }}) changed by
+ {{ "%+.1f" | format(100 * hack.golden_change) }}%. The student keeps moving toward the teacher and away from the golden model:
+ use fresh generations each epoch (methods: [{name: online_generation}]), more prompts, or stop at step {{ hack.golden_best_step }}.</p>
+{% elif hack.reason %}
+<p>Not assessed: {{ hack.reason }}.</p>
+{% else %}
+<p>No teacher hacking: the golden metric ({{ hack.golden }}) did not rise while the proxy ({{ hack.proxy }}) fell
+ (proxy {{ "%+.1f" | format(100 * hack.proxy_change) }}%, golden {{ "%+.1f" | format(100 * hack.golden_change) }}%
+ since the golden's best, step {{ hack.golden_best_step }}).</p>
+{% endif %}
+{% endif %}"""  # noqa: E501 (HTML, kept as it renders)

@@ -60,10 +60,6 @@ def write_report(run_dir: Path) -> Path:
         ("Speed and size", _data_uri(plots.speed_size(summary, report.get("throughput_unit") or "examples/s"))),
         ("Periodic evaluation (first seed)", _data_uri(plots.eval_curves(evals))),
         (
-            "Teacher-hacking monitor: proxy and golden metrics (first seed)",
-            _data_uri(plots.hacking_curves(report["runs"][0]["models"].get("student", {}).get("train", {}))),
-        ),
-        (
             "Term schedules, e.g. TAID's interpolation t (first seed)",
             _data_uri(plots.scalar_curves(curves["student"][0])) if curves["student"] else None,
         ),

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "baseline": "#8C8C8C"}
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -43,7 +43,7 @@ def loss_curves(curves: dict[str, list[list[dict[str, Any]]]]) -> bytes:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def metric_bars(summary: dict[str, Any], section: str, title: str) -> bytes | None:
@@ -70,7 +70,7 @@ def metric_bars(summary: dict[str, Any], section: str, title: str) -> bytes | No
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def speed_size(summary: dict[str, Any], unit: str = "examples/s") -> bytes:
@@ -91,7 +91,7 @@ def speed_size(summary: dict[str, Any], unit: str = "examples/s") -> bytes:
             ax.annotate(f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def seed_pairs(runs: list[dict[str, Any]], metric: str) -> bytes:
@@ -109,7 +109,7 @@ def seed_pairs(runs: list[dict[str, Any]], metric: str) -> bytes:
     ax.set_ylabel(f"distilled student {metric}")
     ax.set_title("per seed")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def eval_curves(evals: dict[str, list[dict[str, Any]]]) -> bytes | None:
@@ -133,7 +133,7 @@ def eval_curves(evals: dict[str, list[dict[str, Any]]]) -> bytes | None:
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def scalar_curves(records: list[dict[str, Any]]) -> bytes | None:
@@ -151,27 +151,4 @@ def scalar_curves(records: list[dict[str, Any]]) -> bytes | None:
     ax.set_xlabel("optimizer step")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def hacking_curves(train: dict[str, Any]) -> bytes | None:
-    """The monitor's proxy (distance to the teacher) and golden (to the golden model) metrics over steps."""
-    hack = train.get("teacher_hacking")
-    if not hack or not hack.get("steps"):
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(hack["steps"], hack["proxy_values"], marker="o", ms=3, color=COLORS["teacher"], label=hack["proxy"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"proxy: {hack['proxy']}")
-    other = ax.twinx()
-    other.plot(hack["steps"], hack["golden_values"], marker="s", ms=3, color=COLORS["student"], label=hack["golden"])
-    other.set_ylabel(f"golden: {hack['golden']}")
-    if hack.get("flagged"):
-        ax.axvline(hack["golden_best_step"], color="#C44E52", ls="--", lw=1)
-        ax.set_title("teacher hacking flagged: golden's best at the dashed line")
-    else:
-        ax.set_title("proxy and golden metrics (lower = closer)")
-    lines = ax.get_lines() + other.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
