@@ -86,6 +86,30 @@ def shakespeare_dir(monkeypatch) -> Path:
     return SHARED_DATA
 
 
+#: the training prompts of the causal-LM data tests (the task and its methods)
+PROMPTS = [f"To be or not {i}, that is the question" for i in range(40)]
+
+
+def _jsonl(path: Path, records) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """JSONL with a prompt per line and no response: a teacher must write the answers."""
+    return _jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    """JSONL prompts with the file's own responses."""
+    records = [{"prompt": p, "response": "yes" if i % 2 else "no, not at all"} for i, p in enumerate(PROMPTS)]
+    return _jsonl(tmp_path / "pairs.jsonl", records)
+
+
 def crash_at_step(recipe, step: int, monkeypatch) -> None:
     """Run ``recipe`` until its objective raises at optimizer step ``step`` (a simulated crash), then undo the patch."""
     from kdforge.objective import Objective

@@ -3,7 +3,6 @@ methods' tests that use them (tests/methods/: test_teacher_generated.py, test_on
 test_step_by_step.py, test_teacher_hacking_monitor.py, test_on_policy.py)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +11,7 @@ from kdforge.data.generate import GenerationStore, sample_continuations
 from kdforge.errors import RecipeError
 from kdforge.models.hf_causal_lm import load_causal_lm
 from kdforge.runner import run_recipe
-from test_tasks_causal_lm import lm_recipe, write_jsonl
-
-PROMPTS = [f"To be or not {i}, that is the question" for i in range(40)]
-
-
-@pytest.fixture
-def prompts_file(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-
-
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
-    records = [{"prompt": p, "response": "yes" if i % 2 else "no, not at all"} for i, p in enumerate(PROMPTS)]
-    return write_jsonl(tmp_path / "pairs.jsonl", records)
+from test_tasks_causal_lm import lm_recipe
 
 
 def mode_recipe(tmp_path, teacher_ref, path, method, *overrides, **sections):

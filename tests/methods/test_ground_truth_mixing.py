@@ -7,7 +7,6 @@ from conftest import tiny
 from kdforge.checks import load_recipe
 from kdforge.errors import RecipeError
 from kdforge.losses import cross_entropy
-from kdforge.methods import METHODS
 from kdforge.methods.ground_truth_mixing import GroundTruthMixing, GroundTruthMixingSettings, mixed_target_logits
 from kdforge.runner import run_recipe
 
@@ -42,12 +41,6 @@ def test_a_schedule_moves_gamma_from_start_to_end():
     method = GroundTruthMixing(cfg, type("T", (), {"recipe": recipe})())
     assert [round(method.gamma_at(s), 6) for s in (0, 50, 100, 200)] == [0.5, 0.3, 0.1, 0.1]
     assert GroundTruthMixing(GroundTruthMixingSettings(gamma=0.2), None).gamma_at(77) == 0.2
-
-
-def test_it_is_registered_with_its_paper_and_needs():
-    cls = METHODS.get("ground_truth_mixing")
-    assert cls.paper.arxiv == "2102.13088" and cls.paper.year == 2021
-    assert cls.requires == {"has_labels", "gives_logits"} and cls.needs_teacher
 
 
 @pytest.mark.parametrize(

@@ -4,25 +4,14 @@ lambda per optimizer step, and the teacher scores its answers."""
 import pytest
 import torch
 
-from kdforge import cli
-from kdforge.checks import load_recipe
 from kdforge.data.lm import collate_causal, encode_pairs
 from kdforge.errors import RecipeError
-from kdforge.methods import METHODS
 from kdforge.methods import on_policy as on_policy_module
 from kdforge.methods.on_policy import OnPolicy, OnPolicySettings, on_policy_at, student_batch
 from kdforge.models.hf_causal_lm import load_causal_lm
 from kdforge.runner import run_recipe
 from kdforge.tasks.lm_generated import prompt_prefixes
-from test_tasks_causal_lm import lm_recipe, task_of, write_jsonl
-
-PROMPTS = [f"To be or not {i}, that is the question" for i in range(40)]
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    records = [{"prompt": p, "response": "yes" if i % 2 else "no, not at all"} for i, p in enumerate(PROMPTS)]
-    return write_jsonl(tmp_path / "pairs.jsonl", records)
+from test_tasks_causal_lm import lm_recipe, task_of
 
 
 def on_policy_recipe(out, teacher_ref, path, method="{name: on_policy}", *overrides, **sections):
@@ -38,13 +27,6 @@ def on_policy_recipe(out, teacher_ref, path, method="{name: on_policy}", *overri
         *overrides,
         **sections,
     )
-
-
-def test_it_is_registered_with_its_paper_and_needs():
-    cls = METHODS.get("on_policy")
-    assert cls is OnPolicy and cls.paper.arxiv == "2306.13649" and cls.paper.year == 2024
-    assert cls.requires == {"writes_text"} and cls.needs_teacher
-    assert OnPolicySettings.model_validate({"lambda": 0.25}).lmbda == 0.25  # the paper's name, a Python keyword
 
 
 def test_on_policy_draws_respect_lambda_and_repeat_for_the_same_step():
@@ -137,13 +119,3 @@ def test_the_old_data_settings_are_refused_with_the_new_spelling(tmp_path, tiny_
     with pytest.raises(RecipeError, match=message + r" \[\{name: on_policy, lambda: 0.5, \.\.\.\}\]") as e:
         lm_recipe(tmp_path, tiny_lm_teacher, pairs_file, "data.format=jsonl", *overrides)
     assert "\n" not in str(e.value)
-
-
-def test_validate_refuses_it_on_a_task_that_writes_no_text(capsys):
-    with pytest.raises(RecipeError, match=r"methods\[0\].name: method 'on_policy' needs a task that trains on text"):
-        load_recipe("digits_kd", ["methods=[{name: on_policy}]"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["validate", "digits_kd", "--set", "methods=[{name: on_policy}]"])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'on_policy'" in err and "writes_text" in err

@@ -7,43 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import crash_at_step
-from kdforge import cli
-from kdforge.checks import load_recipe
 from kdforge.errors import RecipeError
-from kdforge.methods import METHODS
 from kdforge.runner import run_recipe
-from test_lm_data_modes import PROMPTS, mode_recipe, responses_of
-from test_tasks_causal_lm import lm_recipe, task_of, write_jsonl
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    records = [{"prompt": p, "response": "yes" if i % 2 else "no, not at all"} for i, p in enumerate(PROMPTS)]
-    return write_jsonl(tmp_path / "pairs.jsonl", records)
-
-
-def test_it_is_registered_with_its_paper_and_needs():
-    cls = METHODS.get("online_generation")
-    assert cls.paper.arxiv == "2502.02671" and cls.paper.year == 2025
-    assert cls.requires == {"writes_text"} and cls.needs_teacher is False
-
-
-def test_validate_refuses_it_on_a_task_that_writes_no_text(capsys):
-    entry = "methods=[{name: online_generation}]"
-    with pytest.raises(
-        RecipeError, match=r"methods\[0\].name: method 'online_generation' needs a task that trains on text"
-    ):
-        load_recipe("digits_kd", [entry])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["validate", "digits_kd", "--set", entry])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'online_generation'" in err and "writes_text" in err
+from test_lm_data_modes import mode_recipe, responses_of
+from test_tasks_causal_lm import lm_recipe, task_of
 
 
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):

@@ -6,43 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdforge import cli
-from kdforge.checks import load_recipe
 from kdforge.errors import RecipeError
-from kdforge.methods import METHODS
 from kdforge.runner import run_recipe
 from kdforge.tasks import lm_generated
 from kdforge.tasks.lm_generated import split_rationale
-from test_lm_data_modes import PROMPTS
-from test_tasks_causal_lm import lm_recipe, task_of, write_jsonl
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    records = [{"prompt": p, "response": "yes" if i % 2 else "no, not at all"} for i, p in enumerate(PROMPTS)]
-    return write_jsonl(tmp_path / "pairs.jsonl", records)
-
-
-def test_it_is_registered_with_its_paper_and_needs():
-    cls = METHODS.get("step_by_step")
-    assert cls.paper.arxiv == "2305.02301" and cls.paper.year == 2023
-    assert cls.requires == {"writes_text"} and cls.needs_teacher is False
-
-
-def test_validate_refuses_it_on_a_task_that_writes_no_text(capsys):
-    entry = "methods=[{name: step_by_step}]"
-    with pytest.raises(RecipeError, match=r"methods\[0\].name: method 'step_by_step' needs a task that trains on text"):
-        load_recipe("digits_kd", [entry])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["validate", "digits_kd", "--set", entry])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'step_by_step'" in err and "writes_text" in err
+from test_tasks_causal_lm import lm_recipe, task_of
 
 
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):

@@ -10,26 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kdforge import cli
 from kdforge.checks import load_recipe
 from kdforge.data.tasb import RandomPairSampler, TASBSampler, cluster_queries, margin_bins
 from kdforge.errors import RecipeError
-from kdforge.methods import METHODS, build_methods
-from kdforge.methods.tasb import TASBBatches
+from kdforge.methods import build_methods
 from kdforge.runner import _sampler
 from kdforge.tasks import TASKS
 from test_tasks_encoders import _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 
 # ---------------------------------------------------------------- the method
-
-
-def test_it_is_registered_with_its_paper_and_needs():
-    cls = METHODS.get("tasb_batches")
-    assert cls is TASBBatches and cls.paper.arxiv == "2104.06967" and cls.paper.year == 2021
-    assert cls.requires == {"has_pairs"} and not cls.needs_teacher
-    assert cls.settings().bins == 10 and cls.settings().clusters is None
-    for task in ("ranking", "sparse_retriever"):
-        assert "has_pairs" in TASKS.get(task).capabilities
 
 
 def _ranking(beir_dir, tmp_path, *overrides):  # noqa: F811
@@ -72,16 +61,6 @@ def test_the_old_data_settings_are_refused_with_the_new_spelling(tmp_path, key, 
 def test_the_bundled_ranking_recipe_lists_it():
     assert load_recipe("ranking_tasb_scifact").methods == [{"name": "tasb_batches", "bins": 10}]
     assert load_recipe("sparse_retriever_scifact").methods == []  # random batches, as before
-
-
-def test_validate_refuses_it_on_a_task_without_pairs(capsys):
-    with pytest.raises(RecipeError, match=r"methods\[0\].name: method 'tasb_batches' needs a task that trains on"):
-        load_recipe("digits_kd", ["methods=[{name: tasb_batches}]"])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["validate", "digits_kd", "--set", "methods=[{name: tasb_batches}]"])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'tasb_batches'" in err and "has_pairs" in err
 
 
 # ---------------------------------------------------------------- bins and clusters

@@ -3,40 +3,12 @@ verdict on their curves (``methods: [{name: teacher_hacking_monitor, golden: ...
 
 import pytest
 
-from kdforge import cli
-from kdforge.checks import load_recipe
 from kdforge.errors import RecipeError
 from kdforge.eval.hacking import detect_teacher_hacking
-from kdforge.methods import METHODS
 from kdforge.runner import run_recipe
-from test_lm_data_modes import PROMPTS, answers_recipe
+from test_lm_data_modes import answers_recipe
 from test_tasks_causal_lm import lm_recipe, write_jsonl
 from tiny_lm import save_llama
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    records = [{"prompt": p, "response": "yes" if i % 2 else "no, not at all"} for i, p in enumerate(PROMPTS)]
-    return write_jsonl(tmp_path / "pairs.jsonl", records)
-
-
-def test_it_is_registered_with_its_paper_and_needs():
-    cls = METHODS.get("teacher_hacking_monitor")
-    assert cls.paper.arxiv == "2502.02671" and cls.paper.year == 2025
-    assert cls.requires == {"writes_text"} and cls.needs_teacher is True
-
-
-def test_validate_refuses_it_on_a_task_that_writes_no_text(capsys):
-    entry = "methods=[{name: teacher_hacking_monitor, golden: m}]"
-    with pytest.raises(
-        RecipeError, match=r"methods\[0\].name: method 'teacher_hacking_monitor' needs a task that trains on text"
-    ):
-        load_recipe("digits_kd", [entry])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["validate", "digits_kd", "--set", entry])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'teacher_hacking_monitor'" in err and "writes_text" in err
 
 
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):
