@@ -10,13 +10,14 @@ where a causal LM's training responses come from) before the task makes its spli
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from kdforge.errors import RecipeError
 from kdforge.methods import build_methods
 from kdforge.models.diswot import Init, Ranked, rank_candidates, sample_batch
 from kdforge.recipe import Recipe
 from kdforge.signals.cache_run import write_caches
-from kdforge.signals.cache_store import CacheDtype, Manifest
+from kdforge.signals.cache_store import Manifest
 from kdforge.tasks.base import TASKS, Task
 
 
@@ -28,33 +29,16 @@ def build_task(recipe: Recipe) -> Task:
     return task
 
 
-def write_recipe_caches(
-    recipe: Recipe,
-    *,
-    k: int | None = None,
-    dtype: CacheDtype | None = None,
-    output: Path | None = None,
-    temperature: float | None = None,
-    batch_size: int | None = None,
-    shard_examples: int = 1024,
-    overwrite: bool = False,
-) -> list[tuple[Path, Manifest]]:
-    """``kdforge cache``: write every cache the recipe's teacher reads (or, for an online teacher, one at ``output``).
+def write_recipe_caches(recipe: Recipe, **options: Any) -> list[tuple[Path, Manifest]]:
+    """``kdforge cache``: write every cache the recipe's teacher reads (or, for an online teacher, one at
+    ``output``), with the task its methods configured; ``options`` are
+    :func:`~kdforge.signals.cache_run.write_caches`'s (k, dtype, output, temperature, batch_size,
+    shard_examples, overwrite).
 
     A cache teacher's settings come from the recipe; a flag that contradicts them is
     refused, since the run would then refuse the cache.
     """
-    return write_caches(
-        recipe,
-        build_task,
-        k=k,
-        dtype=dtype,
-        output=output,
-        temperature=temperature,
-        batch_size=batch_size,
-        shard_examples=shard_examples,
-        overwrite=overwrite,
-    )
+    return write_caches(recipe, build_task, **options)
 
 
 def rank_recipe(recipe: Recipe, batch_size: int = 64, seed: int = 0, init: Init = "gaussian") -> list[Ranked]:

@@ -36,7 +36,7 @@ class OnlineGeneration(Method):
 
     name = "online_generation"
     summary = (
-        "the teacher answers the training prompts afresh every epoch (the teacher-hacking paper's remedy for a"
+        "The teacher answers the training prompts afresh every epoch (the teacher-hacking paper's remedy for a"
         " fixed offline set)"
     )
     paper = TEACHER_HACKING

@@ -40,7 +40,7 @@ class StepByStep(Method):
 
     name = "step_by_step"
     summary = (
-        "the teacher writes a rationale and an answer to each prompt; the student learns both, as two prefixed"
+        "The teacher writes a rationale and an answer to each prompt; the student learns both, as two prefixed"
         " tasks (label_mask, rationale_mask), and is evaluated on the answers"
     )
     paper = DISTILLING_STEP_BY_STEP

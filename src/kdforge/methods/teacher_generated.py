@@ -42,7 +42,7 @@ class TeacherGenerated(Method):
 
     name = "teacher_generated"
     summary = (
-        "sequence-level KD: the teacher answers the training prompts once before training, and the student"
+        "Sequence-level KD: the teacher answers the training prompts once before training, and the student"
         " learns its answers (stored, so kdforge cache can add their top-k log-probs)"
     )
     paper = SEQUENCE_KD

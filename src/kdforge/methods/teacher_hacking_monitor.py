@@ -31,7 +31,7 @@ class TeacherHackingMonitor(Method):
 
     name = "teacher_hacking_monitor"
     summary = (
-        "adds proxy_kl (to the teacher) and golden_kl or golden_nll (to a golden model) to every evaluation, and"
+        "Adds proxy_kl (to the teacher) and golden_kl or golden_nll (to a golden model) to every evaluation, and"
         " flags the run when the proxy keeps improving while the golden metric worsens"
     )
     paper = TEACHER_HACKING
