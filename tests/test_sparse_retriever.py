@@ -64,9 +64,9 @@ def test_a_bi_encoder_gets_a_head_tied_to_its_word_embeddings(task):
     assert torch.equal(mlm.cls.predictions.transform.dense.weight, torch.eye(384))
     assert torch.all(mlm.cls.predictions.bias == -5.0)
     # the strongest terms of a document are its own words
-    inputs = task.tokens(["Vaccines train the adaptive immune system."], 32)
+    inputs = task.family.tokens(["Vaccines train the adaptive immune system."], 32)
     weights = document_weights(student, inputs)[0]
-    top = task.tokenizer.convert_ids_to_tokens(weights.topk(5).indices)
+    top = task.family.tokenizer.convert_ids_to_tokens(weights.topk(5).indices)
     assert {"vaccines", "immune"} <= set(top)
     assert 0 < int((weights > 0).sum()) < 3000
 
@@ -85,41 +85,44 @@ def test_the_query_side_runs_with_no_model(task, monkeypatch):
 
     monkeypatch.setattr(document_transformer(student).auto_model, "forward", no_model)
     queries = ["Do chaperones help proteins fold?", "Does fibre reduce cholesterol?"]
-    vectors = task.query_matrix(student, queries)
+    vectors = task.family.query_matrix(student, queries)
     for row, query in enumerate(queries):
         terms, weights = query_terms(vectors, row)
-        ids = set(task.tokenizer(query, add_special_tokens=False)["input_ids"])
+        ids = set(task.family.tokenizer(query, add_special_tokens=False)["input_ids"])
         assert set(terms.tolist()) == ids
-        np.testing.assert_allclose(weights, task.idf[terms].numpy())
+        np.testing.assert_allclose(weights, task.family.idf[terms].numpy())
     # the same vectors as sentence-transformers' own query side of the saved format
     expected = student.encode_query(queries, convert_to_tensor=True).to_dense()
     np.testing.assert_allclose(vectors.toarray(), expected.numpy(), rtol=1e-6)
 
 
 def test_idf_is_computed_on_the_corpus(task):
-    texts = list(task._corpus.corpus.values())
-    token = task.tokenizer.convert_tokens_to_ids("fibre")
-    df = sum(token in task.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+    texts = list(task.data.train_collection.corpus.values())
+    token = task.family.tokenizer.convert_tokens_to_ids("fibre")
+    df = sum(token in task.family.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
     assert df == 2
-    assert task.idf[token].item() == pytest.approx(math.log1p((len(texts) - df + 0.5) / (df + 0.5)))
-    assert task.idf[task.tokenizer.all_special_ids].eq(0).all()
+    assert task.family.idf[token].item() == pytest.approx(math.log1p((len(texts) - df + 0.5) / (df + 0.5)))
+    assert task.family.idf[task.family.tokenizer.all_special_ids].eq(0).all()
     # binary weights for the plain-FLOPS ablation
-    small = idf_weights(task.tokenizer, ["a b", "a c"], [0])
-    assert small[task.tokenizer.convert_tokens_to_ids("a")] < small[task.tokenizer.convert_tokens_to_ids("b")]
+    small = idf_weights(task.family.tokenizer, ["a b", "a c"], [0])
+    assert (
+        small[task.family.tokenizer.convert_tokens_to_ids("a")]
+        < small[task.family.tokenizer.convert_tokens_to_ids("b")]
+    )
 
 
 def test_document_weights_match_sentence_transformers(task):
     student = task.build_student().eval()
     docs = ["Sleep deprivation impairs memory consolidation.", "Gut bacteria digest dietary fibre."]
     with torch.no_grad():
-        ours = document_weights(student, task.tokens(docs, 32))
+        ours = document_weights(student, task.family.tokens(docs, 32))
     theirs = student.encode_document(docs, convert_to_tensor=True).to_dense()
-    theirs[:, task.tokenizer.all_special_ids] = 0  # kdforge drops terms no query can have
+    theirs[:, task.family.tokenizer.all_special_ids] = 0  # kdforge drops terms no query can have
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_bm25_teacher_scores_as_bm25s_does(task):
-    corpus = task._corpus.corpus
+    corpus = task.data.train_collection.corpus
     bm25 = BM25Scorer(corpus)
     doc_ids = ["d20", "d21", "f3"]
     scores = bm25.scores(["Are the oceans getting warmer?"], doc_ids)
@@ -137,7 +140,7 @@ def test_ensemble_normalises_each_query_before_averaging(task):
     signal = build_signal(task, task.recipe.teacher, frozenset({"scores"})).signal
     mixed = signal.outputs(batch, frozenset({"scores"})).scores
     dense = task.adapter(task.load_teacher(TEACHER), batch, frozenset({"scores"})).scores
-    lexical = task.adapter(task.bm25, batch, frozenset({"scores"})).scores
+    lexical = task.adapter(task.family.bm25, batch, frozenset({"scores"})).scores
     assert dense.shape == lexical.shape == (3, 3 * 2)  # every query against the batch's 6 documents
     torch.testing.assert_close(mixed, 0.5 * minmax_per_query(dense) + 0.5 * minmax_per_query(lexical))
     # per query: a row's normalisation ignores the other rows (scaling one query's BM25 scores changes nothing)
@@ -186,7 +189,7 @@ def test_run_saves_a_sparse_encoder_that_reproduces_its_metrics(task):
     folder = task.recipe.run_dir / "model"
     loaded = SparseEncoder(str(folder), device="cpu")
     assert "kdforge" in (folder / "README.md").read_text()
-    again = task.evaluate(loaded, task.test_set()).metrics
+    again = task.evaluate(loaded, task.evaluator.test_set()).metrics
     assert again["ndcg@10"] == pytest.approx(student["metrics"]["ndcg@10"])
     assert again["doc_nonzeros"] == pytest.approx(student["metrics"]["doc_nonzeros"])
 
@@ -205,11 +208,11 @@ def test_bm25_alone_is_a_teacher_in_the_report(beir_dir, tmp_path):  # noqa: F81
 def test_binary_query_weights_are_the_plain_flops_ablation(beir_dir, tmp_path):  # noqa: F811
     recipe = _sparse_recipe(beir_dir, tmp_path, student={"model": TEACHER, "query_weights": "binary"})
     task = TASKS.get("sparse_retriever")(recipe)
-    special = task.tokenizer.all_special_ids
-    assert task.idf[special].eq(0).all()
-    keep = torch.ones_like(task.idf, dtype=torch.bool)
+    special = task.family.tokenizer.all_special_ids
+    assert task.family.idf[special].eq(0).all()
+    keep = torch.ones_like(task.family.idf, dtype=torch.bool)
     keep[special] = False
-    assert task.idf[keep].eq(1).all()
+    assert task.family.idf[keep].eq(1).all()
 
 
 def test_a_hub_student_fails_clearly_offline(beir_dir, tmp_path, monkeypatch):  # noqa: F811

@@ -150,7 +150,7 @@ def test_pretrained_onnx_student_builds_with_the_teachers_tokenizer(beir_dir, tm
     student = task.build_student().eval()
     assert transformer_of(student).config.num_hidden_layers == 3
     texts = ["Protein folding depends on chaperones.", "Sleep matters"]
-    inputs = task.tokens(texts, 32)
+    inputs = task.family.tokens(texts, 32)
     with torch.no_grad():
         ours = run_encoder(student, inputs)["sentence_embedding"].numpy()
     location = __import__("kdforge.models.refs", fromlist=["x"]).resolve_model_ref(
@@ -207,12 +207,12 @@ def test_embedding_run_with_minilm_terms_saves_a_sentence_transformers_student(b
     assert "kdforge" in (folder / "README.md").read_text()
     # the saved student gives the embeddings, and so the scores, the run evaluated
     task = TASKS.get("embedding")(recipe)
-    test = task.test_set()
+    test = task.evaluator.test_set()
     again = task.evaluate(loaded, test).metrics
     for name in ("ndcg@10", "recall@100", "mrr@10"):
         assert again[name] == pytest.approx(student["metrics"][name], abs=1e-9)
     texts = list(test.data.corpus.values())[:5]
-    assert np.allclose(loaded.encode(texts), task.encode(loaded, texts, 32), atol=1e-5)
+    assert np.allclose(loaded.encode(texts), task.family.encode(loaded, texts, 32), atol=1e-5)
 
 
 def test_ranking_run_mines_negatives_and_batches_by_topic(beir_dir, tmp_path):

@@ -39,15 +39,15 @@ def task(beir_dir, tmp_path):  # noqa: F811
 
 
 def test_a_batch_holds_its_queries_and_the_union_of_their_candidates(task):
-    queries, top = task.train_queries
+    queries, top = task.data.train_queries
     assert queries.shape == (6 + 6, 384)  # 6 training claims and 6 documents used as queries
     assert top.shape == (12, 5)
-    np.testing.assert_allclose(np.linalg.norm(task.doc_emb, axis=1), 1.0, rtol=1e-5)  # cosine teacher: unit rows
+    np.testing.assert_allclose(np.linalg.norm(task.family.doc_emb, axis=1), 1.0, rtol=1e-5)  # cosine teacher: unit rows
     batch = task.collate([0, 1, 2])
     expected = np.unique(top[[0, 1, 2]])
     assert batch["doc_index"].tolist() == expected.tolist()
     teacher = task.adapter(task.load_teacher(TEACHER), batch, frozenset({"scores", "ivf_scores"}))
-    exact = torch.from_numpy(queries[:3] @ task.doc_emb[expected].T)
+    exact = torch.from_numpy(queries[:3] @ task.family.doc_emb[expected].T)
     torch.testing.assert_close(teacher.scores, exact)
     torch.testing.assert_close(teacher.ivf_scores, exact)
     student = task.build_student()
@@ -67,13 +67,13 @@ def test_centroids_train_faster_than_codebooks(task):
 def test_the_baseline_is_faiss_own_index(task):
     """The untrained student searches exactly as faiss's IVF-PQ trained for reconstruction."""
     student = task.build_student()
-    ours = task.evaluate(student, task.collection).metrics
-    index = build_faiss_index(task.spec(), task.doc_emb, seed=task.recipe.training.seed)
+    ours = task.evaluate(student, task.family.collection).metrics
+    index = build_faiss_index(task.family.spec(), task.family.doc_emb, seed=task.recipe.training.seed)
     faiss.extract_index_ivf(index).nprobe = 2
-    scores, rows = index.search(task.test_query_emb, len(task.doc_emb))
-    data = task.collection.data
+    scores, rows = index.search(task.family.test_query_emb, len(task.family.doc_emb))
+    data = task.family.collection.data
     run = {
-        q: {task.collection.doc_ids[j]: float(s) for j, s in zip(rows[i], scores[i]) if j >= 0}
+        q: {task.family.collection.doc_ids[j]: float(s) for j, s in zip(rows[i], scores[i]) if j >= 0}
         for i, q in enumerate(data.queries)
     }
     theirs = retrieval_metrics(data.qrels, run, ("ndcg@10", "recall@100"))
@@ -96,8 +96,8 @@ def test_run_exports_a_faiss_index_that_reproduces_the_report(task):
     index = faiss.read_index(str(folder / "index.faiss"))
     assert student["size_bytes"] == (folder / "index.faiss").stat().st_size
     doc_ids = json.loads((folder / "doc_ids.json").read_text())
-    scores, rows = index.search(task.test_query_emb, 100)
-    data = task.collection.data
+    scores, rows = index.search(task.family.test_query_emb, 100)
+    data = task.family.collection.data
     run = {q: {doc_ids[j]: float(s) for j, s in zip(rows[i], scores[i]) if j >= 0} for i, q in enumerate(data.queries)}
     assert retrieval_metrics(data.qrels, run, ("ndcg@10",))["ndcg@10"] == pytest.approx(
         student["metrics"]["ndcg@10"], abs=1e-6
@@ -105,7 +105,9 @@ def test_run_exports_a_faiss_index_that_reproduces_the_report(task):
     # the saved state resumes into the same index
     loaded = task.load_saved(folder)
     assert isinstance(loaded, IVFPQStudent)
-    assert task.evaluate(loaded, task.collection).metrics["ndcg@10"] == pytest.approx(student["metrics"]["ndcg@10"])
+    assert task.evaluate(loaded, task.family.collection).metrics["ndcg@10"] == pytest.approx(
+        student["metrics"]["ndcg@10"]
+    )
     # training moved the codebooks away from faiss's
     baseline = task.load_saved(task.recipe.run_dir / "baseline")
     assert not torch.equal(loaded.codebooks, baseline.codebooks)

@@ -361,8 +361,8 @@ def section_peer(args, res: Results, out: Path, text_file: Path) -> None:
         train_seconds = time.perf_counter() - started
         log("peer sentence-transformers: evaluating with EmbeddingTask.evaluate")
         student.eval()
-        ev = task.evaluate(student, task.test_set())
-        test = task.test_set()
+        ev = task.evaluate(student, task.evaluator.test_set())
+        test = task.evaluator.test_set()
         batch = task.throughput_batch(test, recipe.evaluation.batch_size)
         tput = throughput(
             task.forward_for_speed(student),
@@ -423,9 +423,9 @@ def section_speed(args, res: Results) -> None:
             )
         except Exception as exc:
             log(f"speed {name}: FAILED {type(exc).__name__}: {exc}")
-    test = task.test_set()
+    test = task.evaluator.test_set()
     for length, rounds in ((args.max_length, args.speed_rounds), (256, max(3, args.speed_rounds - 2))):
-        batch = task.tokens([test[i] for i in range(recipe.evaluation.batch_size)], length)
+        batch = task.family.tokens([test[i] for i in range(recipe.evaluation.batch_size)], length)
         rates: dict[str, list[float]] = {n: [] for n in models}
         names = list(models)
         log(f"speed: max_length {length}, batch {tuple(batch['input_ids'].shape)}, {rounds} rounds")
@@ -516,7 +516,7 @@ def section_teacher256(args, res: Results) -> None:
     task = EmbeddingTask(load_recipe("embedding_minilm_l6_to_l3", overrides=ov))
     log("teacher256: evaluating the teacher at max_length 256")
     started = time.perf_counter()
-    ev = task.evaluate(task.load_teacher(TEACHER), task.test_set())
+    ev = task.evaluate(task.load_teacher(TEACHER), task.evaluator.test_set())
     res.put("teacher256", "teacher", {"metrics": ev.metrics, "seconds": time.perf_counter() - started})
     log(f"teacher256: ndcg@10 {ev.metrics['ndcg@10']:.4f}")
 

@@ -49,19 +49,19 @@ def main() -> None:
         student = task.build_student().eval()
         with torch.no_grad():
             document_transformer(student).auto_model.cls.predictions.bias.fill_(bias)
-            weights = document_weights(student, task.tokens(texts, 256))
+            weights = document_weights(student, task.family.tokens(texts, 256))
         log(f"head bias {bias}: {(weights > 0).sum(1).float().mean():.1f} non-zero terms per abstract")
 
     student = task.build_student().eval()
     for length in (128, 256):
-        inputs = task.tokens(texts, length)
+        inputs = task.family.tokens(texts, length)
         with torch.no_grad():
             document_weights(student, inputs)
             started = time.perf_counter()
             document_weights(student, inputs)
         log(f"{length} tokens: {len(texts) / (time.perf_counter() - started):.1f} documents/s")
     student.train()
-    inputs = task.tokens(texts[:24], 256)
+    inputs = task.family.tokens(texts[:24], 256)
     started = time.perf_counter()
     document_weights(student, inputs).sum().backward()
     log(f"forward + backward, 24 documents x 256 tokens: {time.perf_counter() - started:.1f} s")

