@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from kdforge.tasks.base import Splits
 from kdforge.tasks.encoder_config import EmbeddingData, RankingData, VQData
 from kdforge.tasks.encoders import SentenceEncoderFamily, field_masks, scoring_rows
 from kdforge.tasks.retrieval import RetrievalSet, limit_collection
+
+if TYPE_CHECKING:
+    from kdforge.tasks.ivfpq_family import IVFPQFamily
 
 
 def beir_files(beir: str, split: str, field: str = "data.beir") -> list[Path]:
@@ -302,7 +305,7 @@ class QueryCandidates:
     ``query_emb``, the union of their candidates' rows ``doc_emb`` and those rows' numbers ``doc_index``.
     """
 
-    def __init__(self, recipe: Recipe, cfg: VQData, index: Any):
+    def __init__(self, recipe: Recipe, cfg: VQData, index: IVFPQFamily):
         self.recipe, self.cfg, self.index = recipe, cfg, index
 
     @cached_property

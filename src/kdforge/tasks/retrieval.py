@@ -106,9 +106,12 @@ class RetrievalEvaluator:
         *,
         search: Search,
         encoders: SentenceEncoderFamily | None = None,
-        max_length: int = 256,
-        query_max_length: int = 256,
+        max_length: int | None = None,
+        query_max_length: int | None = None,
     ):
+        """``search``: the model family's own search (None for a bi-encoder); ``encoders``, with the document
+        and query token lengths, encode a bi-encoder's texts (a task whose models all have their own
+        search, as vq_index, gives none)."""
         self.test = test
         self.search = search
         self.encoders = encoders
