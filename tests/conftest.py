@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# tests are grouped by area (losses/, signals/, methods/, tasks/, ...); a test of one area may use the
+# recipe helpers of another's module (tasks/test_tasks_causal_lm.py's lm_recipe), as the tests/ root's
+# modules are importable: every area folder is on the path too (test module names are unique)
+for _area in sorted(Path(__file__).parent.iterdir()):
+    if _area.is_dir() and not _area.name.startswith((".", "_")) and str(_area) not in sys.path:
+        sys.path.append(str(_area))
+
 os.environ.setdefault("KDFORGE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
