@@ -81,9 +81,9 @@ def test_trec_fine_labels_and_no_validation_file(data_dir):
 def test_trec_validation_is_held_out_of_train_the_same_way_each_time(data_dir, tmp_path):
     task = _task(tmp_path, None, "data.dataset=trec", "data.train_limit=null", "data.validation_limit=null")
     again = _task(tmp_path, None, "data.dataset=trec", "data.train_limit=null", "data.validation_limit=null")
-    train, validation, _ = task._data
+    train, validation, _ = task.data.sets
     assert len(validation.texts) == round(5452 * 0.1) and len(train.texts) == 5452 - len(validation.texts)
-    assert validation.texts == again._data[1].texts
+    assert validation.texts == again.data.sets[1].texts
     assert task.class_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 
 
