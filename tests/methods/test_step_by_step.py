@@ -84,7 +84,7 @@ def test_step_by_step_trains_two_prefixed_tasks_and_evaluates_only_the_label_tas
         return references, [f"  {r.upper()} " if i % 2 else r for i, r in enumerate(references)]
 
     model = SimpleNamespace(config=SimpleNamespace(vocab_size=len(task.tokenizer)))  # only its size is read
-    monkeypatch.setattr(task, "_greedy", answers)
+    monkeypatch.setattr(task.evaluator, "_greedy", answers)
     assert task._answer_accuracy(model, splits.test) == 1.0
-    monkeypatch.setattr(task, "_greedy", lambda model, batch, n: ([], ["maybe"] * len(batch["labels"])))
+    monkeypatch.setattr(task.evaluator, "_greedy", lambda model, batch, n: ([], ["maybe"] * len(batch["labels"])))
     assert task._answer_accuracy(model, splits.test) == 0.0

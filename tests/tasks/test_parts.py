@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from test_sparse_retriever import _sparse_recipe
+from test_tasks_causal_lm import lm_recipe
 from test_tasks_encoders import MINILM_TERMS, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 from test_vq_index import _vq_recipe
 
@@ -21,6 +22,9 @@ from kdforge.tasks.encoder_data import QueryCandidates, RankingPairs, UnlabeledT
 from kdforge.tasks.encoders import SentenceEncoderFamily
 from kdforge.tasks.feature_data import FeatureTable
 from kdforge.tasks.ivfpq_family import IVFPQFamily
+from kdforge.tasks.lm_data import LMData
+from kdforge.tasks.lm_eval import LMEvaluator
+from kdforge.tasks.lm_family import CausalLMFamily
 from kdforge.tasks.mlp_family import MLPFamily
 from kdforge.tasks.parts import ComposedTask, DataSource, Evaluator, ModelFamily
 from kdforge.tasks.retrieval import RetrievalEvaluator
@@ -28,12 +32,14 @@ from kdforge.tasks.sparse_family import SparseEncoderFamily
 from kdforge.tasks.text_classifier_family import TextClassifierFamily
 from kdforge.tasks.text_data import LabelledSet, LabelledTextSource
 
+
 #: task -> (family, data source, evaluator) classes it is wired from
 WIRING = {
     "embedding": (SentenceEncoderFamily, UnlabeledTexts, RetrievalEvaluator),
     "ranking": (SentenceEncoderFamily, RankingPairs, RetrievalEvaluator),
     "sparse_retriever": (SparseEncoderFamily, RankingPairs, RetrievalEvaluator),
     "vq_index": (IVFPQFamily, QueryCandidates, RetrievalEvaluator),
+    "causal_lm": (CausalLMFamily, LMData, LMEvaluator),
 }
 #: the classifiers share one evaluator class
 CLASSIFIER_WIRING = {
@@ -49,6 +55,7 @@ def tasks(beir_dir, tmp_path):  # noqa: F811
         "ranking": _recipe("ranking", beir_dir, tmp_path, [{"loss": "margin_mse", "field": "scores"}]),
         "sparse_retriever": _sparse_recipe(beir_dir, tmp_path),
         "vq_index": _vq_recipe(beir_dir, tmp_path),
+        "causal_lm": lm_recipe(tmp_path / "lm", tmp_path / "teacher", tmp_path / "text.txt"),
     }
     return {name: TASKS.get(name)(recipe) for name, recipe in recipes.items()}
 
@@ -90,7 +97,8 @@ def test_tasks_are_wired_from_the_shared_parts(tasks):
     # one sentence-encoder family for embedding and ranking, one data source for ranking and sparse_retriever
     assert type(tasks["embedding"].family) is type(tasks["ranking"].family)
     assert type(tasks["ranking"].data) is type(tasks["sparse_retriever"].data)
-    assert len({type(task.evaluator) for task in tasks.values()}) == 1
+    encoder_tasks = [task for name, task in tasks.items() if name != "causal_lm"]
+    assert len({type(task.evaluator) for task in encoder_tasks}) == 1
     # the families that are not sentence encoders run their teachers through one, held, not inherited
     assert type(tasks["sparse_retriever"].family.dense) is SentenceEncoderFamily
     assert type(tasks["vq_index"].family.encoders) is SentenceEncoderFamily
@@ -178,3 +186,29 @@ def test_no_task_subclasses_another_task():
     for name, cls in TASKS.items():
         tasks_above = [base for base in cls.__mro__[1:] if isinstance(base, type) and issubclass(base, Task)]
         assert set(tasks_above) <= {Task, ComposedTask}, f"{name}: {cls.__name__} subclasses {tasks_above}"
+
+
+def test_the_causal_lm_parts_share_one_tokenizer_and_the_writes_text_capability_is_theirs(tasks):
+    """writes_text promises tokenizer, pad_id, stop_ids, max_length, kinds, use_responses and
+    monitor_teacher_hacking on the task: they are the family's, the data source's and the evaluator's."""
+    task = tasks["causal_lm"]
+    assert "writes_text" in task.capabilities
+    assert task.data.family is task.family and task.evaluator.family is task.family
+    assert task.evaluator.data is task.data
+    tokenizer = object()
+    task.family.__dict__["tokenizer"] = tokenizer  # what the cached property would hold once loaded
+    task.family.__dict__["pad_id"] = 7
+    assert task.tokenizer is tokenizer and task.pad_id == 7
+    assert task.max_length == task.data_cfg.max_length == 16
+    assert task.kinds == task.data.kinds == ()
+    source = object()
+    task.data.source = None
+    task.use_responses(source)  # type: ignore[arg-type]
+    assert task.data.source is source
+    settings = object()
+    task.monitor_teacher_hacking(settings, "methods[0]")  # type: ignore[arg-type]
+    assert (task.evaluator.monitor, task.evaluator.monitor_where) == (settings, "methods[0]")
+    # the family checks vocabularies against the data's tokens, and times batches collated as training's
+    assert task.family.collate == task.data.collate
+    task.data.__dict__["largest_token_id"] = 41
+    assert task.family.largest_token_id() == 41

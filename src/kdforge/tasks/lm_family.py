@@ -1,0 +1,310 @@
+"""The Hugging Face causal-LM model family (a :class:`~kdforge.tasks.parts.ModelFamily`).
+
+:class:`CausalLMFamily` holds what the ``causal_lm`` task does with transformers decoder-only
+models: the tokenizer (the teacher's, or with no teacher model the student's) and the checks that
+every model of the run reads and writes the same tokens; loading the teacher; building the student
+from a subset of the teacher's layers (``from_teacher``, see :mod:`kdforge.models.from_teacher`) or
+a separate pretrained model; the adapter to named outputs (aligned with ``labels``: the last position
+is dropped); saving and loading plain transformers folders (safetensors + config.json + tokenizer);
+the files a cache fingerprint hashes; and the forward timed in tokens/s.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import shutil
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdforge.data.generate import stop_token_ids
+from kdforge.distributed import is_main
+from kdforge.errors import RecipeError
+from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
+from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
+from kdforge.models.refs import resolve_model_ref
+from kdforge.models.store import replace_folder
+from kdforge.outputs import ModelOutputs
+from kdforge.recipe import Recipe
+from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
+
+#: logits one evaluation (or timing) batch may hold: [B, L, V] floats, plus the log-softmax's copy
+LOGITS_BUDGET = 2**25
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can compute logits for chosen positions only (transformers' LMs can)."""
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+class CausalLMFamily:
+    """Model family: transformers causal LMs sharing one tokenizer.
+
+    ``collate`` is the data source's (a timing batch is collated as training batches are);
+    ``largest_token_id`` gives the largest token id of the data (every model's vocabulary must hold
+    it). The task sets both once its data source is built.
+    """
+
+    throughput_unit = "tokens/s"
+    card_library = "kdforge"
+    load_hint = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained({folder!r})\n"
+        "tokenizer = AutoTokenizer.from_pretrained({folder!r})"
+    )
+
+    def __init__(self, recipe: Recipe, student_cfg: Any, data_cfg: Any):
+        self.recipe, self.student_cfg, self.data_cfg = recipe, student_cfg, data_cfg
+        self._student_template: nn.Module | None = None
+        self.collate: Callable[[list[Any]], dict[str, Any]] | None = None
+        self.largest_token_id: Callable[[], int] | None = None
+
+    # ----- the models the recipe names, and the tokenizer ---------------------------------
+
+    def teacher_models(self) -> list[tuple[str, str, bool]]:
+        """(reference, recipe field, trust_remote_code) of each local teacher model the recipe names."""
+        found = []
+        for where, member in teacher_members(self.recipe.teacher):
+            if isinstance(member, (OnlineTeacherConfig, CacheTeacherConfig)) and member.model:
+                found.append((member.model, f"{where}.model", member.trust_remote_code))
+        return found
+
+    def _student_source(self) -> tuple[str, str, bool] | None:
+        cfg = self.student_cfg
+        if cfg.model:
+            return cfg.model, "student.model", cfg.trust_remote_code
+        if cfg.from_teacher is not None and cfg.from_teacher.model:
+            return cfg.from_teacher.model, "student.from_teacher.model", cfg.trust_remote_code
+        return None
+
+    def _tokenizer_source(self) -> tuple[str, str, bool]:
+        sources = [*self.teacher_models(), self._student_source()]
+        source = next((s for s in sources if s is not None), None)
+        if source is None:
+            raise RecipeError(
+                "teacher.model: the causal_lm task takes its tokenizer from the teacher's model;"
+                " name it (or give student.model, or student.from_teacher.model)"
+            )
+        return source
+
+    @cached_property
+    def tokenizer(self):
+        ref, field, trust = self._tokenizer_source()
+        tokenizer = load_tokenizer(ref, field=field, trust_remote_code=trust)
+        # Logit distillation compares vocabulary entries position by position: every other
+        # model of the run must read and write the same tokens.
+        others = [*self.teacher_models(), self._student_source()]
+        for other in others:
+            if other is not None and other[0] != ref:
+                self._check_same_vocabulary(tokenizer, field, *other)
+        return tokenizer
+
+    def _check_same_vocabulary(self, tokenizer, field: str, ref: str, other_field: str, trust: bool) -> None:
+        other = load_tokenizer(ref, field=other_field, trust_remote_code=trust)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise RecipeError(
+                f"{other_field}: its tokenizer ({len(other):,} tokens) differs from the one of {field}"
+                f" ({len(tokenizer):,} tokens); token-level distillation needs the same tokenizer on both sides:"
+                " choose models that share it, or use a cross-tokenizer method"
+            )
+
+    @cached_property
+    def pad_id(self) -> int:
+        """The id padded positions carry: they are masked everywhere, so any id the model can embed will do.
+
+        Tokens added to a tokenizer after its base vocabulary (a new pad token, a GGUF
+        conversion's extra end-of-text token) may lie beyond a model's embedding table.
+        """
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id):
+            if candidate is not None and candidate < tok.vocab_size:
+                return int(candidate)
+        return 0
+
+    def stop_ids(self, model: nn.Module) -> list[int]:
+        """The token ids that end an answer ``model`` writes (the tokenizer's and the model's end tokens)."""
+        return stop_token_ids(self.tokenizer, model)
+
+    def trust(self, ref: str) -> bool:
+        return next((trust for r, _, trust in self.teacher_models() if r == ref), False)
+
+    # ----- teacher and student ------------------------------------------------------------
+
+    def load_teacher(self, ref: str, field: str = "teacher.model") -> nn.Module:
+        model = load_causal_lm(ref, field=field, trust_remote_code=self.trust(ref))
+        self.check_vocab_size(model, field)
+        return model
+
+    def check_vocab_size(self, model: nn.Module, field: str) -> None:
+        """Every token of the data must have a row in the model's embeddings and logits."""
+        size = getattr(model.config, "vocab_size", None)
+        assert self.largest_token_id is not None, "the task hands the family its data's largest token id"
+        largest = self.largest_token_id()
+        if size is not None and largest >= size:
+            token = self.tokenizer.convert_ids_to_tokens(largest)
+            raise RecipeError(
+                f"{field}: the data holds token {largest} ({token!r}) but the model's vocabulary has {size:,} entries;"
+                " use the tokenizer the model was trained with, or data without that token"
+            )
+
+    def build_student(self) -> nn.Module:
+        # The student and the baseline start from the same weights: load or cut them once (a
+        # GGUF model takes long to load, and a cache run holds no teacher) and hand out
+        # copies. The family keeps one student-sized copy for the run.
+        if self._student_template is None:
+            self._student_template = self._load_student() if self.student_cfg.model else self._cut_from_teacher()
+        return copy.deepcopy(self._student_template)
+
+    def _load_student(self) -> nn.Module:
+        cfg = self.student_cfg
+        assert cfg.model is not None
+        # fresh: never the object a teacher signal holds, even when both name the same model
+        model = load_causal_lm(cfg.model, field="student.model", trust_remote_code=cfg.trust_remote_code, fresh=True)
+        model = plain_model(model).to(torch.float32)
+        self.check_vocab_size(model, "student.model")
+        self._check_logit_width(model)
+        return model
+
+    def _cut_from_teacher(self) -> nn.Module:
+        cfg = self.student_cfg
+        assert cfg.from_teacher is not None
+        source = self._student_source()
+        if source is None:
+            teachers = self.teacher_models()
+            if not teachers:
+                raise RecipeError(
+                    "student.from_teacher: the recipe's teacher has no local model to copy layers from;"
+                    " set student.from_teacher.model"
+                )
+            source = teachers[0]
+        ref, field, trust = source
+        teacher = load_causal_lm(ref, field=field, trust_remote_code=trust)
+        total = len(decoder_layers(teacher, "student.from_teacher")[1])
+        layers = cfg.from_teacher.layers
+        if layers is None:
+            assert cfg.from_teacher.num_layers is not None
+            if cfg.from_teacher.num_layers > total:
+                raise RecipeError(
+                    f"student.from_teacher.num_layers: {cfg.from_teacher.num_layers},"
+                    f" but the teacher has {total} layers"
+                )
+            layers = evenly_spaced_layers(total, cfg.from_teacher.num_layers)
+        student = student_from_teacher(teacher, layers, field="student.from_teacher")
+        if is_main():
+            print_sizes(teacher, student, layers)
+        return student
+
+    def _check_logit_width(self, student: nn.Module) -> None:
+        """A separate student must predict over the teacher's vocabulary size (some models pad it)."""
+        teachers = self.teacher_models()
+        if not teachers:
+            return
+        ref, field, trust = teachers[0]
+        teacher_size = load_config(ref, field=field, trust_remote_code=trust).vocab_size
+        if student.config.vocab_size != teacher_size:
+            raise RecipeError(
+                f"student.model: predicts {student.config.vocab_size:,} vocabulary entries and {field}"
+                f" {teacher_size:,}; their logits cannot be compared, choose models with the same vocabulary size"
+            )
+
+    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
+        return resolve_model_ref(ref, field=field).weight_files()
+
+    def tokenizer_files(self) -> list[Path]:
+        ref, field, _ = self._tokenizer_source()
+        return tokenizer_files(resolve_model_ref(ref, field=field))
+
+    # ----- running models -----------------------------------------------------------------
+
+    def eval_batch_size(self, vocab: int) -> int:
+        """Sequences per evaluation batch: the recipe's, fewer when their logits would exceed the budget."""
+        per_sequence = self.data_cfg.max_length * max(vocab, 1)
+        return max(1, min(self.recipe.evaluation.batch_size, LOGITS_BUDGET // per_sequence))
+
+    def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
+        device = next(model.parameters()).device
+        hidden_wanted = bool(fields & {"hidden", "hidden_states"})
+        input_ids = batch["input_ids"].to(device)
+        # The output at position j predicts token j + 1: drop the last position, whose target
+        # lies beyond the sequence, so outputs line up with labels and loss_mask. Where the
+        # model can, the LM head runs on those positions only: the logits come out contiguous
+        # (a [:, :-1] view of them would be copied by every loss that flattens it, a [B, L, V]
+        # copy per side), and a run that needs no logits computes one position's.
+        keep: dict[str, Any] = {}
+        if _takes_logits_to_keep(model):
+            keep["logits_to_keep"] = torch.arange(input_ids.shape[1] - 1, device=device) if "logits" in fields else 1
+        out = model(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"].to(device),
+            output_hidden_states=hidden_wanted,
+            use_cache=False,
+            **keep,
+        )
+        hidden_states = tuple(h[:, :-1] for h in out.hidden_states) if hidden_wanted else None
+        logits = None
+        if "logits" in fields:
+            logits = out.logits if keep else out.logits[:, :-1]
+        return ModelOutputs(
+            logits=logits,
+            hidden=hidden_states[-1] if hidden_states is not None and "hidden" in fields else None,
+            hidden_states=hidden_states if "hidden_states" in fields else None,
+        )
+
+    def throughput_items(self, batch: dict[str, Any]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:
+        assert self.collate is not None, "the task hands the family its data source's collate"
+        size = min(batch_size, self.eval_batch_size(len(self.tokenizer)), len(dataset))  # type: ignore[arg-type]
+        return self.collate([dataset[i] for i in range(size)])
+
+    def forward_for_speed(self, model: nn.Module):
+        """The model's forward pass on the batch (full logits, no KV cache), as inference runs it."""
+        model.eval()
+        device = next(model.parameters()).device
+
+        def forward(batch: dict[str, Any]) -> torch.Tensor:
+            return model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            ).logits
+
+        return forward
+
+    # ----- saving -------------------------------------------------------------------------
+
+    def save_model(self, model: nn.Module, folder: Path, card: str) -> Path:
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        plain_model(model).save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        replace_folder(tmp, folder)
+        return folder
+
+    def load_saved(self, folder: Path) -> nn.Module:
+        return load_causal_lm(str(folder), field=str(folder), fresh=True)
+
+    def is_saved(self, folder: Path) -> bool:
+        return (folder / "config.json").exists()
+
+    def saved_weight_files(self, folder: Path) -> list[Path]:
+        return [folder / "model.safetensors"]
