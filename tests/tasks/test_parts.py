@@ -32,7 +32,6 @@ from kdforge.tasks.sparse_family import SparseEncoderFamily
 from kdforge.tasks.text_classifier_family import TextClassifierFamily
 from kdforge.tasks.text_data import LabelledSet, LabelledTextSource
 
-
 #: task -> (family, data source, evaluator) classes it is wired from
 WIRING = {
     "embedding": (SentenceEncoderFamily, UnlabeledTexts, RetrievalEvaluator),
