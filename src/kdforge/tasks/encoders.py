@@ -49,6 +49,7 @@ from kdforge.recipe import Recipe
 from kdforge.settings import cache_dir
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig
 from kdforge.signals.fingerprint import files_digest, value_digest
+from kdforge.tasks.parts import SafetensorsFolderFamily
 from kdforge.tasks.retrieval import Searched
 
 #: token-level fields; their terms count real tokens (``token_mask``) unless the recipe says otherwise
@@ -147,7 +148,7 @@ def recipe_teacher_ref(recipe: Recipe) -> str | None:
     return None
 
 
-class SentenceEncoderFamily:
+class SentenceEncoderFamily(SafetensorsFolderFamily):
     """Model family: sentence-transformers bi-encoders (:mod:`kdforge.models.sentence_encoder`).
 
     The student is a subset of the teacher's layers or a pretrained compact encoder, and must use the
@@ -454,15 +455,6 @@ class SentenceEncoderFamily:
 
     def load_saved(self, folder: Path) -> nn.Module:
         return SentenceTransformer(str(folder), device="cpu", local_files_only=True)
-
-    def is_saved(self, folder: Path) -> bool:
-        return (folder / "config.json").exists()
-
-    def saved_weight_files(self, folder: Path) -> list[Path]:
-        return [folder / "model.safetensors"]
-
-    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
-        return resolve_model_ref(ref, field=field).weight_files()
 
     def tokenizer_files(self) -> list[Path]:
         return tokenizer_files_of(self.teacher_ref)

@@ -34,6 +34,7 @@ from kdforge.models.store import replace_folder
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import Recipe
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
+from kdforge.tasks.parts import SafetensorsFolderFamily
 
 #: logits one evaluation (or timing) batch may hold: [B, L, V] floats, plus the log-softmax's copy
 LOGITS_BUDGET = 2**25
@@ -52,7 +53,7 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
         return False
 
 
-class CausalLMFamily:
+class CausalLMFamily(SafetensorsFolderFamily):
     """Model family: transformers causal LMs sharing one tokenizer.
 
     ``collate`` is the data source's (a timing batch is collated as training batches are);
@@ -222,9 +223,6 @@ class CausalLMFamily:
                 f" {teacher_size:,}; their logits cannot be compared, choose models with the same vocabulary size"
             )
 
-    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
-        return resolve_model_ref(ref, field=field).weight_files()
-
     def tokenizer_files(self) -> list[Path]:
         ref, field, _ = self._tokenizer_source()
         return tokenizer_files(resolve_model_ref(ref, field=field))
@@ -302,9 +300,3 @@ class CausalLMFamily:
 
     def load_saved(self, folder: Path) -> nn.Module:
         return load_causal_lm(str(folder), field=str(folder), fresh=True)
-
-    def is_saved(self, folder: Path) -> bool:
-        return (folder / "config.json").exists()
-
-    def saved_weight_files(self, folder: Path) -> list[Path]:
-        return [folder / "model.safetensors"]

@@ -26,6 +26,7 @@ from kdforge.models.store import is_kdforge_folder, load_kdforge_model, save_kdf
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import Recipe, Strict
 from kdforge.tasks.feature_data import FeatureTable
+from kdforge.tasks.parts import SafetensorsFolderFamily
 
 
 class MLPStudent(Strict):
@@ -36,7 +37,7 @@ class MLPStudent(Strict):
     init: str | None = Field(None, description="a saved model to start from instead of random weights")
 
 
-class MLPFamily:
+class MLPFamily(SafetensorsFolderFamily):
     """MLP classifiers saved as kdforge folders (see the module)."""
 
     throughput_unit = "examples/s"
@@ -121,15 +122,6 @@ class MLPFamily:
 
     def load_saved(self, folder: Path) -> nn.Module:
         return load_kdforge_model(folder)
-
-    def is_saved(self, folder: Path) -> bool:
-        return (folder / "config.json").exists()
-
-    def saved_weight_files(self, folder: Path) -> list[Path]:
-        return [folder / "model.safetensors"]
-
-    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
-        return resolve_model_ref(ref, field=field).weight_files()
 
     def tokenizer_files(self) -> list[Path]:
         return []

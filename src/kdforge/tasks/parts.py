@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from kdforge.models.refs import resolve_model_ref
 from kdforge.outputs import ModelOutputs
 from kdforge.recipe import Recipe
 from kdforge.tasks.base import Evaluation, Splits, Task
@@ -177,3 +178,17 @@ class ComposedTask(Task):
 
     def sample_generations(self, models: dict[str, nn.Module], dataset: Dataset) -> list[dict[str, str]] | None:
         return self.evaluator.sample_generations(models, dataset)
+
+
+class SafetensorsFolderFamily:
+    """The defaults most families share: a saved model is a folder with ``config.json`` and
+    ``model.safetensors``, and a teacher's weights are the files its reference resolves to."""
+
+    def is_saved(self, folder: Path) -> bool:
+        return (folder / "config.json").exists()
+
+    def saved_weight_files(self, folder: Path) -> list[Path]:
+        return [folder / "model.safetensors"]
+
+    def teacher_weight_files(self, ref: str, field: str = "teacher.model") -> list[Path]:
+        return resolve_model_ref(ref, field=field).weight_files()
