@@ -346,7 +346,9 @@ try:
     error = None
 except KDForgeError as exc:
     error = str(exc)
-print(json.dumps({"rank": rank(), "got": got, "nested": nested, "error": error}))
+# one file per process: two prints on the launcher's shared stdout can interleave on one line
+result = {"rank": rank(), "got": got, "nested": nested, "error": error}
+(folder / f"result-{rank()}.json").write_text(json.dumps(result))
 leave_processes(together=True)  # as the CLI ends a launched command
 """
 
@@ -359,9 +361,7 @@ def test_a_shared_file_is_written_by_the_main_process_and_read_by_the_others(tmp
     env = {**os.environ, "KDFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     done = run_launched([*launch(2), str(script), str(tmp_path)], env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    lines = sorted(
-        (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
-    )
+    lines = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
     assert [r["got"] for r in lines] == ["wrote value", "read value"]
     assert (tmp_path / "writers.txt").read_text() == "0\n"
     assert [r["nested"] for r in lines] == [7, 7]
