@@ -149,7 +149,7 @@ def test_the_lm_demo_runs_end_to_end_with_its_recipe_on_a_tiny_teacher(tmp_path,
     sets = [
         f"teacher.model={tiny_lm_teacher}",
         "student.from_teacher.num_layers=2",
-        "data.generation.max_new_tokens=8",
+        "generation.max_new_tokens=8",
         "training.steps=4",
     ]
     done = subprocess.run(

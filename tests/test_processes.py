@@ -466,7 +466,8 @@ def test_a_teacher_writing_fresh_answers_each_epoch_feeds_two_processes_as_it_fe
         "task": "causal_lm",
         "teacher": {"model": str(tiny_lm_teacher)},
         "student": {"from_teacher": {"layers": [0, 3]}},
-        "data": {"format": "jsonl", "path": str(prompts), "max_length": 32, "generation": {"max_new_tokens": 6}},
+        "data": {"format": "jsonl", "path": str(prompts), "max_length": 32},
+        "generation": {"max_new_tokens": 6},
         "methods": [{"name": "online_generation"}],
         "objective": [{"loss": "forward_kl"}, {"loss": "cross_entropy", "weight": 0.1}],
         "training": {"lr": 3e-3, "batch_size": 7, "epochs": 3, "steps": None, "log_every": 1},
@@ -514,7 +515,8 @@ def test_pgkd_asks_its_teacher_once_per_prompt_and_both_processes_train_on_the_a
         settings = [
             "training.epochs=null", "training.steps=2", "training.batch_size=8", "training.eval_every=null",
             "training.checkpoint_every=null", "data.train_limit=16", "data.validation_limit=8",
-            "data.test_limit=8", "data.max_length=24", f"methods=[{{name: pgkd, url: {url}, rounds: 2, patience: 2}}]",
+            "data.test_limit=8", "data.max_length=24", f"generation.url={url}",
+            "methods=[{name: pgkd, rounds: 2, patience: 2}]",
             f"output.dir={tmp_path}", "output.name=run",
         ]  # fmt: skip
         kdforge(2, "run", "text_teacher_sst2", *(arg for s in settings for arg in ("--set", s)))

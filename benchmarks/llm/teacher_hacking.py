@@ -6,7 +6,7 @@ Three tiny Llamas share one byte-level BPE tokenizer (512 tokens, trained on Tin
    (cross-entropy, no teacher) on the first 200 KB of TinyShakespeare, packed text;
 2. the **teacher** (2 layers, hidden 64): trained labels-only on the oracle's sampled
    answers to ``--teacher-prompts`` prompts (the ``teacher_generated`` method with
-   ``data.generation.model`` = the oracle), so it is an imperfect copy of the oracle;
+   ``generation.model`` = the oracle), so it is an imperfect copy of the oracle;
 3. the **student** (1 layer, hidden 64, random init): distilled from the teacher with
    ``forward_kl`` (teacher online), with the teacher-hacking monitor
    (method ``teacher_hacking_monitor``, ``golden`` = the oracle) evaluating proxy_kl = KL(teacher || student) and
@@ -24,7 +24,7 @@ the models see in running text); student and teacher prompts come from disjoint 
 the play text after the oracle's 200 KB.
 
 The seed sets the student's initial weights, the data order (training.seed) and the
-teacher's sampling (data.generation.seed). Everything runs on CPU in a work folder
+teacher's sampling (generation.seed). Everything runs on CPU in a work folder
 (default a temp dir; ``--work`` keeps it, and reuses a trained oracle and teacher).
 
 Writes ``teacher_hacking.png`` (proxy and golden vs epoch) next to this script (or
@@ -95,7 +95,9 @@ def write_jsonl(path: Path, prompts: list[str]) -> Path:
 COMMON_EVAL = {"batch_size": 64, "throughput_batches": 1, "throughput_repeats": 1}
 
 
-def labels_only_recipe(name: str, init: Path, data: dict, steps: int, work: Path, methods: list | None = None):
+def labels_only_recipe(
+    name: str, init: Path, data: dict, steps: int, work: Path, methods: list | None = None, generation=None
+):
     """A causal-LM run with no teacher: ``init`` trained on ``data`` with cross-entropy (oracle, teacher)."""
     return parse_recipe(
         {
@@ -103,6 +105,7 @@ def labels_only_recipe(name: str, init: Path, data: dict, steps: int, work: Path
             "task": "causal_lm",
             "student": {"model": str(init)},
             "data": data,
+            "generation": generation,
             "methods": methods or [],
             "objective": [{"loss": "cross_entropy"}],
             "training": {
@@ -142,9 +145,11 @@ def train_teacher(work: Path, tokenizer, oracle: Path, prompts: Path, steps: int
         "chat_template": False,
         "max_length": 64,
         "test_fraction": 0.05,
-        "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 100, "model": str(oracle)},
     }
-    recipe = labels_only_recipe("teacher", init, data, steps, work, methods=[{"name": "teacher_generated"}])
+    writer = {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 100, "model": str(oracle)}
+    recipe = labels_only_recipe(
+        "teacher", init, data, steps, work, methods=[{"name": "teacher_generated"}], generation=writer
+    )
     report = run_recipe(recipe)
     print(
         "teacher: perplexity on held-out oracle answers"
@@ -175,9 +180,9 @@ def student_run(work, tokenizer, oracle, teacher, prompts, *, mode, seed, settin
                 # the same held-out prompts in every setting; a setting trains on the first n_train of the rest
                 "test_fraction": args.test_prompts / (args.train_prompts + args.test_prompts),
                 "train_limit": n_train,
-                "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 64, "seed": seed},
                 "samples": 0,
             },
+            "generation": {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 64, "seed": seed},
             # mode: the method that writes the training answers (teacher_generated or online_generation)
             "methods": [
                 {"name": mode},

@@ -335,7 +335,7 @@ QUICK_DEMO = [
     "data.train_limit=40",
     "data.eval_limit=10",
     "data.max_length=64",
-    "data.generation.max_new_tokens=24",
+    "generation.max_new_tokens=24",
     "training.steps=16",
     "training.checkpoint_every=null",
     "evaluation.throughput_repeats=1",
@@ -374,7 +374,7 @@ def _lm_demo(output: Path, seeds: list[int], quick: bool, overrides: list[str]) 
         f"output.dir={output.as_posix()}",
         "output.overwrite=true",
         f"teacher.path={(output / (run_name + '-cache')).as_posix()}",
-        f"data.generation.store={(output / 'generations').as_posix()}",
+        f"generation.store={(output / 'generations').as_posix()}",
     ]
     recipe = load_recipe("demo_smollm2", [*common, *(QUICK_DEMO if quick else []), *overrides])
     out.print(f"[bold]1/2[/] the teacher ({recipe.teacher_label()}) answers the prompts; answers and top-k are cached")

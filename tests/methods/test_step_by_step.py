@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_tasks_causal_lm import lm_recipe, task_of
 
 from kdforge.errors import RecipeError
 from kdforge.runner import run_recipe
 from kdforge.tasks import lm_generated
 from kdforge.tasks.lm_generated import split_rationale
+from test_tasks_causal_lm import lm_recipe, task_of
 
 
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):

@@ -8,9 +8,9 @@ import torch
 
 from conftest import PROMPTS
 from kdforge.commands import write_recipe_caches
+from kdforge.data import generate
 from kdforge.errors import RecipeError
 from kdforge.runner import run_recipe
-from kdforge.tasks import lm_generated
 from test_lm_data_modes import mode_recipe, responses_of
 from test_tasks_causal_lm import lm_recipe, task_of
 
@@ -66,11 +66,11 @@ def test_teacher_generated_data_is_the_teachers_answers_with_prompts_masked(tmp_
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again")
 
-    lm_generated.sample_continuations, saved = no_generation, lm_generated.sample_continuations
+    generate.sample_continuations, saved = no_generation, generate.sample_continuations
     try:
         again = task_of(recipe).splits()
     finally:
-        lm_generated.sample_continuations = saved
+        generate.sample_continuations = saved
     assert [torch.equal(a.input_ids, b.input_ids) for a, b in zip(again.train, splits.train)] == [True] * len(
         splits.train
     )

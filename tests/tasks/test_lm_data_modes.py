@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from test_tasks_causal_lm import lm_recipe
 
 from kdforge.data.generate import GenerationStore, sample_continuations
 from kdforge.errors import RecipeError
 from kdforge.models.hf_causal_lm import load_causal_lm
 from kdforge.runner import run_recipe
+from test_tasks_causal_lm import lm_recipe
 
 
 def mode_recipe(tmp_path, teacher_ref, path, method, *overrides, **sections):
@@ -23,7 +23,7 @@ def mode_recipe(tmp_path, teacher_ref, path, method, *overrides, **sections):
         "data.format=jsonl",
         f"methods=[{{name: {method}}}]",
         "data.max_length=32",
-        "data.generation.max_new_tokens=10",
+        "generation.max_new_tokens=10",
         *overrides,
         **sections,
     )

@@ -8,10 +8,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
-from test_sparse_retriever import _sparse_recipe
-from test_tasks_causal_lm import lm_recipe
-from test_tasks_encoders import MINILM_TERMS, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
-from test_vq_index import _vq_recipe
 
 from kdforge.checks import load_recipe
 from kdforge.models.mlp import MLPClassifier
@@ -31,6 +27,10 @@ from kdforge.tasks.retrieval import RetrievalEvaluator
 from kdforge.tasks.sparse_family import SparseEncoderFamily
 from kdforge.tasks.text_classifier_family import TextClassifierFamily
 from kdforge.tasks.text_data import LabelledSet, LabelledTextSource
+from test_sparse_retriever import _sparse_recipe
+from test_tasks_causal_lm import lm_recipe
+from test_tasks_encoders import MINILM_TERMS, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
+from test_vq_index import _vq_recipe
 
 #: task -> (family, data source, evaluator) classes it is wired from
 WIRING = {

@@ -10,7 +10,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 from sentence_transformers import SparseEncoder
-from test_tasks_encoders import TEACHER, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 
 from kdforge.checks import parse_recipe
 from kdforge.eval.sparse_index import SparseIndex, query_terms
@@ -23,6 +22,7 @@ from kdforge.runner import run_recipe
 from kdforge.signals import build_signal
 from kdforge.signals.ensemble import minmax_per_query
 from kdforge.tasks import TASKS
+from test_tasks_encoders import TEACHER, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 
 ENSEMBLE = {"signal": "ensemble", "members": [{"model": TEACHER}, {"model": "bm25"}]}
 OBJECTIVE = [

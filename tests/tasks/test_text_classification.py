@@ -226,7 +226,8 @@ def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(
         [
             *TEXT_TINY,
             f"output.dir={tmp_path}",
-            "methods=[{name: pgkd, teacher: package:not-loaded, rounds: 2, patience: 2}]",
+            "methods=[{name: pgkd, rounds: 2, patience: 2}]",
+            "generation={model: package:not-loaded}",
         ],
     )
     with caplog.at_level("INFO", logger="kdforge.pgkd"):
@@ -246,8 +247,3 @@ def test_pgkd_run_adds_the_valid_generated_examples_and_logs_the_rejected(
     # the baseline trains on the labelled data alone, as many steps as the rounds together
     assert models["baseline"]["train"]["steps"] == models["student"]["train"]["steps"] == 4 + 4
     assert "Performance-guided distillation" in (recipe.run_dir / "report.html").read_text()
-
-
-def test_pgkd_needs_one_teacher(data_dir, tmp_path):
-    with pytest.raises(KDForgeError, match=r"methods\[0\]: give teacher"):
-        load_recipe("text_teacher_sst2", ["methods=[{name: pgkd, rounds: 2}]"])

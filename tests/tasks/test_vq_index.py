@@ -10,7 +10,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from test_tasks_encoders import TEACHER, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 
 from kdforge.engine.optim import build_optimizer
 from kdforge.engine.trainer import model_parameter_groups
@@ -19,6 +18,7 @@ from kdforge.eval.retrieval import retrieval_metrics
 from kdforge.models.ivfpq import IVFPQStudent, build_faiss_index
 from kdforge.runner import run_recipe
 from kdforge.tasks import TASKS
+from test_tasks_encoders import TEACHER, _recipe, beir_dir  # noqa: F401  (beir_dir is a fixture)
 
 OBJECTIVE = [
     {"loss": "listnet", "field": "scores", "params": {"temperature": 0.05}},

@@ -1,11 +1,14 @@
 """Sampling continuations from a causal LM, and keeping a teacher's generations on disk.
 
-Three data modes of the causal-LM task generate text: the teacher answers the prompts
-once (``teacher_generated``, sequence-level KD) or once per epoch
-(``online_generation``), and the student answers them during training (``on_policy``,
-GKD). :func:`sample_continuations` is the one sampler all of them use. A prompt-in,
-text-out :class:`TextGenerator` (a local model, :class:`LocalGenerator`, or a served one,
-:class:`ServedGenerator`) writes for methods that ask a teacher in words (PGKD).
+Every method that has a model write text uses one writer, built by
+:func:`build_generator` from the recipe's one ``generation:`` section
+(:class:`~kdforge.recipe.GenerationConfig`): a causal LM on this machine
+(:class:`LocalGenerator`) or an OpenAI-compatible endpoint (:class:`ServedGenerator`). Both
+answer a prompt in words (``writer(prompt)``: PGKD's examples) and continue prompts
+already in token ids (``writer.continue_ids``: the teacher's answers of
+``teacher_generated``, ``online_generation`` and ``step_by_step``). The student's own
+answers (``on_policy``, GKD) come from the model being trained, through the same sampler,
+:func:`sample_continuations`.
 
 A teacher's generations are expensive and must be identical whenever a run (or
 ``kdforge cache``, or a resumed run) asks for them again, so :class:`GenerationStore`
@@ -21,15 +24,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from kdforge.errors import KDForgeError
+from kdforge.errors import KDForgeError, RecipeError
 from kdforge.progress import counting_progress
-from kdforge.signals.fingerprint import value_digest
+from kdforge.recipe import GenerationConfig
+from kdforge.signals.fingerprint import files_digest, value_digest
 
 
 @torch.no_grad()
@@ -93,6 +99,18 @@ def sample_continuations(
     return continuations
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id padded positions carry: they are masked everywhere, so any id the model can embed will do.
+
+    Tokens added to a tokenizer after its base vocabulary (a new pad token, a GGUF
+    conversion's extra end-of-text token) may lie beyond a model's embedding table.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None and candidate < tokenizer.vocab_size:
+            return int(candidate)
+    return 0
+
+
 def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
     """The ids that end a response: the tokenizer's end of text and the model's own end-of-turn ids."""
     ids: list[int] = []
@@ -111,7 +129,7 @@ class GenerationStore:
     file, so a changed prompt set or teacher never reuses stale generations.
     """
 
-    def __init__(self, folder: Path, key: dict[str, Any], *, field: str = "data.generation.store"):
+    def __init__(self, folder: Path, key: dict[str, Any], *, field: str = "generation.store"):
         self.folder = Path(folder).expanduser()
         self.digest = value_digest(key)
         self.key = key
@@ -180,49 +198,103 @@ class GenerationStore:
         return records
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a writer samples: a method's defaults, overridden by the recipe's ``generation`` fields."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+
+    def over(self, cfg: GenerationConfig | None) -> Sampling:
+        """These defaults with the fields ``cfg`` gives (temperature 0 is a value, not a gap)."""
+        if cfg is None:
+            return self
+        return Sampling(
+            max_new_tokens=self.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
+            temperature=self.temperature if cfg.temperature is None else cfg.temperature,
+            top_p=self.top_p if cfg.top_p is None else cfg.top_p,
+        )
+
+
 class TextGenerator(Protocol):
-    """Anything that answers a prompt with text (the answer only, without the prompt)."""
+    """A model that writes: a prompt answered in words, or token prompts continued."""
 
-    def __call__(self, prompt: str) -> str: ...
+    sampling: Sampling
 
+    def __call__(self, prompt: str) -> str:
+        """The answer to ``prompt`` (without the prompt); successive calls sample afresh."""
+        ...
 
-# ----- prompt in, text out: a local model or a served one ----------------------------
+    def continue_ids(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int) -> list[str]:
+        """The text that continues each prompt (token ids, already formatted), sampled from ``seed``."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What names the writer in a store's key: stored answers are reused only for the same writer."""
+        ...
 
 
 class LocalGenerator:
-    """A causal LM on this machine as the teacher (a folder, hub id, ``.gguf`` file or ``package:NAME``).
+    """A causal LM on this machine writes (a folder, hub id, ``.gguf`` file or ``package:NAME``).
 
-    The prompt goes through the tokenizer's chat template when it has one (instruct
-    models answer far better in their own turn format). Sampling is reproducible: the
-    n-th call is seeded with ``seed + n`` (in a forked RNG, so the caller's random state
-    is untouched), so a run replays exactly while successive prompts still get
-    different samples. ``temperature`` 0 decodes greedily.
+    The model loads on the first call (stored answers need none). A prompt in words goes
+    through the tokenizer's chat template when it has one (instruct models answer far
+    better in their own turn format). Sampling is reproducible: the n-th call is seeded with
+    ``seed + n`` (in a forked RNG, so the caller's random state is untouched), so a run
+    replays exactly while successive prompts still get different samples. ``tokenizer``
+    (default: the model's own) is the one the token prompts were made with.
     """
 
     def __init__(
         self,
         ref: str,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
+        sampling: Sampling,
         seed: int = 0,
-        field: str = "pgkd.teacher",
+        field: str = "generation.model",
+        trust_remote_code: bool = False,
+        tokenizer=None,
     ):
-        from kdforge.models.hf_causal_lm import load_causal_lm, load_tokenizer
-
         self.ref = ref
-        self.model = load_causal_lm(ref, field=field)
-        self.tokenizer = load_tokenizer(ref, field=field)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
+        self.sampling = sampling
         self.seed = seed
         self.calls = 0
         self.field = field
+        self.trust_remote_code = trust_remote_code
+        if tokenizer is None:
+            from kdforge.models.hf_causal_lm import load_tokenizer
+
+            tokenizer = load_tokenizer(ref, field=field)
+        self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
-        return f"LocalGenerator({self.ref!r}, temperature={self.temperature}, seed={self.seed})"
+        return f"LocalGenerator({self.ref!r}, temperature={self.sampling.temperature}, seed={self.seed})"
+
+    @cached_property
+    def model(self) -> nn.Module:
+        from kdforge.models.hf_causal_lm import load_causal_lm
+
+        return load_causal_lm(self.ref, field=self.field, trust_remote_code=self.trust_remote_code)
+
+    def identity(self) -> dict[str, Any]:
+        from kdforge.models.refs import resolve_model_ref
+
+        weights = resolve_model_ref(self.ref, field=self.field).weight_files()
+        return {"model": files_digest(weights) if weights else self.ref}
+
+    def continue_ids(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int) -> list[str]:
+        continuations = sample_continuations(
+            self.model,
+            prompts,
+            pad_id=pad_token_id(self.tokenizer),
+            stop_ids=stop_token_ids(self.tokenizer, self.model),
+            max_new_tokens=max_new_tokens,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            seed=seed,
+        )
+        return self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
@@ -234,37 +306,28 @@ class LocalGenerator:
 
     def __call__(self, prompt: str) -> str:
         ids = self._prompt_ids(prompt)
+        wanted = self.sampling.max_new_tokens
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and len(ids) + self.max_new_tokens > limit:
+        if limit is not None and len(ids) + wanted > limit:
             raise KDForgeError(
-                f"{self.field}: the prompt has {len(ids)} tokens and {self.max_new_tokens} more are asked for,"
-                f" beyond the model's {limit}; show fewer mistakes or shorter texts, or lower max_new_tokens"
+                f"{self.field}: the prompt has {len(ids)} tokens and {wanted} more are asked for,"
+                f" beyond the model's {limit}; shorten the prompt or lower generation.max_new_tokens"
             )
-        stops = stop_token_ids(self.tokenizer, self.model)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
         seed = self.seed + self.calls
         self.calls += 1
-        [new] = sample_continuations(
-            self.model,
-            [ids],
-            pad_id=pad,
-            stop_ids=stops,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=seed,
-        )
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+        [text] = self.continue_ids([ids], max_new_tokens=wanted, seed=seed)
+        return text
 
 
 class ServedGenerator:
-    """A teacher behind an OpenAI-compatible ``/v1/completions`` endpoint (vLLM, llama.cpp, ``kdforge serve-teacher``).
+    """A model behind an OpenAI-compatible ``/v1/completions`` endpoint writes (vLLM, llama.cpp, serve-teacher).
 
-    The prompt is sent as plain text: a completions endpoint applies no chat template.
-    The API key is read from the environment variable ``api_key_env`` by
-    :class:`~kdforge.signals.served.CompletionsClient`, which keeps it in the request
-    header only; it never appears in this object's repr or in logs. With ``seed`` the
-    n-th call asks the server for seed ``seed + n`` (servers that honour it replay).
+    A prompt in words is sent as plain text (a completions endpoint applies no chat
+    template); token prompts are sent as ids, which the OpenAI API and vLLM accept, so
+    the server reads exactly what a local model would. The API key is read from the
+    environment variable ``api_key_env`` by :class:`~kdforge.signals.served.CompletionsClient`,
+    which keeps it in the request header only; it never appears in this object's repr or
+    in logs. The n-th call asks for seed ``seed + n`` (servers that honour it replay).
     """
 
     def __init__(
@@ -272,29 +335,83 @@ class ServedGenerator:
         url: str,
         model: str | None = None,
         *,
+        sampling: Sampling,
         api_key_env: str | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
         seed: int | None = None,
         timeout: float = 120.0,
+        field: str = "generation.url",
     ):
         from kdforge.signals.served import CompletionsClient
 
-        self.client = CompletionsClient(
-            url, model=model, api_key_env=api_key_env, timeout=timeout, field="pgkd.teacher.url"
-        )
-        self.max_tokens = max_tokens
-        self.temperature = temperature
+        self.client = CompletionsClient(url, model=model, api_key_env=api_key_env, timeout=timeout, field=field)
+        self.sampling = sampling
         self.seed = seed
         self.calls = 0
 
     def __repr__(self) -> str:
-        return f"ServedGenerator({self.client!r}, temperature={self.temperature})"
+        return f"ServedGenerator({self.client!r}, temperature={self.sampling.temperature})"
 
-    def __call__(self, prompt: str) -> str:
+    def identity(self) -> dict[str, Any]:
+        return {"url": self.client.url, "model": self.client.model}
+
+    def _ask(self, prompts: list[str] | list[list[int]], max_new_tokens: int, seed: int | None) -> list[str]:
         from kdforge.signals.served import generate
 
+        return generate(
+            self.client,
+            prompts,
+            max_tokens=max_new_tokens,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            seed=seed,
+        )
+
+    def continue_ids(self, prompts: list[list[int]], *, max_new_tokens: int, seed: int) -> list[str]:
+        return self._ask(prompts, max_new_tokens, seed)
+
+    def __call__(self, prompt: str) -> str:
         seed = None if self.seed is None else self.seed + self.calls
         self.calls += 1
-        [text] = generate(self.client, [prompt], max_tokens=self.max_tokens, temperature=self.temperature, seed=seed)
+        [text] = self._ask([prompt], self.sampling.max_new_tokens, seed)
         return text
+
+
+def build_generator(
+    cfg: GenerationConfig | None,
+    *,
+    defaults: Sampling,
+    who: str,
+    default_model: tuple[str, str, bool] | None = None,
+    tokenizer=None,
+) -> TextGenerator:
+    """The writer the recipe's ``generation`` section names, sampling as ``defaults`` say unless it overrides.
+
+    ``default_model`` is (reference, recipe field, trust_remote_code) of the model that
+    writes when the section names none (a causal-LM task's teacher); ``who`` names the
+    method in the error when neither does.
+    """
+    cfg = cfg or GenerationConfig()
+    sampling = defaults.over(cfg)
+    if cfg.url is not None:
+        return ServedGenerator(
+            cfg.url, cfg.model, sampling=sampling, api_key_env=cfg.api_key_env, seed=cfg.seed, timeout=cfg.timeout
+        )
+    if cfg.model is not None:
+        same_as_default = default_model is not None and default_model[0] == cfg.model and default_model[2]
+        return LocalGenerator(
+            cfg.model,
+            sampling=sampling,
+            seed=cfg.seed,
+            field="generation.model",
+            trust_remote_code=cfg.trust_remote_code or bool(same_as_default),
+            tokenizer=tokenizer,
+        )
+    if default_model is None:
+        raise RecipeError(
+            f"generation.model: {who} needs a model that writes; name a causal LM (generation: {{model: REF}})"
+            " or an endpoint (generation: {url: http://...})"
+        )
+    ref, field, trust = default_model
+    return LocalGenerator(
+        ref, sampling=sampling, seed=cfg.seed, field=field, trust_remote_code=trust, tokenizer=tokenizer
+    )

@@ -207,14 +207,14 @@ def check_methods(recipe: Recipe, capabilities: frozenset[str], task_name: str) 
             raise RecipeError(f"{where}.name: method {cls.name!r} needs a teacher; add a teacher section")
         if cls.trains_student:
             owners.append(cls.name)
+            if len(owners) > 1:
+                raise RecipeError(
+                    f"methods: {owners[0]} and {owners[1]} each train the student in their own rounds; use one of them"
+                )
         clash = sorted(cls.excludes & set(recipe.method_names()))
         if clash:
             raise RecipeError(f"{where}.name: {cls.name} and {clash[0]} cannot be combined; list one of them, not both")
         cls.check(cfg, recipe, where)
-    if len(owners) > 1:
-        raise RecipeError(
-            f"methods: {owners[0]} and {owners[1]} each train the student in their own rounds; use one of them"
-        )
 
 
 #: what each capability means, in the words of an error message
@@ -238,12 +238,3 @@ def build_methods(recipe: Recipe, task: Task) -> list[Method]:
         cls, cfg = settings_of(entry, f"methods[{i}]")
         built.append(cls(cfg, task, f"methods[{i}]"))
     return built
-
-
-def method_settings(recipe: Recipe, name: str) -> Strict | None:
-    """The validated settings of method ``name`` when the recipe lists it (a task that serves a method
-    reads them here), else None."""
-    for i, entry in enumerate(recipe.methods):
-        if entry["name"] == name:
-            return settings_of(entry, f"methods[{i}]")[1]
-    return None

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from kdforge.errors import ServedTeacherError
 from kdforge.outputs import ModelOutputs
+from kdforge.recipe import refuse_password_in_url
 from kdforge.signals.base import SIGNALS, Batch, BuiltSignal, SignalConfig, TeacherSignal
 from kdforge.signals.cache_reader import pad_topk
 
@@ -166,10 +167,13 @@ def generate(
     *,
     max_tokens: int,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     seed: int | None = None,
 ) -> list[str]:
     """The teacher's completions of ``prompts`` (text only; top-k comes from :func:`topk_logprobs`)."""
     body: dict[str, Any] = {"prompt": prompts, "max_tokens": max_tokens, "temperature": temperature}
+    if top_p < 1.0:
+        body["top_p"] = top_p
     if seed is not None:
         body["seed"] = seed
     response = client.completions(**body)
@@ -194,12 +198,7 @@ class ServedTeacherConfig(SignalConfig):
     @field_validator("url")
     @classmethod
     def _no_password(cls, url: str) -> str:
-        if urllib.parse.urlsplit(url).password is not None:
-            raise ValueError(
-                "holds a password; remove it from the URL, put the key in an environment variable and name"
-                " that variable in api_key_env (the recipe is copied into the run folder, the key never is)"
-            )
-        return url
+        return refuse_password_in_url(url)
 
     def label(self) -> str:
         return f"{self.model or 'model'} served at {self.url}"

@@ -10,12 +10,14 @@ recipe's list has a teacher write them (:class:`kdforge.tasks.lm_generated.Respo
 - ``step_by_step``: the teacher writes a rationale and an answer
   (:mod:`kdforge.methods.step_by_step`, settings :class:`StepByStep`).
 
-``data.generation`` says how the teacher writes, for all of them (and for the report's
-sample generations). The teacher-hacking monitor is a method too
+The recipe's top-level ``generation`` section says which model writes and how, for all of
+them (and how long the report's sample answers are):
+:func:`kdforge.data.generate.build_generator`. The teacher-hacking monitor is a method too
 (:mod:`kdforge.methods.teacher_hacking_monitor`, settings :class:`HackingMonitor`).
 On-policy distillation (GKD), where the student answers the prompts itself, is the
 ``on_policy`` method. The ``data`` fields these methods had before (``data.mode``,
-``data.step_by_step``, ``data.monitor``, ``data.on_policy``) are refused with the new spelling.
+``data.step_by_step``, ``data.monitor``, ``data.on_policy``, ``data.generation``) are
+refused with the new spelling.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from kdforge.data.generate import Sampling
 from kdforge.recipe import Strict
 from kdforge.tasks.base import refuse_moved_settings
 
@@ -52,16 +55,9 @@ class CausalLMStudent(Strict):
         return self
 
 
-class Generation(Strict):
-    """How the teacher writes responses (the methods teacher_generated, online_generation, step_by_step)."""
-
-    max_new_tokens: int = Field(64, ge=1, description="longest response, in tokens")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 decodes greedily")
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(16, ge=1, description="prompts answered together")
-    seed: int = Field(0, description="the sampling seed (each batch and epoch derives its own from it)")
-    model: str | None = Field(None, description="the model that writes; default: teacher.model")
-    store: str | None = Field(None, description="folder of stored generations; default KDFORGE_CACHE_DIR/generations")
+#: how the teacher writes the training responses unless the recipe's ``generation`` section says otherwise
+#: (the report's sample generations and the evaluation's answers are as long)
+ANSWER_SAMPLING = Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0)
 
 
 class StepByStep(Strict):
@@ -108,6 +104,11 @@ def _refuse_moved(data: Any) -> Any:
     ``data.mode: teacher_generated``, ...) are refused with the new spelling."""
     if not isinstance(data, dict):
         return data
+    if "generation" in data:
+        raise ValueError(
+            "data.generation moved to the recipe's top-level generation section, which says for every method"
+            " which model writes and how; move it there unchanged (generation: {max_new_tokens: 64, ...})"
+        )
     if "on_policy" in data or data.get("mode") == "on_policy":
         raise ValueError(
             "data.mode on_policy and data.on_policy moved to the recipe's methods list; write methods:"
@@ -141,9 +142,6 @@ class CausalLMData(Strict):
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples")
     eval_limit: int | None = Field(None, ge=1, description="use only the first N validation and test examples")
     fidelity_positions: int = Field(256, ge=1, description="counted positions whose logits fidelity compares")
-    generation: Generation = Field(
-        Generation(), description="how the teacher writes responses (the methods that have it write, and samples)"
-    )
     samples: int = Field(3, ge=0, description="held-out prompts whose generations the report shows side by side")
 
     _moved = model_validator(mode="before")(_refuse_moved)

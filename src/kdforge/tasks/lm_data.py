@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from torch.utils.data import Sampler
 
+from kdforge.data.generate import build_generator
 from kdforge.data.lm import (
     TokenDataset,
     TokenExample,
@@ -31,12 +32,11 @@ from kdforge.data.lm import (
 )
 from kdforge.distributed import is_main, on_main
 from kdforge.errors import RecipeError
-from kdforge.models.hf_causal_lm import load_causal_lm
-from kdforge.models.refs import resolve_model_ref
+from kdforge.recipe import GenerationConfig
 from kdforge.settings import cache_dir
 from kdforge.signals.fingerprint import files_digest
 from kdforge.tasks.base import Splits
-from kdforge.tasks.lm_config import StepByStep
+from kdforge.tasks.lm_config import ANSWER_SAMPLING, StepByStep
 from kdforge.tasks.lm_family import CausalLMFamily
 from kdforge.tasks.lm_generated import EpochResponses, ResponseSource, ResponseWriter, split_rationale
 
@@ -197,36 +197,25 @@ class LMData:
 
     # ----- responses the teacher writes ---------------------------------------------------
 
-    def _writer_source(self) -> tuple[str, str, bool]:
-        gen = self.data_cfg.generation
-        if gen.model:
-            return gen.model, "data.generation.model", self.family.trust(gen.model)
-        teachers = self.family.teacher_models()
-        if not teachers:
-            raise RecipeError(
-                f"data.generation.model: {self.source.name if self.source else 'the task'} needs a model to write"
-                " the training responses; name the teacher's model (teacher.model) or data.generation.model"
-            )
-        return teachers[0]
-
     @cached_property
     def _writer(self) -> ResponseWriter:
-        ref, field, trust = self._writer_source()
-        gen = self.data_cfg.generation
+        """The recipe's writer (``generation``; by default the teacher's model), with its answers stored."""
+        cfg = self.family.recipe.generation or GenerationConfig()
+        teachers = self.family.teacher_models()
         family = self.family
-        weights = resolve_model_ref(ref, field=field).weight_files()
-        identity = {
-            "model": files_digest(weights) if weights else ref,
-            "tokenizer": files_digest(family.tokenizer_files()),
-        }
+        writer = build_generator(
+            cfg,
+            defaults=ANSWER_SAMPLING,
+            who=f"{self.source.name} ({self.source.where})" if self.source else "the task",
+            default_model=teachers[0] if teachers else None,
+            tokenizer=family.tokenizer,  # the prompts are token ids of the task's tokenizer
+        )
+        identity = {**writer.identity(), "tokenizer": files_digest(family.tokenizer_files())}
         return ResponseWriter(
-            lambda: load_causal_lm(ref, field=field, trust_remote_code=trust),
-            family.tokenizer,
-            gen,
+            writer,
+            cfg,
             identity=identity,
-            store_folder=Path(gen.store).expanduser() if gen.store else cache_dir() / "generations",
-            pad_id=family.pad_id,
-            stop_ids=family.stop_ids,
+            store_folder=Path(cfg.store).expanduser() if cfg.store else cache_dir() / "generations",
             max_length=self.data_cfg.max_length,
             strip=uses_chat_template(family.tokenizer, self.data_cfg.chat_template),
         )

@@ -26,7 +26,7 @@ from kdforge.errors import RecipeError
 from kdforge.losses.logits import cross_entropy, forward_kl
 from kdforge.models.hf_causal_lm import load_causal_lm
 from kdforge.tasks.base import Evaluation
-from kdforge.tasks.lm_config import HackingMonitor
+from kdforge.tasks.lm_config import ANSWER_SAMPLING, HackingMonitor
 from kdforge.tasks.lm_data import LMData
 from kdforge.tasks.lm_family import CausalLMFamily
 from kdforge.tasks.lm_generated import prompt_prefixes
@@ -126,7 +126,9 @@ class LMEvaluator:
         batch = self.data.collate(items)
         rows = [{"reference": r} for r in self.references(batch)]
         for role, model in models.items():
-            prompts, answers = self._greedy(model, batch, self.data_cfg.generation.max_new_tokens)
+            prompts, answers = self._greedy(
+                model, batch, ANSWER_SAMPLING.over(self.family.recipe.generation).max_new_tokens
+            )
             for row, item, prompt, answer in zip(rows, items, prompts, answers):
                 row["prompt"] = item.prompt if item.prompt is not None else prompt.strip()
                 row[role] = answer.strip()

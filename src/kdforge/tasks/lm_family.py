@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdforge.data.generate import stop_token_ids
+from kdforge.data.generate import pad_token_id, stop_token_ids
 from kdforge.distributed import is_main
 from kdforge.errors import RecipeError
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
@@ -126,16 +126,8 @@ class CausalLMFamily(SafetensorsFolderFamily):
 
     @cached_property
     def pad_id(self) -> int:
-        """The id padded positions carry: they are masked everywhere, so any id the model can embed will do.
-
-        Tokens added to a tokenizer after its base vocabulary (a new pad token, a GGUF
-        conversion's extra end-of-text token) may lie beyond a model's embedding table.
-        """
-        tok = self.tokenizer
-        for candidate in (tok.pad_token_id, tok.eos_token_id):
-            if candidate is not None and candidate < tok.vocab_size:
-                return int(candidate)
-        return 0
+        """The id padded positions carry (:func:`~kdforge.data.generate.pad_token_id`)."""
+        return pad_token_id(self.tokenizer)
 
     def stop_ids(self, model: nn.Module) -> list[int]:
         """The token ids that end an answer ``model`` writes (the tokenizer's and the model's end tokens)."""

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from torch import nn
 from torch.utils.data import Dataset
 
-from kdforge.data.generate import GenerationStore, sample_continuations
+from kdforge.data.generate import GenerationStore, TextGenerator
 from kdforge.data.lm import TokenExample
+from kdforge.recipe import GenerationConfig
 from kdforge.signals.fingerprint import value_digest
-from kdforge.tasks.lm_config import Generation, StepByStep
+from kdforge.tasks.lm_config import StepByStep
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ResponseSource:
     """Where a causal-LM task's training responses come from when the teacher writes them (without one:
     the data file's responses).
 
-    The teacher (``data.generation``) answers every prompt once before training; with
+    The recipe's writer (``generation``, by default the teacher) answers every prompt once before training; with
     ``fresh_each_epoch`` it answers the training prompts afresh for every later epoch; with
     ``step_by_step`` it writes a rationale and an answer, and the student learns two tasks.
     """
@@ -51,39 +51,34 @@ def derived_seed(*parts: Any) -> int:
 
 
 class ResponseWriter:
-    """A model answering prompts, with its answers kept in a :class:`GenerationStore`.
+    """The recipe's writer answering prompts, with its answers kept in a :class:`GenerationStore`.
 
-    ``identity`` names the model and tokenizer (their files' digests): stored answers
-    are reused only for the same writer, prompts and settings.
+    ``identity`` names the writer and the tokenizer the prompts were made with (their
+    files' digests, or the endpoint): stored answers are reused only for the same writer,
+    prompts and settings.
     """
 
     def __init__(
         self,
-        load_model: Callable[[], nn.Module],
-        tokenizer,
-        cfg: Generation,
+        writer: TextGenerator,
+        cfg: GenerationConfig,
         *,
         identity: dict[str, Any],
         store_folder,
-        pad_id: int,
-        stop_ids: Callable[[nn.Module], list[int]],
         max_length: int,
         strip: bool = True,
     ):
-        self.load_model = load_model
-        self.tokenizer = tokenizer
+        self.writer = writer
         self.cfg = cfg
         self.identity = identity
         self.store_folder = store_folder
-        self.pad_id = pad_id
-        self.stop_ids = stop_ids
         self.max_length = max_length
         # a chat turn's content is trimmed; a plain continuation keeps its leading space, which
         # belongs to its first token
         self.strip = strip
 
     def store(self, prompt_ids: list[list[int]], purpose: str) -> GenerationStore:
-        settings = self.cfg.model_dump(exclude={"store"})
+        settings = {**asdict(self.writer.sampling), "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
         key = {
             "strip": self.strip,
             "writer": self.identity,
@@ -95,27 +90,17 @@ class ResponseWriter:
         return GenerationStore(self.store_folder, key)
 
     def responses(self, prompt_ids: list[list[int]], *, purpose: str, description: str) -> list[str]:
-        """The model's answer (text) to each prompt, generated once per (prompts, settings, purpose)."""
+        """The writer's answer (text) to each prompt, generated once per (prompts, settings, purpose)."""
         store = self.store(prompt_ids, purpose)
-        model: nn.Module | None = None
 
         def make_batch(start: int, stop: int) -> list[dict[str, Any]]:
-            nonlocal model
-            if model is None:
-                model = self.load_model()
             prompts = prompt_ids[start:stop]
             room = self.max_length - min(len(p) for p in prompts)
-            continuations = sample_continuations(
-                model,
+            texts = self.writer.continue_ids(
                 prompts,
-                pad_id=self.pad_id,
-                stop_ids=self.stop_ids(model),
-                max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
+                max_new_tokens=max(1, min(self.writer.sampling.max_new_tokens, room)),
                 seed=derived_seed(self.cfg.seed, purpose, start),
             )
-            texts = self.tokenizer.batch_decode(continuations, skip_special_tokens=True)
             return [{"response": text.strip() if self.strip else text} for text in texts]
 
         records = store.build(len(prompt_ids), make_batch, batch_size=self.cfg.batch_size, description=description)

