@@ -49,11 +49,7 @@ class CausalLMTask(ComposedTask):
     student_schema = CausalLMStudent
     data_schema = CausalLMData
     output_fields = ("logits", "hidden", "hidden_states")
-    primary_metric = LMEvaluator.primary_metric
-    higher_is_better = LMEvaluator.higher_is_better
-    throughput_unit = CausalLMFamily.throughput_unit
-    card_library = CausalLMFamily.card_library
-    load_hint = CausalLMFamily.load_hint
+    parts = (CausalLMFamily, LMData, LMEvaluator)
 
     family: CausalLMFamily
     data: LMData

@@ -29,10 +29,7 @@ class ClassificationTask(ComposedTask):
     student_schema = MLPStudent
     data_schema = FeatureData
     output_fields = ("logits", "hidden", "hidden_states")
-    primary_metric = ClassificationEvaluator.primary_metric
-    throughput_unit = MLPFamily.throughput_unit
-    card_library = MLPFamily.card_library
-    load_hint = MLPFamily.load_hint
+    parts = (MLPFamily, FeatureTable, ClassificationEvaluator)
 
     family: MLPFamily
     data: FeatureTable

@@ -38,10 +38,7 @@ class EmbeddingTask(ComposedTask):
     student_schema = EncoderStudent
     data_schema = EmbeddingData
     output_fields = ("embeddings", "scores", *TOKEN_FIELDS)
-    primary_metric = RetrievalEvaluator.primary_metric
-    throughput_unit = SentenceEncoderFamily.throughput_unit
-    card_library = SentenceEncoderFamily.card_library
-    load_hint = SentenceEncoderFamily.load_hint
+    parts = (SentenceEncoderFamily, UnlabeledTexts, RetrievalEvaluator)
 
     def build_parts(self):
         family = SentenceEncoderFamily(

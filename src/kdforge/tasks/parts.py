@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import nn
 from torch.utils.data import Dataset, Sampler
@@ -101,19 +101,45 @@ class Evaluator(Protocol):
 class ComposedTask(Task):
     """A task wired from parts: ``self.family``, ``self.data`` and ``self.evaluator``.
 
-    A subclass declares the class attributes the recipe checks read before any task is built
-    (``student_schema``, ``data_schema``, ``output_fields``, ``capabilities``, ``primary_metric``,
-    ``load_hint``, ...) and builds its parts in :meth:`build_parts` from ``self.recipe``,
-    ``self.student_cfg`` and ``self.data_cfg``; every Task method below goes to the part that owns it.
+    A subclass names the classes of its parts in ``parts`` (family, data source, evaluator) and
+    builds them in :meth:`build_parts` from ``self.recipe``, ``self.student_cfg`` and
+    ``self.data_cfg``; every Task method below goes to the part that owns it. What the recipe
+    checks and reports read before any task is built comes from the part classes: the
+    evaluator's ``primary_metric`` and ``higher_is_better``, the family's ``throughput_unit``,
+    ``card_library`` and ``load_hint``. The task itself declares its schemas, ``output_fields``
+    (what its adapter gives for its batch layout: one family serves several layouts) and
+    ``capabilities`` (a promise the task keeps with the methods it holds for them).
     """
+
+    #: the classes of the family, the data source and the evaluator :meth:`build_parts` returns
+    parts: ClassVar[tuple[type, type, type]]
 
     family: ModelFamily
     data: DataSource
     evaluator: Evaluator
 
+    #: the class attributes a task takes from its family's class and from its evaluator's
+    FROM_FAMILY = ("throughput_unit", "card_library", "load_hint")
+    FROM_EVALUATOR = ("primary_metric", "higher_is_better")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        parts = cls.__dict__.get("parts")
+        if parts is None:
+            return
+        family, _, evaluator = parts
+        for source, names in ((family, cls.FROM_FAMILY), (evaluator, cls.FROM_EVALUATOR)):
+            for name in names:
+                if name not in cls.__dict__ and hasattr(source, name):
+                    setattr(cls, name, getattr(source, name))
+
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
-        self.family, self.data, self.evaluator = self.build_parts()
+        built = self.build_parts()
+        for part, expected in zip(built, self.parts):
+            if not isinstance(part, expected):  # the class attributes above came from these classes
+                raise TypeError(f"{type(self).__name__}.build_parts gave a {type(part).__name__}, not {expected}")
+        self.family, self.data, self.evaluator = built
 
     @abstractmethod
     def build_parts(self) -> tuple[ModelFamily, DataSource, Evaluator]:

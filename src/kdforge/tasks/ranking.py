@@ -61,10 +61,7 @@ class RankingTask(ComposedTask):
     student_schema = EncoderStudent
     data_schema = RankingData
     output_fields = ("scores", "embeddings")
-    primary_metric = RetrievalEvaluator.primary_metric
-    throughput_unit = SentenceEncoderFamily.throughput_unit
-    card_library = SentenceEncoderFamily.card_library
-    load_hint = SentenceEncoderFamily.load_hint
+    parts = (SentenceEncoderFamily, RankingPairs, RetrievalEvaluator)
 
     data: RankingPairs
 

@@ -55,10 +55,7 @@ class SparseRetrieverTask(ComposedTask):
     student_schema = SparseStudent
     data_schema = SparseData
     output_fields = ("scores", "doc_weights")
-    primary_metric = RetrievalEvaluator.primary_metric
-    throughput_unit = SparseEncoderFamily.throughput_unit
-    card_library = SparseEncoderFamily.card_library
-    load_hint = SparseEncoderFamily.load_hint
+    parts = (SparseEncoderFamily, RankingPairs, RetrievalEvaluator)
 
     family: SparseEncoderFamily
     data: RankingPairs

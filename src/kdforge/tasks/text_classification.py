@@ -45,10 +45,7 @@ class TextClassificationTask(ComposedTask):
     student_schema = TextClassifierStudent
     data_schema = TextClassData
     output_fields = ("logits", "hidden", "hidden_states", "attentions", "qkv", "values")
-    primary_metric = ClassificationEvaluator.primary_metric
-    throughput_unit = TextClassifierFamily.throughput_unit
-    card_library = TextClassifierFamily.card_library
-    load_hint = TextClassifierFamily.load_hint
+    parts = (TextClassifierFamily, LabelledTextSource, ClassificationEvaluator)
 
     family: TextClassifierFamily
     data: LabelledTextSource

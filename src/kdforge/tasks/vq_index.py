@@ -57,10 +57,7 @@ class VQIndexTask(ComposedTask):
     student_schema = VQStudent
     data_schema = VQData
     output_fields = ("scores", "ivf_scores")
-    primary_metric = RetrievalEvaluator.primary_metric
-    throughput_unit = IVFPQFamily.throughput_unit
-    card_library = IVFPQFamily.card_library
-    load_hint = IVFPQFamily.load_hint
+    parts = (IVFPQFamily, QueryCandidates, RetrievalEvaluator)
 
     family: IVFPQFamily
     data: QueryCandidates
