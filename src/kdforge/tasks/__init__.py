@@ -1,12 +1,20 @@
-"""Tasks: one module per kind of distillation, registered in TASKS."""
+"""Tasks: one module per kind of distillation, registered in TASKS.
 
-from kdforge.tasks import causal_lm as _causal_lm  # noqa: F401  (registers the task)
-from kdforge.tasks import classification as _classification  # noqa: F401  (registers the task)
-from kdforge.tasks import embedding as _embedding  # noqa: F401  (registers the task)
-from kdforge.tasks import ranking as _ranking  # noqa: F401  (registers the task)
-from kdforge.tasks import sparse_retriever as _sparse_retriever  # noqa: F401  (registers the task)
-from kdforge.tasks import text_classification as _text_classification  # noqa: F401  (registers the task)
-from kdforge.tasks import vq_index as _vq_index  # noqa: F401  (registers the task)
+Each is registered by name and imported when a recipe names it (``TASKS.get``): a digits
+run never loads sentence-transformers or faiss, which the encoder tasks need.
+"""
+
 from kdforge.tasks.base import TASKS, Evaluation, Splits, Task
+
+for _name in (
+    "causal_lm",
+    "classification",
+    "embedding",
+    "ranking",
+    "sparse_retriever",
+    "text_classification",
+    "vq_index",
+):
+    TASKS.lazy(_name, f"kdforge.tasks.{_name}")
 
 __all__ = ["TASKS", "Task", "Splits", "Evaluation"]

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -37,6 +36,8 @@ class ClassificationEvaluator:
         self.labels = labels
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
+        from sklearn.metrics import accuracy_score, f1_score  # imported here: scikit-learn takes 1.5 s
+
         logits = self.logits(model, dataset)
         y_true = self.labels(dataset)
         y_pred = logits.argmax(-1).numpy()
