@@ -15,7 +15,7 @@ import os
 import signal
 
 #: the places a run can be killed at, for the tests' tables
-POINTS = ("step", "checkpoint", "eval", "save_model", "cache_shard")
+POINTS = ("step", "checkpoint", "eval", "save_model", "report", "cache_shard")
 
 
 def point(name: str, step: int | None = None) -> None:

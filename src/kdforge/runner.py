@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from torch.utils.data import Dataset
 
+from kdforge import faults
 from kdforge.checks import parse_recipe
 from kdforge.commands import build_task
 from kdforge.data.indexed import IndexedDataset, indexed_collate
@@ -185,9 +186,15 @@ def _train_phase(
     ``methods`` are the recipe's (their hooks shape the steps and the report of this phase).
     """
     folder = seed_dir / folder_name if folder_name else None
-    records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
+    # what the phase reported, kept beside its model: a run stopped after the model was saved reports
+    # the same on --resume (the metrics log holds only every log_every-th step's loss)
+    info_file = seed_dir / f"{folder_name}.train.json" if folder_name else None
     if resume and folder is not None and task.is_saved(folder):
         console.print(f"[dim]{phase}: finished earlier, loading {folder}")
+        if info_file is not None and info_file.is_file():
+            return task.load_saved(folder), {**json.loads(info_file.read_text()), "resumed": True}
+        # a run folder of a kdforge that kept no such file: the last logged step
+        records = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "loss" in r]
         last = records[-1] if records else {}
         return task.load_saved(folder), {"steps": last.get("step"), "final_loss": last.get("loss"), "resumed": True}
 
@@ -245,6 +252,8 @@ def _train_phase(
         info.update(method.review_evaluations(evaluations))
     if is_main():
         if folder is not None:
+            # the report's part first: a model on disk always has it (a stop between the two retrains)
+            atomic_write_text(info_file, json.dumps(info, indent=2))
             task.save_model(model, folder, card="")
         shutil.rmtree(seed_dir / "checkpoints" / phase, ignore_errors=True)
     barrier()  # no process goes on before the model is saved and the checkpoints are gone
@@ -462,6 +471,7 @@ def run_recipe(
         if on_seed_done:
             on_seed_done(seed)
 
+    faults.point("report")  # the tests kill the run here: every model saved, no report yet
     report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
     report["teacher_signal"] = teacher.info if teacher is not None else None
     if data_plan:

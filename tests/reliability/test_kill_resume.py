@@ -104,6 +104,8 @@ KILL_POINTS = [
     pytest.param("checkpoint@20", "half-checkpoint", id="mid-checkpoint-write"),
     pytest.param("eval@30", "student", id="mid-evaluation"),
     pytest.param("save_model", "student-saved-not-moved", id="mid-model-save"),
+    # both phases done and saved: --resume must report them as they were (not from the metrics log)
+    pytest.param("report", "both-saved-no-report", id="before-the-report"),
 ]
 
 
@@ -118,6 +120,9 @@ def test_kill_9_then_resume_gives_bitwise_the_same_weights(reference, tmp_path, 
         # the checkpoint being written stays under its temporary name; the newest whole one is step 10
         assert (ckpts / ".step-0000020.tmp").is_dir()
         assert [p.name for p in list_checkpoints(ckpts)] == ["step-0000010"]
+    elif expect == "both-saved-no-report":
+        assert (run_dir / "model").is_dir() and (run_dir / "baseline").is_dir()
+        assert not (run_dir / "report.json").exists()
     elif expect == "student-saved-not-moved":
         # the student was written to model.tmp and not yet moved: no model folder to mistake for a finished one
         assert (run_dir / "model.tmp").is_dir() and not (run_dir / "model").exists()
