@@ -73,7 +73,8 @@ class PGKDSettings(Strict):
                 spelled = ", ".join(f"{_MOVED_TO_GENERATION[n]}: ..." for n in moved)
                 raise ValueError(
                     f"{', '.join(moved)} moved to the recipe's generation section, which names the one model that"
-                    f" writes for every method; write generation: {{{spelled}}} and remove them here"
+                    f" writes for every method; write generation: {{{spelled}}} and remove"
+                    f" {'it' if len(moved) == 1 else 'them'} here"
                 )
         return data
 
