@@ -7,7 +7,8 @@ answers each epoch avoid it. Epoch 0 trains on the answers written before traini
 (as :mod:`kdforge.methods.teacher_generated`); every later epoch on new ones, stored
 per epoch, so a resumed run reads the same data. A recipe (causal_lm)::
 
-    data: {format: jsonl, path: prompts.jsonl, generation: {max_new_tokens: 64}}
+    data: {format: jsonl, path: prompts.jsonl}
+    generation: {max_new_tokens: 64}
     methods: [{name: online_generation}]
 
 The teacher scores text written during the run, which no cache holds: it must run

@@ -13,7 +13,7 @@ answers alone. A recipe (causal_lm, JSONL prompts)::
       - {loss: cross_entropy, mask: label_mask, name: label}
       - {loss: cross_entropy, mask: rationale_mask, weight: 0.5, name: rationale}
 
-The teacher writes as ``data.generation`` says. Earlier recipes' ``data.step_by_step``
+The recipe's writer (``generation``, by default the teacher) writes the rationales. Earlier recipes' ``data.step_by_step``
 is refused with this spelling.
 """
 

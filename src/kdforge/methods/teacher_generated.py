@@ -1,12 +1,13 @@
 """Sequence-level knowledge distillation: the teacher answers the training prompts once, before training.
 
 Kim and Rush ("Sequence-Level Knowledge Distillation", EMNLP 2016) train the student on
-the teacher's own outputs instead of the data's references. Here the teacher (or
-``data.generation.model``) answers every prompt of the JSONL file once, as
-``data.generation`` says; the answers are stored, so ``kdforge cache`` can add their
-top-k log-probs and every later run reads the same set. A recipe (causal_lm)::
+the teacher's own outputs instead of the data's references. Here the recipe's writer
+(``generation``: by default the teacher's model, or another local model, or an endpoint)
+answers every prompt of the JSONL file once; the answers are stored, so ``kdforge cache``
+can add their top-k log-probs and every later run reads the same set. A recipe (causal_lm)::
 
-    data: {format: jsonl, path: prompts.jsonl, generation: {max_new_tokens: 64}}
+    data: {format: jsonl, path: prompts.jsonl}
+    generation: {max_new_tokens: 64}
     methods: [{name: teacher_generated}]
 
 The method hands the task a :class:`~kdforge.tasks.lm_generated.ResponseSource`
