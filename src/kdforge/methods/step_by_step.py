@@ -13,8 +13,8 @@ answers alone. A recipe (causal_lm, JSONL prompts)::
       - {loss: cross_entropy, mask: label_mask, name: label}
       - {loss: cross_entropy, mask: rationale_mask, weight: 0.5, name: rationale}
 
-The recipe's writer (``generation``, by default the teacher) writes the rationales. Earlier recipes' ``data.step_by_step``
-is refused with this spelling.
+The recipe's writer (``generation``, by default the teacher) writes the rationales.
+Earlier recipes' ``data.step_by_step`` is refused with this spelling.
 """
 
 from __future__ import annotations
