@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,31 +131,28 @@ def _kdforge(*args, cwd):
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_process_resumes_to_the_same_metrics(tmp_path, digits_teacher, sig):
-    args = [
-        "run",
-        "digits_kd",
-        "--set",
-        f"teacher.model={digits_teacher}",
-        "--set",
-        "training.epochs=null",
-        "--set",
-        "training.steps=1500",
-        "--set",
-        "training.checkpoint_every=100",
-        "--set",
-        "evaluation.throughput_batches=1",
-        "--set",
-        "evaluation.throughput_repeats=1",
-        "--set",
-        "evaluation.baseline=false",
-        "--set",
+def _long_run(teacher: Path) -> list[str]:
+    """A digits run long enough to be killed after its first checkpoint (step 100 of 1500)."""
+    sets = [
+        f"teacher.model={teacher}", "training.epochs=null", "training.steps=1500", "training.checkpoint_every=100",
+        "evaluation.throughput_batches=1", "evaluation.throughput_repeats=1", "evaluation.baseline=false",
         "data.train_limit=200",
-    ]
-    ref = _kdforge(*args, "--set", "output.dir=ref", cwd=tmp_path)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    ]  # fmt: skip
+    return ["run", "digits_kd", *(a for s in sets for a in ("--set", s))]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted_long_run(digits_teacher, tmp_path_factory) -> Path:
+    """The report of the long run never stopped (one for both signals)."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    ref = _kdforge(*_long_run(digits_teacher), "--set", "output.dir=ref", cwd=cwd)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    return cwd / "ref" / "digits-kd" / "report.json"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_process_resumes_to_the_same_metrics(tmp_path, digits_teacher, uninterrupted_long_run, sig):
+    args = _long_run(digits_teacher)
     proc = _kdforge(*args, "--set", "output.dir=killed", cwd=tmp_path)
     ckpt_dir = tmp_path / "killed" / "digits-kd" / "checkpoints" / "student"
     deadline = time.time() + 120
@@ -172,7 +170,7 @@ def test_killed_process_resumes_to_the_same_metrics(tmp_path, digits_teacher, si
 
     resumed = _kdforge(*args, "--set", "output.dir=killed", "--resume", cwd=tmp_path)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    a = json.loads((tmp_path / "ref" / "digits-kd" / "report.json").read_text())
+    a = json.loads(uninterrupted_long_run.read_text())
     b = json.loads((tmp_path / "killed" / "digits-kd" / "report.json").read_text())
     assert b["runs"][0]["models"]["student"]["train"]["resumed_from"] > 0
     assert metrics_of(a) == metrics_of(b)
