@@ -31,6 +31,21 @@ def test_validate_wrong_field_prints_one_line_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_validate_names_every_wrong_field_one_line_each_and_exits_2(tmp_path):
+    from kdforge.recipe import find_recipe
+
+    bad = tmp_path / "bad.yaml"
+    text = find_recipe("digits_kd").read_text().replace("weight: 0.9", "weight: -0.9").replace("lr: 0.01", "lr: 0")
+    bad.write_text(text)
+    result = cli("validate", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: objective[1].weight: must be >= 0, got -0.9",
+        "error: training.lr: must be > 0, got 0",
+    ]
+    assert "Traceback" not in result.stderr
+
+
 def test_validate_ok_and_set():
     result = cli("validate", "digits_kd", "--set", "training.lr=3e-4")
     assert result.returncode == 0, result.stderr

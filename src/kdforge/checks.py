@@ -71,12 +71,15 @@ def import_plugins(modules: list[str]) -> None:
 def _check_against_registries(recipe: Recipe) -> None:
     """Names in the recipe must be registered components that fit together."""
     task_cls = TASKS.get(recipe.task, field="task")
+    mistakes = []  # both sections' together: every wrong field at once
     for section in ("student", "data"):
         schema = getattr(task_cls, f"{section}_schema")
         try:
             schema.model_validate(getattr(recipe, section))
         except ValidationError as exc:
-            raise validation_error(exc, (section,)) from None
+            mistakes.append(str(validation_error(exc, (section,))))
+    if mistakes:
+        raise RecipeError("\n".join(mistakes))
 
     for i, term in enumerate(recipe.objective):
         where = f"objective[{i}]"

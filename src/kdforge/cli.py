@@ -464,8 +464,10 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KDForgeError as exc:
+        # one line per mistake (a recipe with several wrong fields names each), each a whole error;
         # escaped: a message quoting "[i]" or a path with brackets is text, not rich markup
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        for line in str(exc).splitlines() or [exc.__class__.__name__]:
+            err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as exc:
         if exc.errno not in _DISK_FULL:

@@ -2,8 +2,9 @@
 
 Every mistake a user can make (a wrong recipe field, a missing file, a model that
 cannot be found) raises a subclass of :class:`KDForgeError` whose message names the
-field or file and says what to do. The CLI prints that message on one line and
-exits with code 2; anything else is a bug in kdforge and keeps its traceback.
+field or file and says what to do. The CLI prints that message on one line (a recipe
+with several wrong fields: one line for each) and exits with code 2; anything else is a
+bug in kdforge and keeps its traceback.
 """
 
 

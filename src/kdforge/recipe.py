@@ -300,7 +300,7 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
-        return "unknown field (check the spelling; see `kdforge validate --help`)"
+        return "unknown field (check the spelling; `kdforge fields TASK` lists the fields)"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
@@ -315,22 +315,20 @@ def _message(err: dict[str, Any]) -> str:
     return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
 
 
-def validation_error(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> RecipeError:
-    """One line naming the first wrong field (and how many more there are)."""
-    errors = exc.errors()
-    first = errors[0]
-    loc = prefix + tuple(first["loc"])
-    if first["type"] == "union_tag_invalid":
+def _line(err: dict[str, Any], prefix: tuple[Any, ...]) -> str:
+    """One mistake: ``field.path: what is wrong``."""
+    if err["type"] == "value_error" and not err["loc"]:
+        text = _message(err)  # a cross-field rule names its own fields
+        return f"{format_location(prefix)}: {text}" if prefix else text
+    loc = prefix + tuple(err["loc"])
+    if err["type"] == "union_tag_invalid":
         loc += ("signal",)
-    if first["type"] == "value_error" and not first["loc"]:
-        text = _message(first)  # a cross-field rule names its own fields
-        if prefix:
-            text = f"{format_location(prefix)}: {text}"
-    else:
-        text = f"{format_location(loc)}: {_message(first)}"
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more)"
-    return RecipeError(text)
+    return f"{format_location(loc)}: {_message(err)}"
+
+
+def validation_error(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> RecipeError:
+    """Every wrong field, one line each: a user fixes them all at once, not one per run of the command."""
+    return RecipeError("\n".join(dict.fromkeys(_line(err, prefix) for err in exc.errors())))
 
 
 _INDEXED = re.compile(r"^([^\[\]]+)((?:\[\d+\])*)$")
