@@ -31,7 +31,7 @@ def test_bundled_recipes_validate(recipes):
         ("student.hidden=wide", "student.hidden:"),
         ("data.test_fraction=1.5", "data.test_fraction: must be < 1"),
         ("training.precision=fp8", "training.precision: must be one of"),
-        ("training.steps=100", "give exactly one of training.steps or training.epochs"),
+        ("training.epochs=null", "give exactly one of training.steps or training.epochs"),
         ("teacher=null", "objective[1].loss: 'hinton_kd' compares with the teacher"),
     ],
 )
@@ -40,6 +40,49 @@ def test_errors_name_the_field(override, message):
         load_recipe("digits_kd", [override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_every_mistake_is_named_on_a_line_of_its_own():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("digits_kd", ["training.lr=0", "training.batch_size=0", "evaluation.batch_sise=8"])
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "training.lr: must be > 0, got 0",
+        "training.batch_size: must be >= 1, got 0",
+        "evaluation.batch_sise: unknown field (check the spelling; `kdforge fields TASK` lists the fields)",
+    ]
+    assert "more)" not in str(info.value)
+
+
+def test_every_mistake_in_a_task_section_is_named_with_its_section():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("digits_kd", ["data.test_fraction=1.5", "student.hiden=[8]"])
+    assert str(info.value).splitlines() == [
+        "student.hiden: unknown field (check the spelling; `kdforge fields TASK` lists the fields)",
+        "data.test_fraction: must be < 1, got 1.5",
+    ]
+
+
+@pytest.mark.parametrize(
+    "given, dropped, kept",
+    [("training.steps=40", "epochs", ("steps", 40)), ("training.epochs=2", "steps", ("epochs", 2))],
+)
+def test_setting_steps_or_epochs_drops_the_other(given, dropped, kept):
+    recipe = load_recipe("digits_kd", ["training.epochs=null", "training.steps=7", given])
+    assert getattr(recipe.training, dropped) is None
+    assert getattr(recipe.training, kept[0]) == kept[1]
+
+
+def test_setting_steps_on_a_recipe_written_with_epochs_runs_that_many_steps():
+    assert raw()["training"]["epochs"] == 100  # the bundled recipe gives its length in epochs
+    recipe = load_recipe("digits_kd", ["training.steps=40"])
+    assert recipe.training.steps == 40 and recipe.training.epochs is None
+
+
+def test_setting_one_length_to_null_keeps_the_other():
+    data = raw()
+    apply_override(data, "training.steps=null")
+    assert data["training"]["epochs"] == 100 and data["training"]["steps"] is None
 
 
 def test_set_overrides_values_of_any_type():

@@ -63,8 +63,10 @@ class TrainingConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     schedule: LRScheduleConfig = LRScheduleConfig()
     batch_size: int = Field(32, ge=1)
-    steps: int | None = Field(None, ge=1, description="optimizer steps; or give epochs")
-    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps; or give epochs (a --set of either drops the other)"
+    )
+    epochs: float | None = Field(None, gt=0, description="passes over the training set; or give steps")
     gradient_accumulation: int = Field(1, ge=1)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -345,8 +347,15 @@ def _split_path(path: str) -> list[str | int]:
     return parts
 
 
+#: the fields of which a recipe gives exactly one: an override of one drops the other
+_EITHER_LENGTH = {("training", "steps"): "epochs", ("training", "epochs"): "steps"}
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``dotted.path=value`` (the value read as YAML) to a raw recipe."""
+    """Apply one ``dotted.path=value`` (the value read as YAML) to a raw recipe.
+
+    Setting ``training.steps`` drops ``training.epochs``, and the other way round.
+    """
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment}: expected KEY=VALUE, e.g. training.lr=3e-4")
     path, raw = assignment.split("=", 1)
@@ -379,6 +388,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"--set {path}: {format_location(tuple(parts[:-1]))} is not a section")
         node[last] = value
+        other = _EITHER_LENGTH.get(tuple(parts))
+        if other is not None and value is not None:
+            # a run's length is given one way only, so `--set training.steps=40` on a recipe written
+            # with epochs means "40 steps instead": the other is dropped, not refused as a conflict
+            node.pop(other, None)
 
 
 def bundled_recipes() -> dict[str, Path]:
