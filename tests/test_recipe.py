@@ -2,10 +2,11 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import Field, ValidationError
 
 from kdforge.checks import load_recipe, parse_recipe
 from kdforge.errors import KDForgeError, RecipeError
-from kdforge.recipe import Recipe, apply_override, find_recipe, read_raw
+from kdforge.recipe import Recipe, Strict, apply_override, find_recipe, read_raw, validation_error
 
 
 def raw(name="digits_kd"):
@@ -60,6 +61,31 @@ def test_every_mistake_in_a_task_section_is_named_with_its_section():
     assert str(info.value).splitlines() == [
         "student.hiden: unknown field (check the spelling; `kdforge fields TASK` lists the fields)",
         "data.test_fraction: must be < 1, got 1.5",
+    ]
+
+
+class Files(Strict):
+    files: str | list[str] | dict[str, str | list[str]] | None = None
+    columns: dict[str, str] = {}
+    max_length: int = Field(64, ge=8)
+
+
+@pytest.mark.parametrize(
+    "files, line",
+    [
+        (5, "data.files: must be a string, a list or a mapping, got 5"),
+        ([1, "a"], "data.files[0]: input should be a valid string, got 1"),
+        ({"train": 3}, "data.files.train: must be a string or a list, got 3"),
+    ],
+)
+def test_a_wrong_value_of_a_union_field_is_one_mistake(files, line):
+    """pydantic reports one error per member of the union tried; the user made one mistake."""
+    with pytest.raises(ValidationError) as info:
+        Files.model_validate({"files": files, "columns": {"Text": 5}, "max_length": 2})
+    assert str(validation_error(info.value, ("data",))).splitlines() == [
+        line,
+        "data.columns.Text: input should be a valid string, got 5",  # a mapping's key, not a union's member
+        "data.max_length: must be >= 8, got 2",
     ]
 
 

@@ -312,6 +312,9 @@ def _message(err: dict[str, Any]) -> str:
         return f"must be one of {ctx.get('expected')}, got {err.get('input')!r}"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
+    if kind == "kdforge_union":
+        *others, last = err["kinds"]
+        return f"must be {', '.join(others) + ' or ' if others else ''}{last}, got {err.get('input')!r}"
     if kind == "union_tag_invalid":
         return f"{ctx.get('tag')!r} is not a teacher signal; use one of {ctx.get('expected_tags')}"
     return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
@@ -328,9 +331,64 @@ def _line(err: dict[str, Any], prefix: tuple[Any, ...]) -> str:
     return f"{format_location(loc)}: {_message(err)}"
 
 
+#: the place pydantic gives each member of a union (``files: str | list[str]``) in an error's location
+_UNION_MEMBER = re.compile(
+    r"^(str|int|float|bool|none|bytes|(list|dict|tuple|set|literal|function-\w+)\[.*\]|[A-Z]\w*)$"
+)
+#: what a union's member takes, in a user's words (a model's member: a section)
+_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "none": "null"}
+_KINDS.update({"list": "a list", "tuple": "a list", "set": "a list", "dict": "a mapping"})
+
+
+def _member_at(loc: tuple[Any, ...]) -> int | None:
+    return next((i for i, part in enumerate(loc) if i and isinstance(part, str) and _UNION_MEMBER.match(part)), None)
+
+
+def _one_per_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A wrong value of a union field is one mistake, where pydantic gives one error per member tried.
+
+    A member whose own type the value has (a list for ``str | list[str]``) names the mistake inside it
+    (``files[0]``); where none has, one error says which kinds the field takes.
+    """
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = {}
+    for err in errors:
+        at = _member_at(tuple(err["loc"]))
+        if at is None:
+            out.append(err)
+            continue
+        where = tuple(err["loc"][:at])
+        if where not in groups:
+            groups[where] = {}
+            out.append({"type": "kdforge_union", "loc": where})  # its place in the order of the mistakes
+        groups[where].setdefault(err["loc"][at], []).append(err)
+    result: list[dict[str, Any]] = []
+    for err in out:
+        if err["type"] != "kdforge_union":
+            result.append(err)
+            continue
+        where = err["loc"]
+        if len(groups[where]) == 1:  # one "member" is no union: a key of a mapping that looked like one
+            result.extend(next(iter(groups[where].values())))
+            continue
+        members = {
+            tag: [{**e, "loc": where + tuple(e["loc"][len(where) + 1 :])} for e in found]
+            for tag, found in groups[where].items()
+        }
+        inside = next((found for found in members.values() if any(e["loc"] != where for e in found)), None)
+        if inside is not None:
+            result.extend(_one_per_union(inside))
+        else:
+            kinds = [_KINDS.get(tag.split("[")[0], "a section") for tag in members]
+            first = next(iter(members.values()))[0]
+            result.append({**err, "kinds": list(dict.fromkeys(kinds)), "input": first.get("input")})
+    return result
+
+
 def validation_error(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> RecipeError:
     """Every wrong field, one line each: a user fixes them all at once, not one per run of the command."""
-    return RecipeError("\n".join(dict.fromkeys(_line(err, prefix) for err in exc.errors())))
+    errors = _one_per_union(exc.errors())
+    return RecipeError("\n".join(dict.fromkeys(_line(err, prefix) for err in errors)))
 
 
 _INDEXED = re.compile(r"^([^\[\]]+)((?:\[\d+\])*)$")
