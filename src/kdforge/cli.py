@@ -212,13 +212,35 @@ def validate(
     recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
     set_: list[str] = typer.Option([], "--set", help="override a field before validating"),
 ) -> None:
-    """Check a recipe without running it."""
+    """Check a recipe without running it; every wrong field is named, one line each.
+
+    `kdforge fields TASK` lists every field a recipe can set, with its type, default and meaning.
+    """
     from kdforge.checks import load_recipe
 
     parsed = load_recipe(recipe, set_)
     length = f"{parsed.training.steps} steps" if parsed.training.steps else f"{parsed.training.epochs} epochs"
     terms = ", ".join(f"{t.weight}×{t.loss}" for t in parsed.objective)
     out.print(f"ok: {parsed.name} (task {parsed.task}; objective {terms}; {length}) -> {parsed.run_dir}")
+
+
+@app.command()
+def fields(
+    task: str | None = typer.Argument(
+        None, help="a task (`kdforge list` names them): adds its student and data fields and the methods it serves"
+    ),
+) -> None:
+    """List every field a recipe can set: dotted path (as --set takes it), type, default and meaning."""
+    from kdforge.fields import reference, render
+
+    for line in render(reference(task)):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    if task is None:
+        from kdforge.tasks import TASKS
+
+        out.print(
+            f"student and data depend on the task: kdforge fields TASK, one of {', '.join(TASKS)}", soft_wrap=True
+        )
 
 
 @app.command()

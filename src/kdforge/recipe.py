@@ -210,23 +210,27 @@ class GenerationConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=RUN_NAME)
-    task: str
+    name: str = Field(
+        pattern=RUN_NAME, description="the run's name: its folder in output.dir unless output.name is set"
+    )
+    task: str = Field(description="the kind of distillation; `kdforge list` lists the tasks")
     plugins: list[str] = Field(
         [],
         description="modules imported before the recipe is checked, which register their own tasks, losses"
         " or signals (e.g. my_project.kd_losses); nothing else a recipe names is ever imported",
     )
-    description: str = ""
+    description: str = Field("", description="free text, for the report")
     #: the section of the signal it names (``signal``, default online): an object with ``signal``,
     #: ``label()`` and the signal's own fields, whose class that signal's module defines
-    teacher: Annotated[Any, PlainValidator(_teacher_section)] = None
-    student: dict[str, Any]
-    data: dict[str, Any]
-    objective: list[ObjectiveTerm] = Field(min_length=1)
-    training: TrainingConfig
-    evaluation: EvaluationConfig = EvaluationConfig()
-    output: OutputConfig = OutputConfig()
+    teacher: Annotated[Any, PlainValidator(_teacher_section)] = Field(
+        None, description="the teacher; its signal field (default online) picks its fields; none: labels only"
+    )
+    student: dict[str, Any] = Field(description="the model trained; its fields are the task's")
+    data: dict[str, Any] = Field(description="what it trains and is tested on; its fields are the task's")
+    objective: list[ObjectiveTerm] = Field(min_length=1, description="the loss: a weighted sum of these terms")
+    training: TrainingConfig = Field(description="how the student (and the baseline) are trained")
+    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="what is measured after training")
+    output: OutputConfig = Field(OutputConfig(), description="where the run folder goes")
     generation: GenerationConfig | None = Field(
         None, description="the model that writes text for the methods (teacher answers, PGKD's examples)"
     )
