@@ -143,8 +143,19 @@ def _teacher_section(value: Any, info: ValidationInfo) -> Any:
 class EvaluationConfig(Strict):
     baseline: bool = Field(True, description="also train the student on labels only")
     batch_size: int = Field(256, ge=1)
-    throughput_batches: int = Field(10, ge=1)
-    throughput_repeats: int = Field(5, ge=1)
+    throughput_batches: int = Field(10, ge=1, description="forward passes of one evaluation batch per timed repeat")
+    throughput_repeats: int = Field(
+        5,
+        ge=1,
+        description="timed repeats at most (the median rate is reported); fewer once throughput_seconds has passed",
+    )
+    throughput_seconds: float | None = Field(
+        3.0,
+        gt=0,
+        description="per model: no timed repeat starts once this many seconds were spent timing (the first always"
+        " runs; the untimed warm-up pass is not counted); null: always throughput_repeats. The report records"
+        " the repeats timed (throughput_repeats of each model)",
+    )
 
 
 #: a run name is one folder name: no separators and no `..`, so a run never writes outside ``output.dir``

@@ -28,7 +28,7 @@ from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
 from kdforge.errors import NonFiniteError, RunDirError
-from kdforge.eval import count_parameters, fidelity, size_on_disk, throughput
+from kdforge.eval import count_parameters, fidelity, size_on_disk, timed_throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.methods import BaselinePlan, Method, StudentRun, build_methods
 from kdforge.objective import Objective, teacher_fields_of
@@ -98,16 +98,20 @@ class TeacherView:
 def _speed_and_size(task: Task, model: torch.nn.Module, test, files: list[Path]) -> dict[str, Any]:
     ev = task.recipe.evaluation
     batch = task.throughput_batch(test, ev.batch_size)
+    speed = timed_throughput(
+        task.forward_for_speed(model),
+        batch,
+        batches=ev.throughput_batches,
+        repeats=ev.throughput_repeats,
+        items=task.throughput_items(batch),
+        seconds=ev.throughput_seconds,
+    )
     return {
         "params": count_parameters(model),
         "size_bytes": size_on_disk(files),
-        "throughput": throughput(
-            task.forward_for_speed(model),
-            batch,
-            batches=ev.throughput_batches,
-            repeats=ev.throughput_repeats,
-            items=task.throughput_items(batch),
-        ),
+        "throughput": speed.rate,
+        # fewer than evaluation.throughput_repeats where throughput_seconds ran out (a slow model)
+        "throughput_repeats": speed.repeats,
     }
 
 
