@@ -72,10 +72,11 @@ def _check_against_registries(recipe: Recipe) -> None:
     """Names in the recipe must be registered components that fit together."""
     task_cls = TASKS.get(recipe.task, field="task")
     mistakes = []  # both sections' together: every wrong field at once
+    validated = {}
     for section in ("student", "data"):
         schema = getattr(task_cls, f"{section}_schema")
         try:
-            schema.model_validate(getattr(recipe, section))
+            validated[section] = schema.model_validate(getattr(recipe, section))
         except ValidationError as exc:
             mistakes.append(str(validation_error(exc, (section,))))
     if mistakes:
@@ -110,6 +111,8 @@ def _check_against_registries(recipe: Recipe) -> None:
             )
         if spec.target == "teacher":
             _check_term_fits_teacher(recipe.teacher, term, spec, where)
+
+    task_cls.check_sections(recipe, validated["data"])
 
     from kdforge.methods.base import check_methods
 

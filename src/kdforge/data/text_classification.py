@@ -1,30 +1,24 @@
-"""Readers of the labelled text-classification sets: SST-2, TREC (coarse or fine labels), emotion.
+"""The bundled labelled-text sets (SST-2, TREC, emotion) as data sources over the one table reader.
 
-Each gives texts and class names per split. Folders are looked up in
+A recipe's ``data.dataset: sst2`` is shorthand for the ``source``/``files``/``columns`` it
+would otherwise spell out (:attr:`Preset.fields`): every set, bundled or the user's, is read
+by :func:`kdforge.data.table.read_table`, so there is one path. Folders are looked up in
 ``KDFORGE_DATA_DIR`` (see ../shared/data/README.md for their layouts):
 
-- ``sst2/{train,dev,test}.tsv``: header, then ``label<TAB>sentence`` (0 negative, 1 positive);
+- ``sst2/{train,dev,test}.tsv``: header ``label<TAB>sentence`` (0 negative, 1 positive);
 - ``trec/train_5500.label``, ``trec/TREC_10.label``: ``COARSE:fine question`` per line;
 - ``emotion/{train,val,test}.txt``: header ``text;label_name``, then ``text;label``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from kdforge.data.paths import resolve_data_path
-from kdforge.errors import DataError
+from kdforge.data.table import SourceFields
 
 DatasetName = Literal["sst2", "trec", "emotion"]
-SST2_NAMES = {"0": "negative", "1": "positive"}
-#: the files of each split; None: the set has no such split (a validation share of train is held out)
-FILES: dict[str, dict[str, str | None]] = {
-    "sst2": {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"},
-    "trec": {"train": "train_5500.label", "validation": None, "test": "TREC_10.label"},
-    "emotion": {"train": "train.txt", "validation": "val.txt", "test": "test.txt"},
-}
 
 
 @dataclass(frozen=True)
@@ -36,61 +30,63 @@ class LabelledText:
     source: str = "train"
 
 
-#: what one line of each set holds, for the error that names a line that does not
-LINE_FORMATS = {"sst2": "label<TAB>sentence", "trec": "COARSE:fine question", "emotion": "text;label"}
+@dataclass(frozen=True)
+class Preset:
+    """A bundled set: its files in its folder, how they are read, and what its classes mean."""
+
+    files: dict[str, str]
+    source: str
+    columns: dict[str, str]
+    description: str
+    read_options: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    #: turns a raw row into (text, label) for a set whose lines are not columns (TREC); None: bad row
+    parse: Callable[[str, str], tuple[str, str] | None] | None = None
+
+    def fields(self, folder: str, on_bad_rows: str = "skip") -> SourceFields:
+        return SourceFields(
+            source=self.source,
+            files={split: f"{folder}/{name}" for split, name in self.files.items()},
+            columns=self.columns,
+            read_options=self.read_options,
+            on_bad_rows=on_bad_rows,  # type: ignore[arg-type]
+        )
 
 
-@dataclass
-class LabelledTexts:
-    texts: list[str]
-    labels: list[str]  # class names, not indices: splits agree on names, indices come later
-
-
-def _read(file: Path, dataset: str, trec_labels: str) -> LabelledTexts:
-    texts, labels = [], []
-    with file.open(encoding="utf-8", errors="replace") as handle:
-        lines = handle.read().splitlines()
-    if dataset in ("sst2", "emotion"):
-        lines = lines[1:]  # header
-    for number, line in enumerate(lines, 2 if dataset != "trec" else 1):
-        if not line.strip():
-            continue
-        if dataset == "sst2":
-            label, sep, text = line.partition("\t")
-            label = SST2_NAMES.get(label.strip(), "")
-        elif dataset == "emotion":
-            text, sep, label = line.rpartition(";")
-        else:
-            label, sep, text = line.partition(" ")
-            coarse, _, fine = label.partition(":")
-            label = coarse if trec_labels == "coarse" else label
-            sep = sep if fine else ""
-        if not sep or not label or not text.strip():
-            raise DataError(
-                f"data.dataset: {file}:{number} is not a {dataset} line: {line[:80]!r}; each line holds"
-                f" {LINE_FORMATS[dataset]}: fix the file, or point data.path at a {dataset} folder"
-            )
-        texts.append(text.strip())
-        labels.append(label.strip())
-    if not texts:
-        raise DataError(f"data.dataset: {file} holds no examples")
-    return LabelledTexts(texts, labels)
-
-
-def load_split(
-    dataset: str, split: str, *, path: str | None = None, trec_labels: str = "coarse"
-) -> LabelledTexts | None:
-    """One split (train, validation or test) of ``dataset``; None where the set has no such file."""
-    name = FILES[dataset][split]
-    if name is None:
+def parse_trec(line: str, labels: str) -> tuple[str, str] | None:
+    """``COARSE:fine question`` as (question, coarse or coarse:fine label); None for another line."""
+    label, sep, text = line.partition(" ")
+    coarse, _, fine = label.partition(":")
+    if not sep or not fine or not coarse or not text.strip():
         return None
-    root = resolve_data_path(path or dataset, "data.path")
-    file = root / name
-    if not file.is_file():
-        raise DataError(f"data.path: {file} is missing; point data.path (or KDFORGE_DATA_DIR) at a {dataset} folder")
-    return _read(file, dataset, trec_labels)
+    return text.strip(), coarse if labels == "coarse" else label
 
 
-def data_files(dataset: str, path: str | None = None) -> list[Path]:
-    root = resolve_data_path(path or dataset, "data.path")
-    return [root / name for name in FILES[dataset].values() if name is not None]
+#: quoting 3 (csv.QUOTE_NONE): the sets' texts hold quote characters that are text, not quoting
+PRESETS: dict[str, Preset] = {
+    "sst2": Preset(
+        files={"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"},
+        source="csv",
+        columns={"text": "sentence", "label": "label"},
+        # the header says "sentence" in train.tsv and "content" in dev.tsv and test.tsv: one name for both
+        read_options={"delimiter": "\t", "quoting": 3, "names": ["label", "sentence"], "header": 0},
+        label_names=["negative", "positive"],
+        description="Classify the sentiment of movie-review sentences as negative or positive.",
+    ),
+    "trec": Preset(
+        files={"train": "train_5500.label", "test": "TREC_10.label"},
+        source="text",
+        columns={},
+        read_options={"encoding_errors": "replace"},  # train_5500.label has a few Latin-1 bytes
+        description="Classify questions by the type of their answer: ABBR abbreviation, DESC description,"
+        " ENTY entity, HUM human, LOC location, NUM numeric value.",
+        parse=parse_trec,
+    ),
+    "emotion": Preset(
+        files={"train": "train.txt", "validation": "val.txt", "test": "test.txt"},
+        source="csv",
+        columns={"text": "text", "label": "label_name"},
+        read_options={"delimiter": ";", "quoting": 3},
+        description="Classify the emotion expressed in short English tweets.",
+    ),
+}

@@ -38,6 +38,7 @@ from kdforge.losses.logits import (
     skew_reverse_kl,
     total_variation,
 )
+from kdforge.losses.multilabel import binary_cross_entropy, binary_kd
 from kdforge.losses.mutual_information import MIAlpha
 from kdforge.losses.mutual_information import MIAlpha as mi_alpha
 from kdforge.losses.ranking import contrastive, listnet, listwise_kl
@@ -70,6 +71,8 @@ __all__ = [
     "TAIDSchedule",
     # losses, under their registered names
     "attention_kl",
+    "binary_cross_entropy",
+    "binary_kd",
     "contrastive",
     "cosine_distance",
     "cross_entropy",

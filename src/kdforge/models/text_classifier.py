@@ -44,13 +44,19 @@ def without_normalize(encoder: SentenceTransformer) -> SentenceTransformer:
 class TextClassifier(nn.Module):
     architecture = "text-classifier"
 
-    def __init__(self, encoder: SentenceTransformer, labels: list[str], *, dropout: float = 0.1):
+    def __init__(
+        self, encoder: SentenceTransformer, labels: list[str], *, dropout: float = 0.1, multi_label: bool = False
+    ):
         super().__init__()
+        #: several labels per text: each logit is its own label's sigmoid (predict keeps those above 0.5)
+        self.multi_label = multi_label
         self.encoder = without_normalize(encoder)
         self.labels = list(labels)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.get_embedding_dimension(), len(labels))
         self.config: dict[str, Any] = {"format": FORMAT, "labels": self.labels, "dropout": dropout}
+        if multi_label:  # absent for single-label models, whose folders read as before
+            self.config["multi_label"] = True
 
     @property
     def tokenizer(self):
@@ -64,8 +70,8 @@ class TextClassifier(nn.Module):
         return self.classify(run_encoder(self.encoder, inputs)["sentence_embedding"])
 
     @torch.no_grad()
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[str]:
-        """The class name of each text (for users of a saved classifier)."""
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[str] | list[list[str]]:
+        """The class name of each text (for users of a saved classifier); multi-label: each text's names."""
         self.eval()
         names = []
         for start in range(0, len(texts), batch_size):
@@ -76,7 +82,11 @@ class TextClassifier(nn.Module):
                 max_length=self.encoder.max_seq_length,
                 return_tensors="pt",
             )
-            names += [self.labels[i] for i in self(dict(inputs)).argmax(-1).tolist()]
+            logits = self(dict(inputs))
+            if self.multi_label:
+                names += [[self.labels[i] for i in row.nonzero().flatten().tolist()] for row in logits > 0]
+            else:
+                names += [self.labels[i] for i in logits.argmax(-1).tolist()]
         return names
 
     def save(self, folder: Path) -> None:
@@ -94,6 +104,8 @@ class TextClassifier(nn.Module):
             )
         config = json.loads((folder / CONFIG_FILE).read_text())
         encoder = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
-        model = cls(encoder, config["labels"], dropout=config.get("dropout", 0.1))
+        model = cls(
+            encoder, config["labels"], dropout=config.get("dropout", 0.1), multi_label=config.get("multi_label", False)
+        )
         model.head.load_state_dict(load_file(folder / HEAD_FILE))
         return model

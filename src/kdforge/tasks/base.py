@@ -107,6 +107,12 @@ class Task(ABC):
         """Whether ``folder`` holds a finished :meth:`save_model` (``--resume`` then loads it)."""
         return (folder / "config.json").exists()
 
+    @classmethod
+    def check_sections(cls, recipe: Recipe, data_cfg: Any) -> None:
+        """Rules between the validated ``data`` section and the rest of the recipe (the objective a
+        multi-label data section needs); raise :class:`~kdforge.errors.RecipeError` naming the field."""
+        return None
+
     def baseline_objective(self) -> list[ObjectiveTerm] | None:
         """The no-distillation objective: labels only; None where the data has no labels (the
         baseline is then the student as initialised, untrained)."""

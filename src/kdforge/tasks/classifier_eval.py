@@ -26,7 +26,10 @@ Labels = Callable[[Dataset], np.ndarray]
 
 
 class ClassificationEvaluator:
-    """Accuracy and macro-F1 of ``logits``' argmax against ``labels``; the logits go to fidelity."""
+    """Accuracy and macro-F1 of ``logits``' argmax against ``labels``; the logits go to fidelity.
+
+    Multi-hot labels ([N, C], ``data.multi_label``) are scored per class (logit > 0): accuracy is
+    the share of examples with every label right, with micro- and macro-F1 over the labels."""
 
     primary_metric = "accuracy"
     higher_is_better = True
@@ -40,6 +43,14 @@ class ClassificationEvaluator:
 
         logits = self.logits(model, dataset)
         y_true = self.labels(dataset)
+        if y_true.ndim == 2:  # multi-hot labels: each class is predicted on its own (sigmoid > 0.5)
+            y_pred = (logits > 0).numpy().astype(y_true.dtype)
+            metrics = {
+                "accuracy": float(accuracy_score(y_true, y_pred)),  # every label of the example right
+                "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+                "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            }
+            return Evaluation(metrics=metrics, logits=logits)
         y_pred = logits.argmax(-1).numpy()
         metrics = {
             "accuracy": float(accuracy_score(y_true, y_pred)),

@@ -1,4 +1,7 @@
-"""Text classification: SST-2, TREC (coarse or fine) and emotion, with encoder classifiers.
+"""Text classification of any labelled text (bundled: SST-2, TREC, emotion), with encoder classifiers.
+
+Single texts or pairs (``text``, ``text_pair``), one label or several (``data.multi_label``:
+sigmoid outputs, ``binary_cross_entropy`` and ``binary_kd``, micro/macro-F1).
 
 The teacher is a :class:`~kdforge.models.text_classifier.TextClassifier` (a sentence
 encoder with a linear head) fine-tuned by a recipe with no teacher, labels only.
@@ -29,6 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdforge.data.text_classification import LabelledText
+from kdforge.errors import RecipeError
+from kdforge.recipe import ObjectiveTerm, Recipe
 from kdforge.tasks.base import TASKS
 from kdforge.tasks.classifier_eval import ClassificationEvaluator
 from kdforge.tasks.parts import ComposedTask
@@ -56,6 +61,29 @@ class TextClassificationTask(ComposedTask):
         data = LabelledTextSource(self.data_cfg, family.tokens)
         return family, data, ClassificationEvaluator(logits=family.logits, labels=data.labels)
 
+    #: the losses of logits that treat the classes as one softmax (single-label) or as yes/no each (multi-label)
+    MULTI_LABEL_LOSSES = ("binary_cross_entropy", "binary_kd")
+
+    @classmethod
+    def check_sections(cls, recipe: Recipe, data_cfg: TextClassData) -> None:
+        for i, term in enumerate(recipe.objective):
+            if term.field != "logits":
+                continue
+            if data_cfg.multi_label and term.loss not in cls.MULTI_LABEL_LOSSES:
+                raise RecipeError(
+                    f"objective[{i}].loss: {term.loss!r} makes the classes compete in one softmax, but"
+                    " data.multi_label is true; use binary_cross_entropy (labels) and binary_kd (teacher)"
+                )
+            if not data_cfg.multi_label and term.loss in cls.MULTI_LABEL_LOSSES:
+                raise RecipeError(
+                    f"objective[{i}].loss: {term.loss!r} is for multi-label data; set data.multi_label: true,"
+                    " or use cross_entropy and hinton_kd"
+                )
+
+    def baseline_objective(self) -> list[ObjectiveTerm] | None:
+        loss = "binary_cross_entropy" if self.data_cfg.multi_label else "cross_entropy"
+        return [ObjectiveTerm(loss=loss, field="logits", weight=1.0)]
+
     # ---- capability labelled_texts (PGKD adds to the training texts) ------------------------
     @property
     def class_names(self) -> list[str]:
@@ -68,7 +96,8 @@ class TextClassificationTask(ComposedTask):
         return self.data.dataset_of(examples)
 
     def probabilities(self, model: nn.Module, texts: list[str]) -> np.ndarray:
-        return torch.softmax(self.family.logits(model, LabelledSet(texts, [0] * len(texts))), dim=-1).numpy()
+        logits = self.family.logits(model, LabelledSet(texts, [0] * len(texts)))
+        return (torch.sigmoid(logits) if self.data_cfg.multi_label else torch.softmax(logits, dim=-1)).numpy()
 
     def task_description(self) -> str:
         """What the classes mean, in one sentence (a generative teacher's prompt)."""

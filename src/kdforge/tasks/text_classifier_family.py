@@ -87,8 +87,14 @@ class TextClassifierFamily:
             model = TextClassifier.load(location.path, field=field)
             if model.labels != self.class_names():
                 raise RecipeError(
-                    f"{field}: the teacher predicts {model.labels[:6]}..., but data.dataset has classes"
+                    f"{field}: the teacher predicts {model.labels[:6]}..., but the data has classes"
                     f" {self.class_names()[:6]}...; use a teacher trained on the same dataset and labels"
+                )
+            if model.multi_label != self.data_cfg.multi_label:
+                kind = "several labels per text" if model.multi_label else "one label per text"
+                raise RecipeError(
+                    f"{field}: the teacher predicts {kind}, the recipe's data.multi_label is"
+                    f" {str(self.data_cfg.multi_label).lower()}; use a teacher trained the same way"
                 )
             self._teachers[ref] = model
         return self._teachers[ref]
@@ -120,7 +126,9 @@ class TextClassifierFamily:
 
     def _copy(self, teacher: TextClassifier) -> TextClassifier:
         encoder = with_layers(teacher.encoder, list(range(self._depth(teacher))), "student")  # a deep copy
-        student = TextClassifier(encoder, teacher.labels, dropout=self.student_cfg.dropout)
+        student = TextClassifier(
+            encoder, teacher.labels, dropout=self.student_cfg.dropout, multi_label=teacher.multi_label
+        )
         student.head.load_state_dict(teacher.head.state_dict())
         return student
 
@@ -129,12 +137,14 @@ class TextClassifierFamily:
         if location.path is not None and is_text_classifier_folder(location.path):
             model = TextClassifier.load(location.path, field="student.model")
             if model.labels != self.class_names():
-                raise RecipeError(f"student.model: {ref} predicts other classes than data.dataset has")
+                raise RecipeError(f"student.model: {ref} predicts other classes than the data has")
             return model
         encoder = load_encoder(
             ref, field="student.model", max_length=self.data_cfg.max_length, tokenizer_from=self.teacher_ref
         )
-        return TextClassifier(encoder, self.class_names(), dropout=self.student_cfg.dropout)
+        return TextClassifier(
+            encoder, self.class_names(), dropout=self.student_cfg.dropout, multi_label=self.data_cfg.multi_label
+        )
 
     @staticmethod
     def _depth(model: TextClassifier) -> int:
@@ -169,9 +179,10 @@ class TextClassifierFamily:
             )
         return AutoTokenizer.from_pretrained(location.source)
 
-    def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokens(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Texts (with their second texts: NLI-style pairs, one sequence each) as padded tokens."""
         encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.data_cfg.max_length, return_tensors="pt"
+            texts, pairs, padding=True, truncation=True, max_length=self.data_cfg.max_length, return_tensors="pt"
         )
         return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
@@ -187,13 +198,17 @@ class TextClassifierFamily:
         similar lengths); the model's training mode is restored."""
         was_training = model.training
         model.eval()
-        texts = [dataset[i]["text"] for i in range(len(dataset))]
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        items = [dataset[i] for i in range(len(dataset))]
+        texts = [item["text"] for item in items]
+        pairs = [item["text_pair"] for item in items] if items and "text_pair" in items[0] else None
+        lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
+        order = np.argsort([-n for n in lengths], kind="stable")
         size = self.recipe.evaluation.batch_size
         out = torch.empty(len(texts), len(self.class_names()))
         for start in range(0, len(texts), size):
             index = order[start : start + size]
-            out[torch.as_tensor(index)] = model(self.tokens([texts[i] for i in index])).float().cpu()
+            inputs = self.tokens([texts[i] for i in index], [pairs[i] for i in index] if pairs else None)
+            out[torch.as_tensor(index)] = model(inputs).float().cpu()
         model.train(was_training)
         return out
 
@@ -224,7 +239,9 @@ class TextClassifierFamily:
 
     # ---- speed -----------------------------------------------------------------------------------
     def throughput_batch(self, dataset: Dataset, batch_size: int) -> dict[str, Any]:
-        return self.tokens([dataset[i % len(dataset)]["text"] for i in range(batch_size)])
+        items = [dataset[i % len(dataset)] for i in range(batch_size)]
+        pairs = [item["text_pair"] for item in items] if "text_pair" in items[0] else None
+        return self.tokens([item["text"] for item in items], pairs)
 
     def throughput_items(self, batch: dict[str, Any]) -> int:
         return len(batch["input_ids"])
