@@ -476,7 +476,8 @@ def run_recipe(
             on_seed_done(seed)
 
     faults.point("report")  # the tests kill the run here: every model saved, no report yet
-    report = aggregate(recipe, runs, task.primary_metric, task.higher_is_better)
+    ran = as_ran(recipe, baseline=all("baseline" in run["models"] for run in runs))
+    report = aggregate(ran, runs, task.primary_metric, task.higher_is_better)
     report["teacher_signal"] = teacher.info if teacher is not None else None
     if data_plan:
         report["data_plan"] = data_plan
@@ -489,11 +490,22 @@ def run_recipe(
     return report
 
 
+def as_ran(recipe: Recipe, *, baseline: bool) -> Recipe:
+    """The recipe as the run carried it out, for the report and the model cards: ``evaluation.baseline``
+    says whether a baseline was trained. A run with nothing to distil from (no teacher, as when training
+    a teacher) trains none whatever the recipe says, and a card reading ``baseline: true`` would claim one.
+    The run folder's recipe.yaml stays as given: ``--resume`` compares it with the recipe given again."""
+    if recipe.evaluation.baseline == baseline:
+        return recipe
+    return recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"baseline": baseline})})
+
+
 def write_cards(task: Task, seed_dir: Path, result: dict[str, Any]) -> None:
+    recipe = as_ran(task.recipe, baseline="baseline" in result["models"])
     for role, folder in (("student", MODEL_DIR), ("baseline", BASELINE_DIR)):
         if role in result["models"] and (seed_dir / folder).exists():
             text = model_card.render(
-                task.recipe,
+                recipe,
                 result["models"],
                 role=role,
                 load_hint=task.load_hint,
