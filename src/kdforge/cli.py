@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kdforge.console import make_console
 from kdforge.errors import Interrupted, KDForgeError
 from kdforge.interrupts import stop_between_units
 
@@ -22,8 +22,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="kdforge: distill a large teacher model into a small, fast student.",
 )
-out = Console()
-err = Console(stderr=True)
+# to a file or a pipe, nothing printed is cut to a width (kdforge.console)
+out = make_console()
+err = make_console(stderr=True)
 
 
 def _seeds(text: str | None) -> list[int] | None:

@@ -522,9 +522,9 @@ def warn_if_too_big(recipe: Recipe, **loaded: Any) -> None:
     A user's mistake found while planning (a missing teacher) is the run's own first error and stops
     it as the run would; a failure of the planner itself only says so: a run must never stop for it.
     """
-    from rich.console import Console
+    from kdforge.console import make_console
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     try:
         message = warning_for(recipe, **loaded)
     except KDForgeError:

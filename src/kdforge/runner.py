@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from rich.console import Console
 from torch.utils.data import Dataset
 
 from kdforge import faults
 from kdforge.checks import parse_recipe
 from kdforge.commands import build_task
+from kdforge.console import make_console
 from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
@@ -41,7 +41,7 @@ from kdforge.report.html import write_report
 from kdforge.signals import TeacherSignal, build_signal
 from kdforge.tasks import Evaluation, Task
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 MODEL_DIR = "model"
 BASELINE_DIR = "baseline"
 

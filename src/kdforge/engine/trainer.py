@@ -25,7 +25,6 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -37,6 +36,7 @@ from kdforge.engine.optim import build_lr_scheduler, build_optimizer
 from kdforge.engine.sampler import EpochShuffleSampler, ProcessShareBatches
 from kdforge.errors import Interrupted, KDForgeError, NonFiniteError
 from kdforge.interrupts import stop_requests
+from kdforge.progress import training_progress
 from kdforge.recipe import TrainingConfig
 from kdforge.settings import progress_enabled
 
@@ -132,19 +132,6 @@ def _any_process(found: str | None, accelerator: Accelerator, elsewhere: str = "
         return found
     count = accelerator.reduce(torch.tensor([float(found is not None)], device=accelerator.device), reduction="sum")
     return found or (elsewhere if count.item() > 0 else None)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[terms]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def _place_loss_modules(loss_modules: nn.Module | None, accelerator: Accelerator) -> list[nn.Parameter]:
@@ -335,7 +322,7 @@ def train(
     with (
         _deterministic(cfg.deterministic),
         stop_requests() as flag,
-        _progress(main and progress_enabled()) as progress,
+        training_progress(main and progress_enabled()) as progress,
     ):
         bar = progress.add_task(phase, total=total, completed=state.step, terms="")
         while state.step < total:

@@ -19,14 +19,14 @@ import copy
 import re
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
+from kdforge.console import make_console
 from kdforge.errors import RecipeError
 from kdforge.models.hf_causal_lm import plain_config
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 #: teacher/student parameter ratio the law of capacity gap favours, and the range outside which we say so
 BEST_RATIO = 2.5

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import DataLoader, Subset
 
 from kdforge import distributed
+from kdforge.console import make_console
 from kdforge.errors import CacheError, Interrupted, RecipeError
 from kdforge.interrupts import stop_requests
 from kdforge.outputs import ModelOutputs
@@ -45,7 +45,7 @@ from kdforge.signals.cached import CacheTeacherConfig, split_outputs
 from kdforge.signals.fingerprint import cache_fingerprint, cache_settings
 from kdforge.signals.online import OnlineTeacher, OnlineTeacherConfig
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def _field_specs(outputs: ModelOutputs, fields: list[str], *, k: int, dtype: CacheDtype) -> dict[str, FieldSpec]:
@@ -102,7 +102,7 @@ def write_teacher_cache(
     def fill(writer: CacheWriter, stop: int, done: Callable[[CacheWriter], str]) -> None:
         """Run the teacher over examples ``[writer.start, stop)`` into ``writer``; a stop request
         keeps what is done (a shorter shard) and raises Interrupted saying ``done(writer)``."""
-        shown = console if distributed.is_main() else Console(stderr=True, quiet=True)  # one bar, the main's
+        shown = console if distributed.is_main() else make_console(stderr=True, quiet=True)  # one bar, the main's
         loader = DataLoader(Subset(train, range(writer.start, stop)), batch_size=batch_size, collate_fn=task.collate)
         with (
             stop_requests() as flag,
