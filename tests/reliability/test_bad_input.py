@@ -256,7 +256,8 @@ CASES = [
          "data.test_fraction: must be < 1, got 1.5"),
     Case("objective-empty", ("validate", "digits_kd", *sets("objective=[]")),
          "objective: list should have at least 1 item"),
-    Case("steps-and-epochs", ("validate", "digits_kd", *sets("training.steps=10")),
+    # (--set training.steps alone drops the recipe's epochs: both given at once are refused)
+    Case("steps-and-epochs", ("validate", "digits_kd", *sets("training={steps: 10, epochs: 2}")),
          "training: give exactly one of training.steps or training.epochs"),
     Case("neither-steps-nor-epochs", ("validate", "digits_kd", *sets("training.epochs=null")),
          "training: give exactly one of training.steps or training.epochs"),
