@@ -343,7 +343,7 @@ CASES = [
          "data.path: pairs.jsonl line 2 is not valid JSON",
          setup=(lm_files, write("pairs.jsonl", '{"prompt": "a", "response": "b"}\nnot json\n'))),
     Case("sst2-missing-label-column", ("run", "text_teacher_sst2", *sets("data.path=sst2")),
-         "sst2/train.tsv:2 is not a sst2 line: 'a gripping film'; each line holds label<TAB>sentence: fix the file",
+         "train.tsv could not be read as csv (Too many columns specified: expected 2 and found 1)",
          setup=(sst2_without_labels,)),
     Case("mnist-data-dir-missing", ("run", "mnist_teacher"), "data.dataset: MNIST needs",
          env=(("KDFORGE_DATA_DIR", "$tmp/nodata"),)),

@@ -142,7 +142,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _render_chats(tokenizer, pairs: list[tuple[str, str | None]]) -> tuple[list[str], list[str]]:
+#: a prompt: a text (the user's turn), or a conversation up to the answer (chat ``messages``)
+Prompt = str | list[dict[str, Any]]
+
+
+def _as_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as a person reads it next to the answers: the text, or the conversation's last turn."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")) if prompt else ""
+
+
+def _render_chats(tokenizer, pairs: list[tuple[Prompt, str | None]]) -> tuple[list[str], list[str]]:
     """Each pair as the prompt alone (up to the assistant's turn) and as the whole conversation.
 
     A pair without a response renders only the prompt (the conversation is left empty).
@@ -152,37 +165,44 @@ def _render_chats(tokenizer, pairs: list[tuple[str, str | None]]) -> tuple[list[
     prompts, conversations = [], []
     try:
         for prompt, response in pairs:
-            user = {"role": "user", "content": prompt}
-            prompts.append(tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True))
+            turns = _as_messages(prompt)
+            prompts.append(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
             if response is None:
                 conversations.append("")
                 continue
             assistant = {"role": "assistant", "content": response}
-            conversations.append(tokenizer.apply_chat_template([user, assistant], tokenize=False))
+            conversations.append(tokenizer.apply_chat_template([*turns, assistant], tokenize=False))
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise RecipeError(
-            f"data.chat_template: the tokenizer's chat template fails on a user/assistant pair ({exc});"
+            f"data.chat_template: the tokenizer's chat template fails on a conversation ({exc});"
             " set data.chat_template: false to concatenate prompt and response instead"
         ) from None
     return prompts, conversations
+
+
+def _plain(prompt: Prompt) -> str:
+    """A conversation without a chat template: its turns' texts, one per line."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(turn.get("content", "")) for turn in prompt)
 
 
 def uses_chat_template(tokenizer, chat_template: bool) -> bool:
     return bool(chat_template and getattr(tokenizer, "chat_template", None))
 
 
-def prompt_token_ids(tokenizer, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:
+def prompt_token_ids(tokenizer, prompts: list[Prompt], *, chat_template: bool = True) -> list[list[int]]:
     """Each prompt as the model sees it before its answer: the chat up to the assistant's turn, or [BOS] prompt."""
     if uses_chat_template(tokenizer, chat_template):
         rendered, _ = _render_chats(tokenizer, [(p, None) for p in prompts])
         return _encode(tokenizer, rendered)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in _encode(tokenizer, prompts)]
+    return [bos + ids for ids in _encode(tokenizer, [_plain(p) for p in prompts])]
 
 
 def encode_pairs(
     tokenizer,
-    pairs: list[tuple[str, str]],
+    pairs: list[tuple[Prompt, str]],
     max_length: int,
     *,
     chat_template: bool = True,
@@ -206,7 +226,7 @@ def encode_pairs(
     else:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        prompt_ids = _encode(tokenizer, [p for p, _ in pairs])
+        prompt_ids = _encode(tokenizer, [_plain(p) for p, _ in pairs])
         response_ids = _encode(tokenizer, [r for _, r in pairs])
         sequences = [(bos + p + r + eos, len(bos) + len(p)) for p, r in zip(prompt_ids, response_ids)]
 
@@ -219,7 +239,7 @@ def encode_pairs(
         examples.append(TokenExample(torch.tensor(ids, dtype=torch.long), counted, kind) if counted.any() else None)
     for example, (prompt, _) in zip(examples, pairs):
         if example is not None:
-            example.prompt = prompt
+            example.prompt = prompt_text(prompt)
     return examples
 
 

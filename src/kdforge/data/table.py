@@ -19,6 +19,7 @@ raised before anything is written.
 from __future__ import annotations
 
 import socket
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,8 +72,10 @@ class SourceFields(Strict):
         description="the data files: one path, a list, or {train: ..., validation: ..., test: ...} (datasets'"
         " data_files); relative paths are looked for here, then in KDFORGE_DATA_DIR",
     )
-    columns: dict[str, str] = Field(
-        {}, description="which column the task reads for each role, e.g. {text: description, label: class}"
+    columns: dict[str, str | list[str]] = Field(
+        {},
+        description="which column the task reads for each role, e.g. {text: description, label: class}; a list"
+        " of columns joins their texts with a space (text roles only)",
     )
     read_options: dict[str, Any] = Field(
         {},
@@ -190,37 +193,28 @@ def _load(fields: SourceFields, prefix: str, *, streaming: bool = False) -> tupl
     import datasets
 
     datasets.disable_progress_bars()  # kdforge's own progress lines say what is read
+    # a bad file is kdforge's one line, not datasets' logged error too
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     options = dict(fields.read_options)
     if fields.files is not None:
         files = resolve_files(fields, prefix)
-        kind = source_format(fields, files, prefix)
-        if kind == "csv" and all(p.suffix.lower() == ".tsv" for paths in files.values() for p in paths):
-            options.setdefault("delimiter", "\t")
-        if kind == "csv":
-            # an empty cell is a missing value; the text "NA" or "null" is a text, as users mean it
-            options.setdefault("keep_default_na", False)
-            options.setdefault("na_values", [""])
-        try:
-            loaded = datasets.load_dataset(
-                kind,
-                data_files={split: [str(p) for p in paths] for split, paths in files.items()},
-                cache_dir=None if streaming else str(cache_dir() / "datasets"),
-                streaming=streaming,
-                **options,
-            )
-            return dict(loaded), [p for ps in files.values() for p in ps], _name(files)
-        except (DataError, TypeError) as exc:
-            if isinstance(exc, TypeError) and "unexpected keyword" in str(exc):
-                raise DataError(
-                    f"{prefix}.read_options: {_first(exc)}; remove the option the {kind} reader does not take"
-                ) from None
-            raise
-        except Exception as exc:  # noqa: BLE001 (pyarrow, pandas and json raise many kinds for a bad file)
-            names = ", ".join(sorted({p.name for ps in files.values() for p in ps}))
-            raise DataError(
-                f"{_where(fields, prefix)}: {names} could not be read as {kind} ({_first(exc)}); set {prefix}.source"
-                f" to the files' format ({', '.join(FORMATS)}) or fix the file"
-            ) from None
+        for split, paths in files.items():
+            for path in paths:
+                if path.is_file() and not path.read_bytes()[:4096].strip():
+                    raise DataError(
+                        f"{_where(fields, prefix)}: {path} (the {split} split) is empty and holds no rows; give a"
+                        " file with data"
+                    )
+        by_kind: dict[str, dict[str, list[Path]]] = {}
+        if fields.source is None:  # each split in the format its extension says (train.parquet, test.csv)
+            for split, paths in files.items():
+                by_kind.setdefault(source_format(fields, {split: paths}, prefix), {})[split] = paths
+        else:
+            by_kind[source_format(fields, files, prefix)] = files
+        splits: dict[str, Any] = {}
+        for kind, group in by_kind.items():
+            splits.update(_load_files(kind, group, fields, prefix, options, streaming))
+        return splits, [p for ps in files.values() for p in ps], _name(files)
     if fields.source is None:
         raise DataError(f"{prefix}: give data.source and data.files (e.g. source: csv, files: {{train: train.csv}})")
     if _is_local(fields.source):
@@ -250,6 +244,75 @@ def _load(fields: SourceFields, prefix: str, *, streaming: bool = False) -> tupl
     return dict(loaded), [], fields.source
 
 
+def _load_files(
+    kind: str, files: dict[str, list[Path]], fields: SourceFields, prefix: str, options: dict, streaming: bool
+) -> dict[str, Any]:
+    """The splits of ``files`` read by ``datasets``' builder ``kind``; a bad file is one line naming it."""
+    import datasets
+
+    options = dict(options)
+    if kind == "csv" and all(p.suffix.lower() == ".tsv" for paths in files.values() for p in paths):
+        options.setdefault("delimiter", "\t")
+    if kind == "csv":
+        # an empty cell is a missing value; the text "NA" or "null" is a text, as users mean it
+        options.setdefault("keep_default_na", False)
+        options.setdefault("na_values", [""])
+    root = cache_dir() / "datasets"
+    existed = {p for p in (root, *root.parents) if p.exists()}
+    started = time.time()
+    try:
+        loaded = datasets.load_dataset(
+            kind,
+            data_files={split: [str(p) for p in paths] for split, paths in files.items()},
+            cache_dir=None if streaming else str(root),
+            streaming=streaming,
+            **options,
+        )
+        return dict(loaded)
+    except BaseException as exc:
+        _tidy(root, existed, started)
+        error = _read_error(exc, kind, files, fields, prefix)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _tidy(root: Path, existed: set[Path], started: float) -> None:
+    """After a failed read, remove what ``datasets`` began in its cache (locks, partial builds, empty folders):
+    a mistake in the data leaves nothing behind."""
+    if not root.exists():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            if path.is_file() and path.stat().st_mtime >= started - 1 and path.name.endswith((".lock", ".incomplete")):
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        except OSError:
+            continue
+    for folder in (root, *root.parents):
+        if folder in existed or not folder.exists() or any(folder.iterdir()):
+            break
+        folder.rmdir()
+
+
+def _read_error(
+    exc: BaseException, kind: str, files: dict[str, list[Path]], fields: SourceFields, prefix: str
+) -> DataError | None:
+    """What a failed read means for the user, or None for an error that is not the data's."""
+    if isinstance(exc, TypeError):
+        if "unexpected keyword" in str(exc):
+            return DataError(f"{prefix}.read_options: {_first(exc)}; remove the option the {kind} reader does not take")
+        return None
+    if isinstance(exc, DataError) or not isinstance(exc, Exception):
+        return None
+    # pyarrow, pandas and json raise many kinds of error for a bad file
+    return DataError(
+        f"{_where(fields, prefix)}: {_name(files)} could not be read as {kind} ({_first(exc)}); set"
+        f" {prefix}.source to the files' format ({', '.join(FORMATS)}) or fix the file"
+    )
+
+
 def _name(files: dict[str, list[Path]]) -> str:
     return ", ".join(sorted({p.name for ps in files.values() for p in ps}))
 
@@ -273,17 +336,38 @@ def _normalise_splits(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {name: splits[name] for name in ("train", "validation", "test") if name in splits}
 
 
-def column_of(fields: SourceFields, role: str) -> str:
+def table_columns(fields: SourceFields, prefix: str = "data") -> list[str]:
+    """The columns of the train split (what a task that reads one of several layouts looks at first)."""
+    raw, _, _ = _load(fields, prefix)
+    return list(_normalise_splits(raw, prefix)["train"].column_names)
+
+
+def column_of(fields: SourceFields, role: str) -> str | list[str]:
     return fields.columns.get(role, role)
 
 
-def check_roles(fields: SourceFields, roles: Mapping[str, bool], prefix: str = "data") -> None:
+def _joined(arrow: Any, columns: list[str]) -> list[Any]:
+    """Several text columns as one text per row (a missing value leaves that column out)."""
+    parts = [arrow[column].to_pylist() for column in columns]
+    out = []
+    for values in zip(*parts):
+        texts = [str(v).strip() for v in values if v is not None and str(v).strip()]
+        out.append(" ".join(texts) if texts else None)
+    return out
+
+
+def check_roles(
+    fields: SourceFields, roles: Mapping[str, bool], prefix: str = "data", texts: tuple[str, ...] = ()
+) -> None:
     """``columns`` maps only roles the task reads (a typo is an error, not an ignored mapping)."""
     unknown = sorted(set(fields.columns) - set(roles))
     if unknown:
         raise DataError(
             f"{prefix}.columns.{unknown[0]}: not a role this task reads; map {', '.join(roles)} to your columns"
         )
+    for role, column in fields.columns.items():
+        if isinstance(column, list) and role not in texts:
+            raise DataError(f"{prefix}.columns.{role}: only a text is joined from several columns; name one column")
 
 
 def read_table(
@@ -299,7 +383,7 @@ def read_table(
     ``texts`` names the roles that must hold a non-empty string; every role read must hold
     a value. ``row_check`` may name any other problem of a row (returned as a short reason).
     """
-    check_roles(fields, roles, prefix)
+    check_roles(fields, roles, prefix, texts)
     raw, files, name = _load(fields, prefix)
     splits = _normalise_splits(raw, prefix)
     out: dict[str, dict[str, list[Any]]] = {}
@@ -307,23 +391,27 @@ def read_table(
     for split, dataset in splits.items():
         where = _split_files(fields, split, prefix) or name
         present = list(dataset.column_names)
-        wanted = {}
+        wanted: dict[str, str | list[str]] = {}
         for role, required in roles.items():
             column = column_of(fields, role)
-            if column in present:
+            missing = [c for c in ([column] if isinstance(column, str) else column) if c not in present]
+            if not missing:
                 wanted[role] = column
             elif required or role in fields.columns:
                 setting = f"{prefix}.columns.{role}"
                 raise DataError(
-                    f"{setting}: {where} has no column {column!r} (its columns: {', '.join(present)}); set {setting}"
-                    " to the column that holds it"
+                    f"{setting}: {where} has no column {missing[0]!r} (its columns: {', '.join(present)}); set"
+                    f" {setting} to the column that holds it"
                 )
         if len(dataset) == 0:
             raise DataError(
                 f"{_where(fields, prefix)}: the {split} split of {where} holds no rows; give a file with data"
             )
         arrow = dataset.with_format("arrow")  # one column as Python values in one pass (row access is slow)
-        values = {role: arrow[column].to_pylist() for role, column in wanted.items()}
+        values = {
+            role: arrow[column].to_pylist() if isinstance(column, str) else _joined(arrow, column)
+            for role, column in wanted.items()
+        }
         keep, bad = _good_rows(values, texts, row_check)
         if bad and fields.on_bad_rows == "error":
             row, reason = bad[0]
@@ -381,16 +469,69 @@ def stream_column(fields: SourceFields, role: str, *, split: str = "train", pref
     if split not in splits:
         return
     column = column_of(fields, role)
+    columns = [column] if isinstance(column, str) else column
     for row in splits[split]:
-        if column not in row:
+        missing = [c for c in columns if c not in row]
+        if missing:
             setting = f"{prefix}.columns.{role}"
             raise DataError(
-                f"{setting}: {name} has no column {column!r} (its columns: {', '.join(row)}); set {setting} to the"
-                " column that holds it"
+                f"{setting}: {name} has no column {missing[0]!r} (its columns: {', '.join(row)}); set {setting} to"
+                " the column that holds it"
             )
-        value = row[column]
-        if isinstance(value, str) and value.strip():
+        value = " ".join(str(row[c]).strip() for c in columns if row[c] is not None and str(row[c]).strip())
+        if value:
             yield value
+
+
+class LazyTexts:
+    """One text role of every split, read from the memory-mapped table when an example is used.
+
+    Only the positions of the rows with a text are held (8 bytes a row), so memory stays flat
+    however large the file; the table itself stays on disk in ``datasets``' Arrow cache.
+    """
+
+    def __init__(self, fields: SourceFields, role: str, prefix: str = "data", batch_rows: int = 10_000):
+        raw, self.files, self.name = _load(fields, prefix)
+        splits = _normalise_splits(raw, prefix)
+        column = column_of(fields, role)
+        self.columns = [column] if isinstance(column, str) else column
+        self.parts: list[tuple[Any, Any]] = []
+        self.skipped = 0
+        import numpy as np
+
+        for split, dataset in splits.items():
+            missing = [c for c in self.columns if c not in dataset.column_names]
+            if missing:
+                raise DataError(
+                    f"{prefix}.columns.{role}: the {split} split has no column {missing[0]!r} (its columns:"
+                    f" {', '.join(dataset.column_names)}); set {prefix}.columns.{role} to the column that holds it"
+                )
+            keep: list[Any] = []
+            arrow = dataset.with_format("arrow")
+            for start in range(0, len(dataset), batch_rows):
+                chunk = arrow[start : start + batch_rows]
+                texts = _joined(chunk, self.columns)
+                good = np.array([t is not None for t in texts], dtype=bool)
+                keep.append(np.flatnonzero(good) + start)
+                self.skipped += int((~good).sum())
+            rows = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+            self.parts.append((dataset, rows))
+        self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
+        if self.offsets[-1] == 0:
+            raise DataError(f"{prefix}.files: {self.name} holds no text in {', '.join(self.columns)}; fix the file")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> str:
+        import numpy as np
+
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        dataset, rows = self.parts[part]
+        row = dataset[int(rows[index - self.offsets[part]])]
+        return " ".join(str(row[c]).strip() for c in self.columns if row[c] is not None and str(row[c]).strip())
 
 
 def seeded_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

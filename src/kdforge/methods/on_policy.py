@@ -39,6 +39,7 @@ from kdforge.losses.logits import GKD
 from kdforge.methods.base import Method, register_method
 from kdforge.recipe import Strict
 from kdforge.signals import CacheTeacherConfig, teacher_members
+from kdforge.tasks.lm_config import records_layout
 from kdforge.tasks.lm_generated import derived_seed, prompt_prefixes
 
 
@@ -123,9 +124,10 @@ class OnPolicy(Method):
     @classmethod
     def check(cls, cfg: OnPolicySettings, recipe, where: str) -> None:
         data = recipe.data if isinstance(recipe.data, dict) else {}
-        if data.get("format", "text") != "jsonl":
+        if not records_layout(data):
             raise RecipeError(
-                f"{where}: on_policy needs prompts to answer: use data.format: jsonl with a prompt per line"
+                f"{where}: on_policy needs prompts to answer: use data.format: jsonl with a prompt per line,"
+                " or a table with a prompt or messages column"
             )
         # the student writes text during the run, which no cache holds: the teacher must run on it
         for path, member in teacher_members(recipe.teacher):

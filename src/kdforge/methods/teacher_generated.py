@@ -22,6 +22,7 @@ from kdforge.errors import RecipeError
 from kdforge.methods.base import Method, register_method
 from kdforge.provenance import Paper
 from kdforge.recipe import Recipe
+from kdforge.tasks.lm_config import records_layout
 from kdforge.tasks.lm_generated import ResponseSource
 
 SEQUENCE_KD = Paper("Sequence-Level Knowledge Distillation", 2016, "1606.07947", authors="Kim and Rush")
@@ -33,8 +34,11 @@ WRITE_RESPONSES = frozenset({"teacher_generated", "online_generation", "step_by_
 def check_prompts(recipe: Recipe, name: str, where: str) -> None:
     """A method whose teacher answers prompts needs a JSONL file of them."""
     data = recipe.data if isinstance(recipe.data, dict) else {}
-    if data.get("format", "text") != "jsonl":
-        raise RecipeError(f"{where}: {name} needs prompts to answer: use data.format: jsonl with a prompt per line")
+    if not records_layout(data):
+        raise RecipeError(
+            f"{where}: {name} needs prompts to answer: use data.format: jsonl with a prompt per line,"
+            " or a table with a prompt or messages column"
+        )
 
 
 @register_method

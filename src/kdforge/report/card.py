@@ -10,6 +10,7 @@ the run: its objective's losses, its methods and its task (:func:`citations`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -72,17 +73,24 @@ def base_model(recipe: Recipe, role: str = "student") -> str | None:
 
 
 def datasets(data: dict[str, Any]) -> list[str]:
-    """What the recipe trains on, from its ``data`` section: the named dataset (``dataset``) or the file
-    (``path``), and the BEIR folder (``beir``) or the text file that replaces it (``text_file``)."""
+    """What the recipe trains on, from its ``data`` section: the files (``files``) or the hub id or folder
+    (``source``) it reads, else the bundled set (``dataset``) unless ``path`` points at other files with its
+    layout (then the path), and the BEIR folder (``beir``) or the text file that replaces it (``text_file``)."""
     found: list[str] = []
-    dataset = data.get("dataset")
-    if isinstance(dataset, str) and dataset != "npz":
-        found.append(dataset)
+    files, source = data.get("files"), data.get("source")
+    if files is not None:
+        listed = files.values() if isinstance(files, dict) else [files]
+        for entry in listed:
+            found += [Path(str(p)).name for p in (entry if isinstance(entry, list) else [entry])]
+    elif isinstance(source, str):
+        found.append(source)
     elif isinstance(data.get("path"), str):
         found.append(data["path"])
+    elif isinstance(data.get("dataset"), str) and data["dataset"] != "npz":
+        found.append(data["dataset"])
     if isinstance(data.get("text_file"), str):
         found.append(data["text_file"])
-    elif isinstance(data.get("beir"), str):
+    elif isinstance(data.get("beir"), str) and files is None and source is None:
         found.append(data["beir"])
     return list(dict.fromkeys(found))
 

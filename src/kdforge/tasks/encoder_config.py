@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from kdforge.data.table import SourceFields
 from kdforge.recipe import Strict
 
 Pooling = Literal["mean", "cls", "max"]
@@ -65,8 +66,19 @@ class EncoderData(Strict):
     test: RetrievalTest = Field(default_factory=RetrievalTest)
 
 
-class EmbeddingData(EncoderData):
-    """Unlabeled texts to distill on: a BEIR folder's documents and training queries, or your own file."""
+def _table_or_beir(section: Any, what: str) -> None:
+    """Training data from source/files replaces the BEIR folder; naming both is a mistake."""
+    table = section.source is not None or section.files is not None
+    if table and "beir" in section.model_fields_set and section.beir is not None:
+        raise ValueError(f"data: give either beir or source and files for the {what}, not both")
+
+
+class EmbeddingData(EncoderData, SourceFields):
+    """Unlabeled texts to distill on: a BEIR folder's documents and training queries, or your own file.
+
+    From ``source``/``files``: the ``text`` column, or several (``columns: {text: [title, body]}``,
+    joined with a space); ``streaming`` reads them from the table on demand instead of holding them.
+    """
 
     beir: str | None = Field("scifact", description="BEIR folder whose texts are the training data")
     texts: list[Literal["corpus", "queries"]] = Field(
@@ -76,11 +88,17 @@ class EmbeddingData(EncoderData):
     train_split: str = "train"
     text_file: str | None = Field(None, description="a .txt (one text per line) or .jsonl ('text') file instead")
     train_limit: int | None = Field(None, ge=1, description="the first N training texts only")
+    streaming: bool = Field(
+        False, description="source/files: read each text from the table when it is used (memory stays flat)"
+    )
 
     @model_validator(mode="after")
     def _some_texts(self) -> EmbeddingData:
-        if self.beir is None and self.text_file is None:
-            raise ValueError("give data.beir or data.text_file: the texts to distill on")
+        _table_or_beir(self, "training texts")
+        if self.streaming and self.source is None and self.files is None:
+            raise ValueError("data.streaming: reads texts from source/files only")
+        if self.beir is None and self.text_file is None and self.source is None and self.files is None:
+            raise ValueError("give data.beir, data.text_file, or data.source and data.files: the texts to distill on")
         return self
 
 
@@ -98,8 +116,11 @@ def _refuse_tasb_settings(data: Any) -> Any:
     return data
 
 
-class RankingData(EncoderData):
+class RankingData(EncoderData, SourceFields):
     """(query, positive, negatives) from a BEIR folder's training qrels, negatives mined with the teacher.
+
+    Or from any table (``source``/``files``): ``query`` and ``positive`` columns, and hard negatives as
+    a ``negative`` text or a ``negatives`` list, which come before the mined ones.
 
     Batches are random queries, a random pair each, unless the recipe lists the ``tasb_batches`` method.
     """
@@ -129,6 +150,7 @@ class RankingData(EncoderData):
 
     @model_validator(mode="after")
     def _enough_negatives(self) -> RankingData:
+        _table_or_beir(self, "training pairs")
         if self.negatives_per_example > self.negatives:
             raise ValueError(
                 f"negatives_per_example ({self.negatives_per_example}) exceeds the mined negatives"

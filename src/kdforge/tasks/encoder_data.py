@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, Subset
 
 from kdforge.data.beir import BeirData, load_beir, resolve_data_path
 from kdforge.data.mining import mine_negatives
+from kdforge.data.pairs import Pairs, read_pairs_table
+from kdforge.data.table import LazyTexts, read_table
+from kdforge.data.table import data_files as table_files
 from kdforge.data.tasb import RandomPairSampler, cluster_queries
 from kdforge.errors import DataError, RecipeError
 from kdforge.eval.retrieval import search
@@ -99,7 +102,10 @@ class UnlabeledTexts:
 
     def train_texts(self) -> list[str]:
         cfg = self.cfg
-        if cfg.text_file is not None:
+        if cfg.source is not None or cfg.files is not None:
+            table = read_table(cfg, {"text": True}, texts=("text",))
+            texts = [t for split in table.splits.values() for t in split["text"]]
+        elif cfg.text_file is not None:
             texts = read_text_file(resolve_data_path(cfg.text_file, "data.text_file"), "data.text_file")
         else:
             data = load_beir(cfg.beir, cfg.train_split, field="data.beir")
@@ -112,10 +118,16 @@ class UnlabeledTexts:
 
     def splits(self) -> Splits:
         test = self.test()
+        if self.cfg.streaming:  # each text read from the memory-mapped table when its batch is made
+            texts = LazyTexts(self.cfg, "text")
+            limit = min(len(texts), self.cfg.train_limit or len(texts))
+            return Splits(Subset(texts, range(limit)), test, test, "test")  # type: ignore[arg-type]
         return Splits(TextDataset(self.train_texts()), test, test, "test")
 
     def data_files(self) -> list[Path]:
         cfg = self.cfg
+        if cfg.source is not None or cfg.files is not None:
+            return table_files(cfg)
         if cfg.text_file is not None:
             return [resolve_data_path(cfg.text_file, "data.text_file")]
         return beir_files(cfg.beir, cfg.train_split)
@@ -176,20 +188,30 @@ class RankingPairs:
         self.recipe, self.cfg, self.encoders, self.test = recipe, cfg, encoders, test
         self._query_clusters: dict[int, np.ndarray] = {}
 
+    @property
+    def from_table(self) -> bool:
+        return self.cfg.source is not None or self.cfg.files is not None
+
+    @cached_property
+    def _pairs(self) -> Pairs:
+        return read_pairs_table(self.cfg)
+
     @cached_property
     def train_collection(self) -> BeirData:
-        """The whole training collection (``data.beir``'s ``train_split``), not limited."""
+        """The whole training collection (``data.beir``'s ``train_split``, or the table's pairs), not limited."""
+        if self.from_table:
+            return self._pairs.collection
         return load_beir(self.cfg.beir, self.cfg.train_split, field="data.beir")
 
     def data_files(self) -> list[Path]:
+        if self.from_table:
+            return table_files(self.cfg)
         return beir_files(self.cfg.beir, self.cfg.train_split)
 
     @cached_property
     def triples(self) -> TrainingTriples:
         cfg, encoders = self.cfg, self.encoders
-        data = limit_collection(
-            load_beir(cfg.beir, cfg.train_split, field="data.beir"), cfg.query_limit, cfg.corpus_limit
-        )
+        data = limit_collection(self.train_collection, cfg.query_limit, cfg.corpus_limit)
         query_ids = list(data.queries)
         doc_ids = list(data.corpus)
         position = {d: i for i, d in enumerate(doc_ids)}
@@ -197,7 +219,8 @@ class RankingPairs:
         keep = [i for i, p in enumerate(positives) if p]
         query_ids, positives = [query_ids[i] for i in keep], [positives[i] for i in keep]
         if not query_ids:
-            raise RecipeError(f"data.beir: the {cfg.train_split} qrels judge no document relevant to any query")
+            where = "data.files" if self.from_table else f"data.beir: the {cfg.train_split} qrels"
+            raise RecipeError(f"{where}: judge no document relevant to any query")
         miner_ref = cfg.miner or encoders.teacher_ref
         miner = encoders.miner()
         texts = [data.queries[q] for q in query_ids]
@@ -205,6 +228,13 @@ class RankingPairs:
         d_emb = encoders.cached_encode(miner, miner_ref, [data.corpus[d] for d in doc_ids], cfg.max_length, "corpus")
         q_emb, d_emb = scoring_rows(miner, q_emb), scoring_rows(miner, d_emb)
         mined = mine_negatives(q_emb, d_emb, positives, cfg.negatives, skip_top=cfg.skip_top)
+        if self.from_table:  # the file's own hard negatives first, then the mined ones
+            given = self._pairs.negatives
+            for qi, q in enumerate(query_ids):
+                first = [position[d] for d in given.get(q, []) if d in position]
+                if first:
+                    rest = [n for n in mined[qi].tolist() if n not in first]
+                    mined[qi] = (first + rest)[: cfg.negatives]
 
         per_chunk = cfg.negatives_per_example
         rows: list[tuple[int, int, list[int]]] = []

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kdforge.data.generate import Sampling
+from kdforge.data.table import SourceFields
 from kdforge.recipe import Strict
 from kdforge.tasks.base import refuse_moved_settings
 
@@ -129,9 +130,33 @@ def _refuse_moved(data: Any) -> Any:
     return refuse_moved_settings(data, {"step_by_step": "step_by_step", "monitor": "teacher_hacking_monitor"})
 
 
-class CausalLMData(Strict):
-    format: Literal["text", "jsonl"] = "text"
-    path: str = Field(description="the file; a relative path is looked for here, then in KDFORGE_DATA_DIR")
+def records_layout(data: dict[str, Any]) -> bool:
+    """Whether a raw ``data`` section gives prompts (records) rather than plain text to pack."""
+    if data.get("format") is not None:
+        return data["format"] == "jsonl"
+    if data.get("source") is None and data.get("files") is None:
+        return False  # data.path: plain text unless format says jsonl
+    return "text" not in (data.get("columns") or {})
+
+
+class CausalLMData(SourceFields):
+    """A text file (``path``) or any table (``source``/``files``): plain text packed into blocks, or
+    records of prompt and response (``prompt``/``response``, TRL's ``prompt``/``completion``, or
+    chat ``messages``, whose last assistant turn is the response)."""
+
+    format: Literal["text", "jsonl"] | None = Field(
+        None,
+        description="text: plain text packed into blocks; jsonl: records with a prompt and a response."
+        " Default: text for data.path; for source/files, text when columns maps text, else records",
+    )
+    path: str | None = Field(
+        None, description="a text or JSONL file; a relative path is looked for here, then in KDFORGE_DATA_DIR"
+    )
+    streaming: bool = Field(
+        False,
+        description="plain text from source/files read as a stream and tokenized into a file under"
+        " KDFORGE_CACHE_DIR (memory stays flat however large the data)",
+    )
     max_length: int = Field(128, ge=2, description="tokens per example (text: block length; jsonl: cut there)")
     prompt_field: str = Field("prompt", description="jsonl: the prompt's key")
     response_field: str = Field("response", description="jsonl: the response's key")
@@ -148,6 +173,16 @@ class CausalLMData(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> CausalLMData:
+        table = self.source is not None or self.files is not None
+        if (self.path is None) == (not table):
+            raise ValueError(
+                "data: give either path (a text or JSONL file) or source and files (any table: columns text, or"
+                " prompt and response, prompt and completion, or messages)"
+            )
+        if self.format is None:
+            self.format = "jsonl" if records_layout(self.model_dump()) else "text"
+        if self.streaming and (not table or self.format != "text"):
+            raise ValueError("data.streaming: streams plain text from source/files only (columns: {text: ...})")
         if self.test_fraction + self.validation_fraction >= 1:
             raise ValueError("data.test_fraction + data.validation_fraction must be < 1, leaving data to train on")
         return self

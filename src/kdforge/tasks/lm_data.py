@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, Subset
 
+from kdforge.console import make_console
 from kdforge.data.generate import build_generator
 from kdforge.data.lm import (
+    Prompt,
     TokenDataset,
     TokenExample,
     collate_causal,
@@ -30,6 +31,8 @@ from kdforge.data.lm import (
     resolve_data_path,
     uses_chat_template,
 )
+from kdforge.data.lm_table import TokenFileBlocks, joined_ids, pack, read_records, read_texts, streamed_token_file
+from kdforge.data.table import data_files as table_files
 from kdforge.distributed import is_main, on_main
 from kdforge.errors import RecipeError
 from kdforge.recipe import GenerationConfig
@@ -40,7 +43,7 @@ from kdforge.tasks.lm_config import ANSWER_SAMPLING, StepByStep
 from kdforge.tasks.lm_family import CausalLMFamily
 from kdforge.tasks.lm_generated import EpochResponses, ResponseSource, ResponseWriter, split_rationale
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 class LMData:
@@ -90,9 +93,19 @@ class LMData:
 
     # ----- files and identity -------------------------------------------------------------
 
+    @property
+    def from_table(self) -> bool:
+        """Read through the table reader (``source``/``files``), not from one file at ``path``."""
+        return self.data_cfg.path is None
+
     @cached_property
     def data_path(self) -> Path:
         return resolve_data_path(self.data_cfg.path)
+
+    @property
+    def where(self) -> str:
+        """The data, as error messages name it."""
+        return str(self.data_cfg.path) if not self.from_table else "data.files"
 
     def data_identity(self) -> dict[str, Any]:
         """Where the responses come from, when the teacher writes them (a cache is valid only for the same)."""
@@ -103,7 +116,7 @@ class LMData:
 
     def data_files(self) -> list[Path]:
         """The data file, and the stored responses the teacher wrote for it (they are the training data)."""
-        files = [self.data_path]
+        files = table_files(self.data_cfg) if self.from_table else [self.data_path]
         if self.data_cfg.format == "jsonl" and self.teacher_writes:
             self._jsonl_splits  # noqa: B018 (writes the responses when they are not stored yet)
             train, val, test = self._record_splits
@@ -115,6 +128,8 @@ class LMData:
     @cached_property
     def largest_token_id(self) -> int:
         if self.data_cfg.format == "text":
+            if isinstance(self._text_blocks, TokenFileBlocks):
+                return self._text_blocks.largest_token_id()
             return max(int(example.input_ids.max()) for example in self._text_blocks)
         # the prompts, and the file's responses; what the teacher writes comes from its own vocabulary
         ids = [max(p) for p in self._prompt_ids if p]
@@ -125,23 +140,33 @@ class LMData:
     # ----- reading and encoding -----------------------------------------------------------
 
     @cached_property
-    def _text_blocks(self) -> list[TokenExample]:
-        return packed_text_blocks(self.data_path, self.family.tokenizer, self.data_cfg.max_length)
+    def _text_blocks(self) -> list[TokenExample] | TokenFileBlocks:
+        cfg, tokenizer = self.data_cfg, self.family.tokenizer
+        if not self.from_table:
+            return packed_text_blocks(self.data_path, tokenizer, cfg.max_length)
+        if cfg.streaming:  # tokens go to a file the blocks are read from: memory stays flat
+            return TokenFileBlocks(streamed_token_file(cfg, tokenizer), cfg.max_length)
+        return pack(joined_ids(tokenizer, read_texts(cfg)), cfg.max_length)
 
     @cached_property
     def _records(self) -> list[tuple[str, str | None]]:
         cfg = self.data_cfg
         sbs = self.sbs
         need_response = not self.teacher_writes or (sbs is not None and sbs.label_source == "data")
+        if self.from_table:
+            return read_records(cfg, need_response=need_response)
         records = read_pairs(self.data_path, cfg.prompt_field, cfg.response_field, need_response=need_response)
         if not records:
             raise RecipeError(f"data.path: {self.data_path} holds no JSON lines")
         return records
 
-    def _task_prompt(self, prompt: str, kind: str | None) -> str:
+    def _task_prompt(self, prompt: Prompt, kind: str | None) -> Prompt:
         sbs = self.sbs
         if sbs is None or kind is None:
             return prompt
+        if not isinstance(prompt, str):  # a conversation: the task's prefix goes on its last turn
+            last = {**prompt[-1], "content": self._task_prompt(str(prompt[-1]["content"]), kind)}
+            return [*prompt[:-1], last]
         return (sbs.label_prefix if kind == "label" else sbs.rationale_prefix) + prompt
 
     @cached_property
@@ -158,7 +183,7 @@ class LMData:
         n_train = n - n_test - n_val
         if n_train < 1:
             raise RecipeError(
-                f"data.path: {cfg.path} gives {n} examples of up to {cfg.max_length} tokens, too few to split into"
+                f"data: {self.where} gives {n} examples of up to {cfg.max_length} tokens, too few to split into"
                 " training, validation and test sets; give more data or lower data.max_length"
             )
         # Neighbouring blocks of a text share their context: contiguous splits keep the test
@@ -177,12 +202,12 @@ class LMData:
         dropped = len(self._records) - len(fits)
         if not fits:
             raise RecipeError(
-                f"data.max_length: every prompt of {cfg.path} fills all {cfg.max_length} tokens, leaving no"
+                f"data.max_length: every prompt of {self.where} fills all {cfg.max_length} tokens, leaving no"
                 " response to learn; raise data.max_length"
             )
         if dropped and is_main():
             console.print(
-                f"[yellow]data: {dropped} of {len(self._records)} examples of {cfg.path} left out: their"
+                f"[yellow]data: {dropped} of {len(self._records)} examples of {self.where} left out: their"
                 f" prompt fills all {cfg.max_length} tokens (data.max_length), leaving no response to learn"
             )
         train, val, test = self._split_order(len(fits), shuffle=True)
@@ -310,9 +335,12 @@ class LMData:
         if self.data_cfg.format == "text":
             blocks = self._text_blocks
             train, val, test = self._split_order(len(blocks), shuffle=False)
-            train_set = TokenDataset([blocks[i] for i in train])
-            val_set = TokenDataset([blocks[i] for i in val])
-            test_set = TokenDataset([blocks[i] for i in test])
+            if isinstance(blocks, TokenFileBlocks):  # read on demand: a list would hold every block
+                train_set, val_set, test_set = Subset(blocks, train), Subset(blocks, val), Subset(blocks, test)
+            else:
+                train_set = TokenDataset([blocks[i] for i in train])
+                val_set = TokenDataset([blocks[i] for i in val])
+                test_set = TokenDataset([blocks[i] for i in test])
         else:
             train_examples, val_examples, test_examples = self._jsonl_splits
             train_set = TokenDataset(train_examples)

@@ -160,7 +160,9 @@ class TextClassifierFamily:
                 raise RecipeError(f"student.num_layers: {cfg.num_layers} exceeds the model's {total} layers")
             layers = [total - 1] if cfg.num_layers == 1 else evenly_spaced_layers(total, cfg.num_layers)
             field = "student.num_layers"
-        cut = TextClassifier(with_layers(model.encoder, layers, field), model.labels, dropout=cfg.dropout)
+        cut = TextClassifier(
+            with_layers(model.encoder, layers, field), model.labels, dropout=cfg.dropout, multi_label=model.multi_label
+        )
         cut.head.load_state_dict(model.head.state_dict())
         return cut
 

@@ -223,9 +223,11 @@ class LabelledTextSource:
         parts = self.sets
         raw = [label for part in parts for labels in part.labels for label in self._each(labels)]
         kinds = {type(label) for label in raw}
-        if kinds == {int, str}:
-            example_int = next(label for label in raw if isinstance(label, int))
-            example_str = next(label for label in raw if isinstance(label, str))
+        # a reader gives one type per column: "1" next to "x" in a CSV or JSON file is a mix too
+        numeric = {isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()) for label in raw}
+        if kinds == {int, str} or numeric == {True, False}:
+            example_int = next(label for label in raw if isinstance(label, int) or str(label).lstrip("-").isdigit())
+            example_str = next(label for label in raw if isinstance(label, str) and not label.lstrip("-").isdigit())
             raise DataError(
                 f"data.columns.label: {self.table.name} mixes integer labels ({example_int}) and string labels"
                 f" ({example_str!r}); use one kind (names, or integers with data.label_names)"
@@ -283,6 +285,7 @@ class LabelledTextSource:
     # ---- the DataSource contract ----------------------------------------------------------------
     def splits(self) -> Splits:
         train, validation, test = self.sets
+        self.class_names  # noqa: B018 (checks every label against the classes before any index is taken)
         return Splits(self._labelled(train), self._labelled(validation), self._labelled(test), "validation")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
