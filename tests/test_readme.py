@@ -41,3 +41,25 @@ def test_teacher_signal_examples_are_valid_teacher_sections():
     assert len(examples) == 4
     kinds = [teacher_config(yaml.safe_load(e)["teacher"]).signal for e in examples]
     assert kinds == ["online", "cache", "served", "ensemble"]
+
+
+def test_your_data_examples_are_valid_data_sections():
+    """Each task's example in "Your data" validates against the task's data schema."""
+    import yaml
+
+    from kdforge.recipe import validate_schema
+
+    text = README.read_text()
+    blocks = re.findall(r"## Your data.*?```yaml\n(.*?)```.*?```yaml\n(.*?)```", text, flags=re.S)[0]
+    whole = yaml.safe_load(blocks[0])
+    assert validate_schema(whole).data["columns"] == {"text": "description", "label": "class"}
+    examples = list(yaml.safe_load_all(blocks[1]))
+    assert {e["task"] for e in examples} == {
+        "text_classification",
+        "causal_lm",
+        "embedding",
+        "ranking",
+        "classification",
+    }
+    for example in examples:
+        TASKS.get(example["task"]).data_schema.model_validate(example["data"])

@@ -38,6 +38,14 @@ def parse_recipe(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
     return recipe
 
 
+def check_data_files(recipe: Recipe) -> None:
+    """The data files the recipe names exist (``kdforge validate``; a run finds the same while reading)."""
+    data = TASKS.get(recipe.task, field="task").data_schema.model_validate(recipe.data)
+    check = getattr(data, "check_files", None)
+    if check is not None:
+        check()
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Import the recipe's plugins, then check its names against the registries."""
     import_plugins(recipe.plugins)

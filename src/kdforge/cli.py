@@ -217,9 +217,10 @@ def validate(
 
     `kdforge fields TASK` lists every field a recipe can set, with its type, default and meaning.
     """
-    from kdforge.checks import load_recipe
+    from kdforge.checks import check_data_files, load_recipe
 
     parsed = load_recipe(recipe, set_)
+    check_data_files(parsed)
     length = f"{parsed.training.steps} steps" if parsed.training.steps else f"{parsed.training.epochs} epochs"
     terms = ", ".join(f"{t.weight}×{t.loss}" for t in parsed.objective)
     out.print(f"ok: {parsed.name} (task {parsed.task}; objective {terms}; {length}) -> {parsed.run_dir}")

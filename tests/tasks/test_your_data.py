@@ -456,3 +456,23 @@ def test_classification_reads_numeric_columns_and_keeps_the_files_test_split(tmp
     assert task.data.in_features == 64
     report = run_recipe(recipe)
     assert 0 <= report["runs"][0]["models"]["student"]["metrics"]["accuracy"] <= 1
+
+
+# ---- kdforge validate -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "setting", "needle"),
+    [
+        ("text_teacher_sst2", "data.path={folder}", "data.path: {folder}/train.tsv does not exist; point data.path"),
+        ("embedding_minilm_l6_to_l3", "data.test.beir={folder}", "data.test.beir: {folder} has no corpus.jsonl"),
+        ("smollm2_kd", "data.path={folder}/prompts.jsonl", "data.path: {folder}/prompts.jsonl does not exist"),
+        ("digits_teacher", "data={{files: {folder}/digits.csv}}", "data.files: {folder}/digits.csv does not exist"),
+    ],
+)
+def test_validate_checks_that_the_data_files_exist(tmp_path, capsys, recipe, setting, needle):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    code, err = run_cli("validate", recipe, "--set", setting.format(folder=folder), capsys=capsys)
+    assert code == 2 and needle.format(folder=folder) in err, err
+    assert len(err.strip().splitlines()) == 1

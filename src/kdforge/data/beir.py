@@ -144,6 +144,14 @@ def _read_qrels(file: Path, field: str) -> dict[str, dict[str, int]]:
     return qrels
 
 
+def check_beir_files(folder: str | Path, split: str, field: str) -> None:
+    """The files one split of a BEIR folder needs exist (what ``kdforge validate`` checks before a run)."""
+    root = resolve_data_path(str(folder), field)
+    for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
+        if not (root / name).is_file():
+            raise DataError(f"{field}: {root} has no {name}; point {field} at a BEIR folder (corpus, queries, qrels/)")
+
+
 def load_beir(folder: str | Path, split: str, field: str = "data.path") -> BeirData:
     """One split of a BEIR folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``.
 

@@ -86,6 +86,11 @@ class SourceFields(Strict):
         "skip", description="a row with an empty text or a missing value: skip it (counted in the report) or stop"
     )
 
+    def check_files(self) -> None:
+        """Every file the section names exists (``kdforge validate``); a task's schema adds its own."""
+        if self.files is not None or self.source is not None:
+            data_files(self)
+
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str | None) -> str | None:

@@ -65,6 +65,21 @@ class EncoderData(Strict):
     max_length: int = Field(256, ge=8, description="tokens kept per text (documents)")
     test: RetrievalTest = Field(default_factory=RetrievalTest)
 
+    def check_files(self) -> None:
+        """The evaluation's and the training's BEIR files, and any table's files, exist (``kdforge validate``)."""
+        from kdforge.data.beir import check_beir_files
+        from kdforge.data.paths import resolve_data_path
+
+        check_beir_files(self.test.beir, self.test.split, "data.test.beir")
+        if self.test.wikiqa is not None:
+            resolve_data_path(self.test.wikiqa, "data.test.wikiqa")
+        if isinstance(self, SourceFields) and (self.source is not None or self.files is not None):
+            SourceFields.check_files(self)
+        elif getattr(self, "text_file", None) is not None:
+            resolve_data_path(self.text_file, "data.text_file")  # type: ignore[attr-defined]
+        elif getattr(self, "beir", None) is not None:
+            check_beir_files(self.beir, self.train_split, "data.beir")  # type: ignore[attr-defined]
+
 
 def _table_or_beir(section: Any, what: str) -> None:
     """Training data from source/files replaces the BEIR folder; naming both is a mistake."""

@@ -56,6 +56,21 @@ class FeatureData(SourceFields):
     def from_table(self) -> bool:
         return self.source is not None or self.files is not None
 
+    def check_files(self) -> None:
+        if self.from_table:
+            super().check_files()
+        elif self.dataset == "mnist":
+            from kdforge.data.paths import resolve_data_path
+
+            for name in (MNIST_IMAGES, MNIST_LABELS):
+                resolve_data_path(f"mnist/{name}", "data.dataset")
+        elif self.dataset == "npz":
+            if self.path is None:
+                raise DataError("data.path: an npz dataset needs a path to a file with arrays X and y")
+            from kdforge.data.paths import resolve_data_path
+
+            resolve_data_path(self.path, "data.path")
+
 
 def collate_features(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {

@@ -171,6 +171,13 @@ class CausalLMData(SourceFields):
 
     _moved = model_validator(mode="before")(_refuse_moved)
 
+    def check_files(self) -> None:
+        if self.path is not None:
+            from kdforge.data.lm import resolve_data_path
+
+            resolve_data_path(self.path)
+        super().check_files()
+
     @model_validator(mode="after")
     def _consistent(self) -> CausalLMData:
         table = self.source is not None or self.files is not None

@@ -16,7 +16,8 @@ texts): the examples of a dataset, a dataset of examples, and what the classes m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +93,24 @@ class TextClassData(SourceFields):
             return self
         return PRESETS[self.dataset].fields(self.path or self.dataset, self.on_bad_rows)
 
+    def check_files(self) -> None:
+        with self.naming_the_set():
+            data_files(self.source_fields())
+
+    @contextmanager
+    def naming_the_set(self) -> Iterator[None]:
+        """A bundled set's missing or bad file named as the user gave it: data.path (or data.dataset)."""
+        try:
+            yield
+        except DataError as exc:
+            if self.dataset is None:
+                raise
+            field = "data.path" if self.path else "data.dataset"
+            detail = str(exc).split(": ", 1)[-1].split("; ", 1)[0]
+            raise DataError(
+                f"{field}: {detail}; point data.path (or KDFORGE_DATA_DIR) at a {self.dataset} folder"
+            ) from None
+
     def names(self) -> list[str] | None:
         if self.label_names is not None:
             return self.label_names
@@ -144,6 +163,11 @@ class LabelledTextSource:
         cfg = self.cfg
         fields = cfg.source_fields()
         preset = PRESETS[cfg.dataset] if cfg.dataset is not None else None
+        with cfg.naming_the_set():
+            return self._read(fields, preset)
+
+    def _read(self, fields: SourceFields, preset: Any) -> Table:
+        cfg = self.cfg
         if preset is not None and preset.parse is not None:
             table = read_table(fields, {"text": True}, texts=("text",), row_check=self._parses)
             for values in table.splits.values():
