@@ -476,3 +476,52 @@ def test_validate_checks_that_the_data_files_exist(tmp_path, capsys, recipe, set
     code, err = run_cli("validate", recipe, "--set", setting.format(folder=folder), capsys=capsys)
     assert code == 2 and needle.format(folder=folder) in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---- what stays true ----------------------------------------------------------------------------
+
+
+def test_the_cache_fingerprint_covers_the_files_and_the_column_mapping(tmp_path):
+    from kdforge.signals.fingerprint import cache_fingerprint
+
+    frame = reviews().assign(other=[r[0].upper() for r in REVIEWS])
+    path = write(frame, tmp_path / "reviews", "csv")
+
+    def dataset_part(**data) -> str:
+        data.setdefault("columns", {"text": "review", "label": "stars"})
+        recipe = _text_recipe(tmp_path, str(path), **data)
+        return cache_fingerprint(TASKS.get("text_classification")(recipe), {}, teacher_ref=None)["dataset"]
+
+    first = dataset_part()
+    assert dataset_part() == first
+    assert dataset_part(columns={"text": "other", "label": "stars"}) != first
+    write(frame.iloc[:-1], tmp_path / "reviews", "csv")
+    assert dataset_part() != first
+
+
+def test_the_plan_sees_the_lengths_of_the_users_texts(tmp_path):
+    from kdforge.plan import plan_recipe
+
+    long = reviews().assign(review=[("a long review " * 20) + r[0] for r in REVIEWS])
+    short = reviews()
+    lengths = {}
+    for name, frame in (("long", long), ("short", short)):
+        recipe = _text_recipe(
+            tmp_path, str(write(frame, tmp_path / name, "csv")), columns={"label": "stars", "text": "review"}
+        )
+        lengths[name] = plan_recipe(recipe).sequence_length
+    assert lengths["long"] == 16 and lengths["short"] < 16  # data.max_length: 16
+
+
+def test_methods_that_assume_one_label_are_refused_with_multi_label(tmp_path):
+    path = str(write(pd.DataFrame({"text": ["a", "b"] * 6, "tags": ["x,y", "y"] * 6}), tmp_path / "t", "csv"))
+    with pytest.raises(RecipeError, match=r"methods\[0\]: pgkd .* one label per text"):
+        _text_recipe(
+            tmp_path,
+            path,
+            "objective=[{loss: binary_cross_entropy, field: logits}]",
+            "methods=[{name: pgkd}]",
+            "generation={model: x}",
+            columns={"label": "tags"},
+            multi_label=True,
+        )

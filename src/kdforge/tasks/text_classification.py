@@ -64,8 +64,18 @@ class TextClassificationTask(ComposedTask):
     #: the losses of logits that treat the classes as one softmax (single-label) or as yes/no each (multi-label)
     MULTI_LABEL_LOSSES = ("binary_cross_entropy", "binary_kd")
 
+    #: methods that read one class per example (its index, its margin, a written "label: text" line)
+    SINGLE_LABEL_METHODS = ("pgkd", "active_distillation", "data_pruning", "ground_truth_mixing")
+
     @classmethod
     def check_sections(cls, recipe: Recipe, data_cfg: TextClassData) -> None:
+        if data_cfg.multi_label:
+            for i, name in enumerate(recipe.method_names()):
+                if name in cls.SINGLE_LABEL_METHODS:
+                    raise RecipeError(
+                        f"methods[{i}]: {name} works with one label per text, but data.multi_label is true;"
+                        " remove the method or train single-label"
+                    )
         for i, term in enumerate(recipe.objective):
             if term.field != "logits":
                 continue
