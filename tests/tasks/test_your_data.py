@@ -525,3 +525,32 @@ def test_methods_that_assume_one_label_are_refused_with_multi_label(tmp_path):
             columns={"label": "tags"},
             multi_label=True,
         )
+
+
+def test_causal_lm_keeps_the_files_own_test_split_for_records_and_text(tmp_path, tiny_lm_teacher, lm_tokenizer):
+    from tiny_lm import TEXT
+
+    train = pd.DataFrame({"prompt": [f"To be or not {i}" for i in range(20)], "response": ["yes"] * 20})
+    test = pd.DataFrame({"prompt": [f"Whether tis nobler {i}" for i in range(4)], "response": ["no"] * 4})
+    files = {
+        "train": str(write(train, tmp_path / "train", "jsonl")),
+        "test": str(write(test, tmp_path / "test", "csv")),
+    }
+    task = TASKS.get("causal_lm")(_lm_recipe(tmp_path, tiny_lm_teacher, {"files": files, "validation_fraction": 0.25}))
+    splits = task.splits()
+    assert [e.prompt for e in splits.test] == list(test.prompt)
+    assert len(splits.eval) == 5 and len(splits.train) == 15  # validation carved from train (seeded)
+    lines = [line for line in TEXT.splitlines() if line.strip()]
+    text_files = {
+        "train": str(write(pd.DataFrame({"text": lines * 3}), tmp_path / "tr", "parquet")),
+        "test": str(write(pd.DataFrame({"text": lines[:8]}), tmp_path / "te", "parquet")),
+    }
+    tests = []
+    for streaming in (False, True):
+        data = {"files": text_files, "columns": {"text": "text"}, "streaming": streaming}
+        text = TASKS.get("causal_lm")(_lm_recipe(tmp_path, tiny_lm_teacher, data)).splits()
+        tests.append(torch.cat([text.test[i].input_ids for i in range(len(text.test))]))
+        assert len(text.train) > len(text.test) > 0
+    assert torch.equal(tests[0], tests[1])
+    whole_test_file = lm_tokenizer(" ".join(lines[:8]), add_special_tokens=False)["input_ids"]
+    assert len(tests[0]) <= len(whole_test_file) + 8  # the test blocks hold the test file's tokens only

@@ -61,8 +61,10 @@ def _answer(value: Any) -> str | None:
     return "".join(str(t["content"]) for t in turns if t["role"] == "assistant") or None
 
 
-def read_records(fields: SourceFields, *, need_response: bool = True) -> list[tuple[Prompt, str | None]]:
-    """(prompt, response) of every row of every split, in order (the task splits them itself)."""
+def read_records(
+    fields: SourceFields, *, need_response: bool = True
+) -> tuple[list[tuple[Prompt, str | None]], list[str]]:
+    """(prompt, response) of every row of every split, in order, and the split each row came from."""
     layout = _layout(fields, table_columns(fields))
 
     def check(row: dict[str, Any]) -> str | None:
@@ -80,11 +82,12 @@ def read_records(fields: SourceFields, *, need_response: bool = True) -> list[tu
             return f"has no {layout[1]}"
         return None
 
-    roles = {role: role != "response" or need_response for role in layout}
-    if layout != ("messages",) and not need_response:
-        roles[layout[1]] = False
+    roles = {layout[0]: True}
+    if len(layout) > 1:
+        roles[layout[1]] = need_response  # the teacher writes the answers: the column may be absent
     table = read_table(fields, roles, row_check=check)
     records: list[tuple[Prompt, str | None]] = []
+    splits: list[str] = []
     for split in ("train", "validation", "test"):
         values = table.splits.get(split)
         if values is None:
@@ -99,13 +102,14 @@ def read_records(fields: SourceFields, *, need_response: bool = True) -> list[tu
             answers = values.get(layout[1], [None] * len(values["prompt"]))
             for prompt, answer in zip(values["prompt"], answers):
                 records.append((prompt, _answer(answer) if answer is not None else None))
-    return records
+        splits += [split] * (len(records) - len(splits))
+    return records, splits
 
 
-def read_texts(fields: SourceFields) -> list[str]:
-    """The ``text`` column of every split, in order."""
+def read_texts(fields: SourceFields) -> dict[str, list[str]]:
+    """The ``text`` column of each split the data gives, in order."""
     table = read_table(fields, {"text": True}, texts=("text",))
-    return [text for split in ("train", "validation", "test") for text in table.splits.get(split, {}).get("text", [])]
+    return {split: values["text"] for split, values in table.splits.items()}
 
 
 def pack(ids: list[int] | np.ndarray, max_length: int, field: str = "data.files") -> list[TokenExample]:
@@ -148,8 +152,8 @@ class TokenFileBlocks(Dataset):
         return int(self.tokens.max())
 
 
-def streamed_token_file(fields: SourceFields, tokenizer, *, chunk_rows: int = 1000) -> Path:
-    """The ``text`` column's tokens, streamed and written once to a ``.npy`` file under the cache folder.
+def streamed_token_file(fields: SourceFields, tokenizer, split: str = "train", *, chunk_rows: int = 1000) -> Path:
+    """One split's ``text`` tokens, streamed and written once to a ``.npy`` file under the cache folder.
 
     The file's name is the hash of the data files, the column mapping and the tokenizer, so
     another run over the same data reuses it; it is written whole, then renamed into place.
@@ -159,7 +163,7 @@ def streamed_token_file(fields: SourceFields, tokenizer, *, chunk_rows: int = 10
         stat = path.stat()
         digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(json.dumps([fields.source, fields.columns, fields.read_options], sort_keys=True).encode())
-    digest.update(f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}".encode())
+    digest.update(f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}:{split}".encode())
     target = cache_dir() / "tokens" / f"{digest.hexdigest()[:24]}.npy"
     if target.is_file():
         return target
@@ -168,12 +172,12 @@ def streamed_token_file(fields: SourceFields, tokenizer, *, chunk_rows: int = 10
     raw = target.with_suffix(".tmp")
     count = 0
     with raw.open("wb") as handle:
-        for ids in _streamed_ids(fields, tokenizer, chunk_rows):
+        for ids in _streamed_ids(fields, tokenizer, split, chunk_rows):
             np.asarray(ids, dtype=dtype).tofile(handle)
             count += len(ids)
     if count < 2:
         raw.unlink()
-        raise DataError(f"data.files: the data holds only {count} token(s); a language model needs at least 2")
+        raise DataError(f"data.files: the {split} split holds only {count} token(s); a language model needs at least 2")
     # a .npy header in front of the raw tokens, so np.load maps the file without reading it
     header = _npy_header(dtype, count)
     with raw.open("rb") as body:
@@ -182,16 +186,15 @@ def streamed_token_file(fields: SourceFields, tokenizer, *, chunk_rows: int = 10
     return target
 
 
-def _streamed_ids(fields: SourceFields, tokenizer, chunk_rows: int) -> Iterator[list[int]]:
+def _streamed_ids(fields: SourceFields, tokenizer, split: str, chunk_rows: int) -> Iterator[list[int]]:
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     chunk: list[str] = []
     first = True
-    for split in ("train", "validation", "test"):
-        for text in stream_column(fields, "text", split=split):
-            chunk.append(text)
-            if len(chunk) == chunk_rows:
-                yield _chunk_ids(tokenizer, chunk, separator, first)
-                chunk, first = [], False
+    for text in stream_column(fields, "text", split=split):
+        chunk.append(text)
+        if len(chunk) == chunk_rows:
+            yield _chunk_ids(tokenizer, chunk, separator, first)
+            chunk, first = [], False
     if chunk:
         yield _chunk_ids(tokenizer, chunk, separator, first)
 

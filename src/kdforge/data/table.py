@@ -467,6 +467,14 @@ def _good_rows(
     return keep, bad
 
 
+def given_splits(fields: SourceFields, prefix: str = "data") -> list[str]:
+    """The splits the data gives (train, validation, test), without reading the rows of files."""
+    if fields.files is not None:
+        return [s for s in ("train", "validation", "test") if s in resolve_files(fields, prefix)]
+    raw, _, _ = _load(fields, prefix, streaming=True)
+    return list(_normalise_splits(raw, prefix))
+
+
 def stream_column(fields: SourceFields, role: str, *, split: str = "train", prefix: str = "data") -> Iterator[str]:
     """One column's values, read row by row without holding the file in memory (``streaming``)."""
     raw, _, name = _load(fields, prefix, streaming=True)

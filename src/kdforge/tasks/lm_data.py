@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 
 from kdforge.console import make_console
 from kdforge.data.generate import build_generator
@@ -33,6 +33,7 @@ from kdforge.data.lm import (
 )
 from kdforge.data.lm_table import TokenFileBlocks, joined_ids, pack, read_records, read_texts, streamed_token_file
 from kdforge.data.table import data_files as table_files
+from kdforge.data.table import given_splits, seeded_split
 from kdforge.distributed import is_main, on_main
 from kdforge.errors import RecipeError
 from kdforge.recipe import GenerationConfig
@@ -51,6 +52,8 @@ class LMData:
 
     def __init__(self, data_cfg: Any, family: CausalLMFamily):
         self.data_cfg, self.family = data_cfg, family
+        #: the split each record came from, when the data gives its own (tables)
+        self._given: list[str] | None = None
         #: where the training responses come from (None: the data file's): a method sets it
         #: (:meth:`use_responses`) before the task makes its splits
         self.source: ResponseSource | None = None
@@ -128,9 +131,12 @@ class LMData:
     @cached_property
     def largest_token_id(self) -> int:
         if self.data_cfg.format == "text":
-            if isinstance(self._text_blocks, TokenFileBlocks):
-                return self._text_blocks.largest_token_id()
-            return max(int(example.input_ids.max()) for example in self._text_blocks)
+            return max(
+                blocks.largest_token_id()
+                if isinstance(blocks, TokenFileBlocks)
+                else max(int(example.input_ids.max()) for example in blocks)
+                for blocks in self._text_parts.values()
+            )
         # the prompts, and the file's responses; what the teacher writes comes from its own vocabulary
         ids = [max(p) for p in self._prompt_ids if p]
         if not self.teacher_writes:
@@ -141,12 +147,23 @@ class LMData:
 
     @cached_property
     def _text_blocks(self) -> list[TokenExample] | TokenFileBlocks:
+        """All the text's blocks (one file at data.path, or a table's single split)."""
+        parts = self._text_parts
+        return parts["all"] if "all" in parts else parts["train"]
+
+    @cached_property
+    def _text_parts(self) -> dict[str, list[TokenExample] | TokenFileBlocks]:
+        """The blocks of each split the data gives ({"all": ...} when it gives train only: split by fraction)."""
         cfg, tokenizer = self.data_cfg, self.family.tokenizer
         if not self.from_table:
-            return packed_text_blocks(self.data_path, tokenizer, cfg.max_length)
-        if cfg.streaming:  # tokens go to a file the blocks are read from: memory stays flat
-            return TokenFileBlocks(streamed_token_file(cfg, tokenizer), cfg.max_length)
-        return pack(joined_ids(tokenizer, read_texts(cfg)), cfg.max_length)
+            return {"all": packed_text_blocks(self.data_path, tokenizer, cfg.max_length)}
+        if cfg.streaming:  # tokens go to a file per split that the blocks map: memory stays flat
+            given = given_splits(cfg)
+            blocks = {s: TokenFileBlocks(streamed_token_file(cfg, tokenizer, s), cfg.max_length) for s in given}
+        else:
+            texts = read_texts(cfg)
+            blocks = {s: pack(joined_ids(tokenizer, t), cfg.max_length) for s, t in texts.items()}
+        return blocks if "test" in blocks else {"all": blocks["train"]}
 
     @cached_property
     def _records(self) -> list[tuple[str, str | None]]:
@@ -154,7 +171,8 @@ class LMData:
         sbs = self.sbs
         need_response = not self.teacher_writes or (sbs is not None and sbs.label_source == "data")
         if self.from_table:
-            return read_records(cfg, need_response=need_response)
+            records, self._given = read_records(cfg, need_response=need_response)
+            return records
         records = read_pairs(self.data_path, cfg.prompt_field, cfg.response_field, need_response=need_response)
         if not records:
             raise RecipeError(f"data.path: {self.data_path} holds no JSON lines")
@@ -210,8 +228,23 @@ class LMData:
                 f"[yellow]data: {dropped} of {len(self._records)} examples of {self.where} left out: their"
                 f" prompt fills all {cfg.max_length} tokens (data.max_length), leaving no response to learn"
             )
+        given = self._given
+        if given and "test" in given:  # the data's own splits; validation carved from train where not given
+            return self._given_record_splits(fits, given)
         train, val, test = self._split_order(len(fits), shuffle=True)
         return [fits[i] for i in train], [fits[i] for i in val], [fits[i] for i in test]
+
+    def _given_record_splits(self, fits: list[int], given: list[str]) -> tuple[list[int], list[int], list[int]]:
+        cfg = self.data_cfg
+        train = [i for i in fits if given[i] == "train"]
+        val = [i for i in fits if given[i] == "validation"]
+        test = [i for i in fits if given[i] == "test"][: cfg.eval_limit]
+        if not val and cfg.validation_fraction > 0:
+            keep, held = seeded_split(len(train), cfg.validation_fraction, cfg.split_seed)
+            train, val = [train[i] for i in keep], [train[i] for i in held]
+        if not train:
+            raise RecipeError(f"data: {self.where} leaves no training example; give a train split with rows")
+        return train[: cfg.train_limit], val[: cfg.eval_limit], test
 
     def encode(self, pairs: list[tuple[str, str]], kind: str | None = None) -> list[TokenExample]:
         """Prompt/response pairs as examples (those whose prompt fills ``max_length`` left out)."""
@@ -331,16 +364,34 @@ class LMData:
 
         return self.encode(pairs(train)), self.encode(pairs(val)), self.encode(pairs(test))
 
+    def _text_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        cfg, parts = self.data_cfg, self._text_parts
+
+        def view(blocks: list[TokenExample] | TokenFileBlocks, index: list[int]) -> Dataset:
+            if isinstance(blocks, TokenFileBlocks):  # read on demand: a list would hold every block
+                return Subset(blocks, index)
+            return TokenDataset([blocks[i] for i in index])
+
+        if "all" in parts:
+            blocks = parts["all"]
+            train, val, test = self._split_order(len(blocks), shuffle=False)
+            return view(blocks, train), view(blocks, val), view(blocks, test)
+        n_train = len(parts["train"])
+        train, val = list(range(n_train)), []
+        if "validation" not in parts and cfg.validation_fraction > 0:  # the train text's last blocks
+            cut = max(1, round(n_train * cfg.validation_fraction))
+            train, val = train[: n_train - cut], train[n_train - cut :]
+        validation = (
+            view(parts["validation"], list(range(len(parts["validation"])))[: cfg.eval_limit])
+            if ("validation" in parts)
+            else view(parts["train"], val[: cfg.eval_limit])
+        )
+        test = view(parts["test"], list(range(len(parts["test"])))[: cfg.eval_limit])
+        return view(parts["train"], train[: cfg.train_limit]), validation, test
+
     def splits(self) -> Splits:
         if self.data_cfg.format == "text":
-            blocks = self._text_blocks
-            train, val, test = self._split_order(len(blocks), shuffle=False)
-            if isinstance(blocks, TokenFileBlocks):  # read on demand: a list would hold every block
-                train_set, val_set, test_set = Subset(blocks, train), Subset(blocks, val), Subset(blocks, test)
-            else:
-                train_set = TokenDataset([blocks[i] for i in train])
-                val_set = TokenDataset([blocks[i] for i in val])
-                test_set = TokenDataset([blocks[i] for i in test])
+            train_set, val_set, test_set = self._text_splits()
         else:
             train_examples, val_examples, test_examples = self._jsonl_splits
             train_set = TokenDataset(train_examples)
