@@ -246,6 +246,15 @@ def test_a_text_classifier_step_is_exact_on_two_processes(tmp_path):
     assert_same_step(tmp_path, "text_teacher_sst2", 5, *limits)
 
 
+def test_a_text_classifier_on_a_users_csv_steps_the_same_on_two_processes(tmp_path):
+    """The table reader gives every process the same examples in the same order (issue 21)."""
+    rows = [("a fine film", "good"), ("dull and long", "bad"), ("a delight", "good"), ("a mess", "bad")] * 6
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,stars\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    data = f"data={{files: {csv}, columns: {{text: review, label: stars}}, max_length: 16}}"
+    assert_same_step(tmp_path, "text_teacher_sst2", 5, data)
+
+
 #: SciFact at tiny size, as tests/test_recipes.py runs the encoder recipes
 SCIFACT = ["data.max_length=32", "data.test.query_limit=6", "data.test.corpus_limit=40"]
 ENCODER_STEPS = {

@@ -85,7 +85,9 @@ def read_records(
     roles = {layout[0]: True}
     if len(layout) > 1:
         roles[layout[1]] = need_response  # the teacher writes the answers: the column may be absent
-    table = read_table(fields, roles, row_check=check)
+    # a prompt from several columns (a passage and its question) is their texts joined
+    joined = tuple(role for role in ("prompt", "response", "completion") if isinstance(fields.columns.get(role), list))
+    table = read_table(fields, roles, texts=joined, row_check=check)
     records: list[tuple[Prompt, str | None]] = []
     splits: list[str] = []
     for split in ("train", "validation", "test"):
