@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 from pathlib import Path
@@ -474,6 +475,10 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def main(argv: list[str] | None = None) -> None:
+    if not sys.stderr.isatty():
+        # Hugging Face's own bars (loading and saving weights, downloads) redraw a line with \r: in a
+        # log they are a wall of repeats. transformers and huggingface_hub read this when imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         # standalone mode: usage errors print click's message and exit 2; ours arrive here
         app(args=argv, prog_name="kdforge")

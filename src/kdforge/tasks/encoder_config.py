@@ -103,6 +103,9 @@ class EmbeddingData(EncoderData, SourceFields):
     train_split: str = "train"
     text_file: str | None = Field(None, description="a .txt (one text per line) or .jsonl ('text') file instead")
     train_limit: int | None = Field(None, ge=1, description="the first N training texts only")
+    columns: dict[str, str | list[str]] = Field(
+        {}, description="which column holds each role: text, or several joined, e.g. {text: [title, abstract]}"
+    )
     streaming: bool = Field(
         False, description="source/files: read each text from the table when it is used (memory stays flat)"
     )
@@ -143,6 +146,11 @@ class RankingData(EncoderData, SourceFields):
     beir: str = Field("scifact", description="BEIR folder with the training queries and qrels")
     train_split: str = "train"
     query_max_length: int = Field(64, ge=4, description="tokens kept per query")
+    columns: dict[str, str | list[str]] = Field(
+        {},
+        description="which column holds each role: query, positive, and negative (a text) or negatives (a list),"
+        " e.g. {query: anchor}",
+    )
     negatives: int = Field(
         30, ge=1, description="negatives mined per query: the teacher's top documents that are not positives"
     )

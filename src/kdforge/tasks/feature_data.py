@@ -29,6 +29,10 @@ class FeatureData(SourceFields):
     """Feature vectors: digits, MNIST or an .npz (``dataset``), or any table's numeric columns (``source``/``files``:
     the ``label`` column, and ``feature_columns`` or every other numeric column as the features)."""
 
+    columns: dict[str, str | list[str]] = Field(
+        {}, description="which column holds each role: label (the features: feature_columns), e.g. {label: y}"
+    )
+
     dataset: Literal["digits", "mnist", "npz"] = Field(
         "digits", description="digits (scikit-learn), mnist (KDFORGE_DATA_DIR/mnist, 10,000 images), or npz"
     )

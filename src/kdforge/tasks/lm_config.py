@@ -144,6 +144,12 @@ class CausalLMData(SourceFields):
     records of prompt and response (``prompt``/``response``, TRL's ``prompt``/``completion``, or
     chat ``messages``, whose last assistant turn is the response)."""
 
+    columns: dict[str, str | list[str]] = Field(
+        {},
+        description="which column holds each role: text (plain text); or prompt with response or completion;"
+        " or messages (chat), e.g. {prompt: question, response: answer}",
+    )
+
     format: Literal["text", "jsonl"] | None = Field(
         None,
         description="text: plain text packed into blocks; jsonl: records with a prompt and a response."

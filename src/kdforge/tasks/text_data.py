@@ -39,6 +39,11 @@ DESCRIPTIONS = {name: preset.description for name, preset in PRESETS.items()}
 
 
 class TextClassData(SourceFields):
+    columns: dict[str, str | list[str]] = Field(
+        {},
+        description="which column holds each role: text, text_pair (optional) and label, e.g."
+        " {text: review, label: stars}",
+    )
     dataset: DatasetName | None = Field(
         None, description="a bundled set: sst2, trec or emotion (folders under KDFORGE_DATA_DIR); or give source"
     )
