@@ -89,7 +89,7 @@ def test_a_hub_id_offline_fails_in_one_line_saying_how_to_use_local_files(monkey
     assert "\n" not in str(info.value)
 
 
-def test_bad_rows_are_skipped_and_counted_or_refused(tmp_path):
+def test_bad_rows_are_skipped_and_counted_or_refused(tmp_path, capsys):
     frame = reviews(6)
     frame.loc[2, "review"] = "   "
     frame.loc[4, "stars"] = None
@@ -97,6 +97,8 @@ def test_bad_rows_are_skipped_and_counted_or_refused(tmp_path):
     fields = SourceFields(files=str(path), columns={"text": "review", "label": "stars"})
     table = read_table(fields, {"text": True, "label": True}, texts=("text",))
     assert table.skipped == {"train": 2} and len(table.splits["train"]["text"]) == 4
+    said = capsys.readouterr().err
+    assert "2 of 6 rows of the train split" in said and "row 3, has an empty text" in said
     with pytest.raises(DataError, match=r"row 3 of the train split has an empty text \(2 such rows\)"):
         read_table(fields.model_copy(update={"on_bad_rows": "error"}), {"text": True, "label": True}, texts=("text",))
 

@@ -432,7 +432,21 @@ def read_table(
             values = {role: [column[i] for i in keep] for role, column in values.items()}
         out[split] = values
         skipped[split] = len(bad)
+        if bad:
+            _warn(
+                f"data: {len(bad)} of {len(bad) + len(keep)} rows of the {split} split of {where} skipped (the first,"
+                f" row {bad[0][0] + 1}, {bad[0][1]}); set {prefix}.on_bad_rows: error to stop instead"
+            )
     return Table(out, files, skipped, name)
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, from the main process only (every process reads the same data)."""
+    from kdforge.console import make_console
+    from kdforge.distributed import is_main
+
+    if is_main():
+        make_console(stderr=True).print(f"[yellow]{message}", highlight=False, soft_wrap=True)
 
 
 def _split_files(fields: SourceFields, split: str, prefix: str) -> str:
