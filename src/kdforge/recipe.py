@@ -339,7 +339,10 @@ def _line(err: dict[str, Any], prefix: tuple[Any, ...]) -> str:
     """One mistake: ``field.path: what is wrong``."""
     if err["type"] == "value_error" and not err["loc"]:
         text = _message(err)  # a cross-field rule names its own fields
-        return f"{format_location(prefix)}: {text}" if prefix else text
+        where = format_location(prefix)
+        if not prefix or text.startswith((f"{where}.", f"{where}:")):
+            return text  # it names its fields already (data.files: ...)
+        return f"{where}: {text}"
     loc = prefix + tuple(err["loc"])
     if err["type"] == "union_tag_invalid":
         loc += ("signal",)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdforge.data.paths import resolve_data_path
 from kdforge.errors import DataError
@@ -90,6 +90,14 @@ class SourceFields(Strict):
         """Every file the section names exists (``kdforge validate``); a task's schema adds its own."""
         if self.files is not None or self.source is not None:
             data_files(self)
+
+    @model_validator(mode="after")
+    def _files_for_a_format(self) -> SourceFields:
+        if self.source in FORMATS and self.files is None:
+            raise ValueError(
+                f"data.files: source {self.source} reads files; name them, e.g. files: {{train: train.{self.source}}}"
+            )
+        return self
 
     @field_validator("source")
     @classmethod
