@@ -556,3 +556,23 @@ def test_causal_lm_keeps_the_files_own_test_split_for_records_and_text(tmp_path,
     assert torch.equal(tests[0], tests[1])
     whole_test_file = lm_tokenizer(" ".join(lines[:8]), add_special_tokens=False)["input_ids"]
     assert len(tests[0]) <= len(whole_test_file) + 8  # the test blocks hold the test file's tokens only
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "your_data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_the_your_data_examples_validate_with_their_files(example, monkeypatch):
+    from conftest import SHARED_DATA
+    from kdforge.checks import check_data_files, load_recipe
+
+    folder = "wikiqa" if "wikiqa" in example.stem else "asdiv"
+    if not (SHARED_DATA / folder).is_dir():
+        pytest.skip(f"{folder} is not in {SHARED_DATA} (set KDFORGE_DATA_DIR)")
+    monkeypatch.setenv("KDFORGE_DATA_DIR", str(SHARED_DATA.resolve()))
+    recipe = load_recipe(example)
+    check_data_files(recipe)
+    if recipe.task == "text_classification":  # the header-less TSV is read into its named columns
+        source = LabelledTextSource(TextClassData.model_validate({**recipe.data, "train_limit": 50}), None)
+        train, _, test = source.sets
+        assert source.class_names == ["no", "yes"] and len(train.texts) == 50 and train.pairs is not None
