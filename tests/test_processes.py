@@ -241,13 +241,8 @@ def test_a_causal_lm_step_is_exact_on_two_processes(tmp_path, tiny_gguf_teacher,
 
 
 def test_a_text_classifier_step_is_exact_on_two_processes(tmp_path):
-    _needs("sst2", "train.tsv")
-    limits = ["data.train_limit=16", "data.validation_limit=8", "data.test_limit=8", "data.max_length=24"]
-    assert_same_step(tmp_path, "text_teacher_sst2", 5, *limits)
-
-
-def test_a_text_classifier_on_a_users_csv_steps_the_same_on_two_processes(tmp_path):
-    """The table reader gives every process the same examples in the same order (issue 21)."""
+    """On a user's CSV: the table reader (which reads the bundled SST-2 too) gives every process the
+    same examples in the same order (issue 21)."""
     rows = [("a fine film", "good"), ("dull and long", "bad"), ("a delight", "good"), ("a mess", "bad")] * 6
     csv = tmp_path / "reviews.csv"
     csv.write_text("review,stars\n" + "".join(f"{text},{label}\n" for text, label in rows))

@@ -533,3 +533,25 @@ def test_gradient_where_the_student_probability_underflows(name):
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
     if name == "forward_kl":  # q - p: the missing token is pulled up (the skews damp it by q, by design)
         assert s.grad[0, 1] < -0.1
+
+
+def test_multi_label_losses_match_the_bernoulli_definitions():
+    """binary_kd is T^2 times the mean Bernoulli KL per class; binary_cross_entropy torch's BCE on logits."""
+    from torch.distributions import Bernoulli, kl_divergence
+
+    from kdforge.losses import binary_cross_entropy, binary_kd
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    labels = (torch.rand(5, 4) > 0.5).double()
+    for t in (1.0, 2.0):
+        reference = kl_divergence(Bernoulli(logits=teacher / t), Bernoulli(logits=student / t)).mean() * t * t
+        assert torch.allclose(binary_kd(student, teacher, temperature=t), reference)
+    mask = torch.tensor([True, True, False, True, False])
+    reference = kl_divergence(Bernoulli(logits=teacher[mask]), Bernoulli(logits=student[mask])).mean()
+    assert torch.allclose(binary_kd(student, teacher, mask=mask), reference)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(student, labels)
+    assert torch.allclose(binary_cross_entropy(student, labels), bce)
+    assert binary_kd(teacher.clone(), teacher) == 0
+    with pytest.raises(ValueError, match="multi-hot labels"):
+        binary_cross_entropy(student, labels[:, 0].long())
