@@ -53,7 +53,7 @@ def test_a_password_in_the_url_is_refused():
 
 
 def test_the_old_writer_fields_are_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):
-    with pytest.raises(RecipeError, match=r"^data: data.generation moved to the recipe's top-level generation section"):
+    with pytest.raises(RecipeError, match=r"^data.generation moved to the recipe's top-level generation section"):
         mode_recipe(tmp_path, tiny_lm_teacher, pairs_file, "teacher_generated", "data.generation={max_new_tokens: 8}")
     with pytest.raises(
         RecipeError,

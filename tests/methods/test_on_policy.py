@@ -115,7 +115,7 @@ def test_mistakes_are_refused_when_the_recipe_is_checked(tmp_path, tiny_lm_teach
     "overrides", [["data.mode=on_policy"], ["data.on_policy={lambda: 0.5}"], ["data.on_policy.lambda=1.0"]]
 )
 def test_the_old_data_settings_are_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file, overrides):
-    message = r"^data: data.mode on_policy and data.on_policy moved to the recipe's methods list; write methods:"
+    message = r"^data.mode on_policy and data.on_policy moved to the recipe's methods list; write methods:"
     with pytest.raises(RecipeError, match=message + r" \[\{name: on_policy, lambda: 0.5, \.\.\.\}\]") as e:
         lm_recipe(tmp_path, tiny_lm_teacher, pairs_file, "data.format=jsonl", *overrides)
     assert "\n" not in str(e.value)

@@ -16,7 +16,7 @@ from test_tasks_causal_lm import lm_recipe, task_of
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):
     with pytest.raises(
         RecipeError,
-        match=r"^data: data.mode online_generation moved to the recipe's methods list; "
+        match=r"^data.mode online_generation moved to the recipe's methods list; "
         r"write methods: \[\{name: online_generation\}\]",
     ) as e:
         lm_recipe(tmp_path, tiny_lm_teacher, pairs_file, "data.format=jsonl", "data.mode=online_generation")

@@ -224,7 +224,7 @@ def test_selection_needs_a_teacher_and_logit_terms(tmp_path, digits_teacher):
 @pytest.mark.parametrize(("old", "method"), [("selection", "active_distillation"), ("prune", "data_pruning")])
 def test_a_method_left_in_the_data_section_is_refused_with_its_new_spelling(old, method):
     with pytest.raises(
-        RecipeError, match=rf"data: data.{old} moved to the recipe's methods list; write methods: \[{{name: {method}"
+        RecipeError, match=rf"data.{old} moved to the recipe's methods list; write methods: \[{{name: {method}"
     ):
         load_recipe("digits_kd", [f"data.{old}={{budget: 10}}"])
 

@@ -52,7 +52,7 @@ def test_the_method_composes_single_topic_batches_and_the_task_random_ones_witho
 
 @pytest.mark.parametrize(("key", "value"), [("sampler", "tasb"), ("sampler", "random"), ("clusters", 2), ("bins", 5)])
 def test_the_old_data_settings_are_refused_with_the_new_spelling(tmp_path, key, value):
-    with pytest.raises(RecipeError, match=rf"^data: data.{key} moved to the recipe's methods list; for TAS-B batches"
+    with pytest.raises(RecipeError, match=rf"^data.{key} moved to the recipe's methods list; for TAS-B batches"
                        r" write methods: \[\{name: tasb_batches") as e:  # fmt: skip
         load_recipe("sparse_retriever_scifact", [f"data.{key}={value}"])
     assert "\n" not in str(e.value) and f"remove data.{key}" in str(e.value)

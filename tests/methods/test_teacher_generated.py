@@ -18,7 +18,7 @@ from test_tasks_causal_lm import lm_recipe, task_of
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):
     with pytest.raises(
         RecipeError,
-        match=r"^data: data.mode teacher_generated moved to the recipe's methods list; "
+        match=r"^data.mode teacher_generated moved to the recipe's methods list; "
         r"write methods: \[\{name: teacher_generated\}\]",
     ) as e:
         lm_recipe(tmp_path, tiny_lm_teacher, pairs_file, "data.format=jsonl", "data.mode=teacher_generated")

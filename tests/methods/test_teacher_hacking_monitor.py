@@ -14,7 +14,7 @@ from tiny_lm import save_llama
 def test_the_old_data_setting_is_refused_with_the_new_spelling(tmp_path, tiny_lm_teacher, pairs_file):
     with pytest.raises(
         RecipeError,
-        match=r"^data: data.monitor moved to the recipe's methods list; "
+        match=r"^data.monitor moved to the recipe's methods list; "
         r"write methods: \[\{name: teacher_hacking_monitor, \.\.\.\}\]",
     ) as e:
         lm_recipe(tmp_path, tiny_lm_teacher, pairs_file, "data.format=jsonl", "data.monitor={golden_data: g.jsonl}")
