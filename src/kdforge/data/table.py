@@ -119,9 +119,6 @@ class Table:
     #: what the data is, in a few words (the model card's datasets line): a hub id or the file names
     name: str = ""
 
-    def __len__(self) -> int:
-        return sum(len(next(iter(roles.values()), [])) for roles in self.splits.values())
-
 
 def _where(fields: SourceFields, prefix: str) -> str:
     return f"{prefix}.files" if fields.files is not None else f"{prefix}.source"
@@ -359,14 +356,15 @@ def column_of(fields: SourceFields, role: str) -> str | list[str]:
     return fields.columns.get(role, role)
 
 
+def _join(values: Any) -> str | None:
+    """One row's texts of several columns as one text (a missing or blank value leaves its column out)."""
+    texts = [str(v).strip() for v in values if v is not None and str(v).strip()]
+    return " ".join(texts) if texts else None
+
+
 def _joined(arrow: Any, columns: list[str]) -> list[Any]:
-    """Several text columns as one text per row (a missing value leaves that column out)."""
-    parts = [arrow[column].to_pylist() for column in columns]
-    out = []
-    for values in zip(*parts):
-        texts = [str(v).strip() for v in values if v is not None and str(v).strip()]
-        out.append(" ".join(texts) if texts else None)
-    return out
+    """Several text columns as one text per row."""
+    return [_join(values) for values in zip(*(arrow[column].to_pylist() for column in columns))]
 
 
 def check_roles(
@@ -513,7 +511,7 @@ def stream_column(fields: SourceFields, role: str, *, split: str = "train", pref
                 f"{setting}: {name} has no column {missing[0]!r} (its columns: {', '.join(row)}); set {setting} to"
                 " the column that holds it"
             )
-        value = " ".join(str(row[c]).strip() for c in columns if row[c] is not None and str(row[c]).strip())
+        value = _join(row[c] for c in columns)
         if value:
             yield value
 
@@ -566,7 +564,7 @@ class LazyTexts:
         part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         dataset, rows = self.parts[part]
         row = dataset[int(rows[index - self.offsets[part]])]
-        return " ".join(str(row[c]).strip() for c in self.columns if row[c] is not None and str(row[c]).strip())
+        return _join(row[c] for c in self.columns) or ""
 
 
 def seeded_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -203,9 +203,7 @@ class LabelledTextSource:
         return Part(values["text"], [self._raw_label(v) for v in values["label"]], values.get("text_pair"))
 
     def _raw_label(self, value: Any) -> Any:
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, float):
+        if isinstance(value, (bool, float)):  # a reader's 1.0 or True is the integer label
             return int(value)
         if self.cfg.multi_label:
             if isinstance(value, str):
