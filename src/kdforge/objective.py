@@ -153,6 +153,15 @@ class Objective:
         return frozenset(t.term.field for t in self.terms if t.spec.target == "teacher")
 
     @property
+    def head_logits(self) -> bool:
+        """Whether every term on ``logits`` takes them as the last hidden states and the LM head
+        (:class:`~kdforge.losses.linear.HeadLogits`: the fused linear path) and one term at least reads them."""
+        on_logits = [t for t in self.terms if t.term.field == "logits"]
+        return bool(on_logits) and all(
+            isinstance(t.spec, LossSpec) and t.spec.linear and t.term.layer is None for t in on_logits
+        )
+
+    @property
     def needs_teacher(self) -> bool:
         return bool(self.teacher_fields)
 

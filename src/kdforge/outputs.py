@@ -7,6 +7,7 @@ the objective asks for, so a run that needs no hidden states never keeps them.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -23,10 +24,16 @@ OUTPUT_FIELDS = (
     "ivf_scores",
 )
 
+#: not a field: in the fields an adapter is asked for, it says that ``logits`` may come as
+#: :class:`~kdforge.losses.linear.HeadLogits` (the last hidden states and the LM head, the logits
+#: not computed) because every loss that reads them takes that form (the fused linear path)
+HEAD_LOGITS = "logits:head"
+
 
 @dataclass
 class ModelOutputs:
-    logits: torch.Tensor | None = None
+    #: [B, C] or [B, L, V]; or HeadLogits where the adapter was asked for HEAD_LOGITS and could
+    logits: Any = None
     #: one layer's features, [B, H] or [B, L, H], for a loss that compares one tensor
     #: (the task's docstring says which layer)
     hidden: torch.Tensor | None = None

@@ -88,6 +88,11 @@ class TrainingConfig(Strict):
         " checkpoint) or skip the batch (counted in the report)",
     )
     max_skipped: int = Field(100, ge=1, description="with nonfinite: skip, stop once this many batches were skipped")
+    fused_linear: bool = Field(
+        True,
+        description="where every loss on the logits allows it, compute them from the last hidden states and the"
+        " LM head chunk by chunk, so the [B, L, V] logits and their gradient never exist (causal LMs)",
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainingConfig:

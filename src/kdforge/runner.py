@@ -32,13 +32,14 @@ from kdforge.eval import count_parameters, fidelity, size_on_disk, timed_through
 from kdforge.fsutil import atomic_write_text
 from kdforge.methods import BaselinePlan, Method, StudentRun, build_methods
 from kdforge.objective import Objective, teacher_fields_of
-from kdforge.outputs import nonfinite_fields
+from kdforge.outputs import HEAD_LOGITS, nonfinite_fields
 from kdforge.plan import warn_if_too_big
 from kdforge.recipe import Recipe, TrainingConfig
 from kdforge.report import card as model_card
 from kdforge.report.builder import aggregate
 from kdforge.report.html import write_report
 from kdforge.signals import TeacherSignal, build_signal
+from kdforge.signals.online import OnlineTeacher
 from kdforge.tasks import Evaluation, Task
 
 console = make_console(stderr=True)
@@ -146,13 +147,22 @@ def training_loss(
     and the teacher's outputs on the batch, through the objective; each method may change the batch a
     distillation step trains on and the teacher's outputs the objective sees."""
 
+    student_fields, teacher_fields = objective.student_fields, objective.teacher_fields
+    if objective.head_logits and task.recipe.training.fused_linear:
+        # the fused linear path: the logits are never computed whole. The teacher's too, when it is one
+        # local model whose outputs no method changes (an ensemble averages, a cache stores top-k)
+        student_fields = student_fields | {HEAD_LOGITS}
+        unchanged = all(type(m).teacher_outputs is Method.teacher_outputs for m in methods)
+        if isinstance(signal, OnlineTeacher) and unchanged:
+            teacher_fields = teacher_fields | {HEAD_LOGITS}
+
     def loss_fn(m, batch, step):
         if objective.needs_teacher:
             batch = task.training_batch(m, batch, step)
             for method in methods:
                 batch = method.training_batch(m, batch, step)
-        student_out = task.adapter(m, batch, objective.student_fields)
-        teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        student_out = task.adapter(m, batch, student_fields)
+        teacher_out = signal.outputs(batch, teacher_fields) if objective.needs_teacher else None
         for method in methods if teacher_out is not None else ():
             teacher_out = method.teacher_outputs(batch, teacher_out, step)
         loss, terms = objective(student_out, teacher_out, batch, step)

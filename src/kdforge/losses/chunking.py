@@ -212,7 +212,7 @@ class FusedKernel:
     formula: PositionFn
 
 
-class _Buffers:
+class ChunkBuffers:
     """Four ``[rows, V]`` buffers for one call, reused by every chunk (the last chunk uses a prefix)."""
 
     def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -222,7 +222,7 @@ class _Buffers:
         return [b[:rows] for b in self.all]
 
 
-def _fused_chunk(
+def fused_chunk(
     kernel: FusedKernel,
     s: torch.Tensor,
     teacher: list[torch.Tensor],
@@ -230,7 +230,10 @@ def _fused_chunk(
     bufs: list[torch.Tensor],
     grad_scale: float | None,
 ) -> torch.Tensor:
-    """Values of one chunk; with ``grad_scale`` also its gradient (times that number), left in ``bufs[3]``."""
+    """Values of one chunk; with ``grad_scale`` also its gradient (times that number), left in ``bufs[3]``.
+
+    ``s`` and a dense teacher's ``teacher[0]`` may be ``bufs[3]`` and ``bufs[2]`` themselves (the fused
+    linear path computes the chunk's logits there): each is read before its buffer is written."""
     work, log_q, log_p, out = bufs
     _log_softmax_into(log_q, s, temperature, work)
     if len(teacher) == 1:
@@ -264,8 +267,9 @@ def _fused_chunk(
 
 
 def _log_softmax_into(dest: torch.Tensor, logits: torch.Tensor, temperature: float, work: torch.Tensor) -> None:
-    """``dest`` <- log_softmax(logits / T) in ``dest``'s dtype, with as few passes over memory as possible."""
-    if logits.dtype != dest.dtype:  # half precision: widen first, then divide in float32
+    """``dest`` <- log_softmax(logits / T) in ``dest``'s dtype, with as few passes over memory as possible.
+    ``logits`` may be ``dest`` (it is then copied to ``work`` first: no kernel reads what it writes)."""
+    if logits.dtype != dest.dtype or logits is dest:  # half precision: widen first, then divide in float32
         torch.log_softmax(work.copy_(logits).div_(temperature), -1, out=dest)
     elif temperature == 1.0:
         torch.log_softmax(logits, -1, out=dest)
@@ -292,13 +296,13 @@ def _fused_pass(
     """
     rows = min(_rows_per_chunk(student.shape[-1]), student.shape[0])
     dtype = upcast(student).dtype
-    bufs = _Buffers(rows, student.shape[-1], dtype, student.device)
+    bufs = ChunkBuffers(rows, student.shape[-1], dtype, student.device)
     grad = torch.empty_like(student) if grad_out is not None else None
     values = []
     for start, (s, *t) in _slices(rows, student, *teacher):
         n = s.shape[0]
         chunk_bufs = bufs.take(n)
-        values.append(_fused_chunk(kernel, s, t, temperature, chunk_bufs, grad_out))
+        values.append(fused_chunk(kernel, s, t, temperature, chunk_bufs, grad_out))
         if grad is not None:
             grad[start : start + n].copy_(chunk_bufs[3])
     return torch.cat(values), grad

@@ -38,6 +38,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def mean_of_sum(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_mean` from the masked sum of the values and the count of counted positions
+    (the fused linear losses compute the sum themselves); the same reduction on several processes."""
+    if current_share() is not None:
+        return global_mean(total, count.to(total.dtype))
+    return total / count.to(total.dtype).clamp_min(1.0)
+
+
 def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """sum_i p_i (log p_i - log q_i) over the last axis; terms with p_i = 0 are 0.
 

@@ -30,7 +30,22 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.losses.chunking import FusedKernel, Teacher, check_pair, fused_per_position, per_position, teacher_tail
-from kdforge.losses.common import check_temperature, kl_per_position, logsumexp_or_neginf, masked_mean, upcast
+from kdforge.losses.common import (
+    check_temperature,
+    kl_per_position,
+    logsumexp_or_neginf,
+    masked_mean,
+    mean_of_sum,
+    upcast,
+)
+from kdforge.losses.linear import (
+    HeadLogits,
+    cross_entropy_chunk,
+    kernel_chunk,
+    linear_or_dense,
+    position_count,
+    weighted_sum,
+)
 from kdforge.losses.registry import register_loss
 from kdforge.provenance import Paper
 
@@ -69,7 +84,11 @@ def _divergence(
 ) -> torch.Tensor:
     """The shared reduction: per-position divergence, masked mean over positions, times T^2."""
     check_temperature(temperature)
+    student, teacher = linear_or_dense(student, teacher)
     check_pair(student, teacher)
+    if isinstance(student, HeadLogits):
+        total = weighted_sum(kernel_chunk(kernel, temperature), student, teacher, mask)
+        return mean_of_sum(total, position_count(student, mask)) * temperature**2
     return masked_mean(fused_per_position(student, teacher, kernel, temperature), mask) * temperature**2
 
 
@@ -197,7 +216,7 @@ KERNELS = {
 }
 
 
-@register_loss("forward_kl", paper=HINTON)
+@register_loss("forward_kl", paper=HINTON, linear=True)
 def forward_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -224,7 +243,7 @@ def forward_kl(
     return _divergence(student, teacher, FORWARD_KL, temperature=temperature, mask=mask)
 
 
-@register_loss("hinton_kd", paper=HINTON)
+@register_loss("hinton_kd", paper=HINTON, linear=True)
 def hinton_kd(
     student: torch.Tensor,
     teacher: Teacher,
@@ -243,7 +262,7 @@ def hinton_kd(
     return forward_kl(student, teacher, temperature=temperature, mask=mask)
 
 
-@register_loss("reverse_kl", paper=MINILLM)
+@register_loss("reverse_kl", paper=MINILLM, linear=True)
 def reverse_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -260,7 +279,7 @@ def reverse_kl(
     return _divergence(student, teacher, REVERSE_KL, temperature=temperature, mask=mask)
 
 
-@register_loss("generalized_jsd", paper=GKD)
+@register_loss("generalized_jsd", paper=GKD, linear=True)
 def generalized_jsd(
     student: torch.Tensor,
     teacher: Teacher,
@@ -295,7 +314,7 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
 
 
-@register_loss("skew_kl", paper=DISTILLM)
+@register_loss("skew_kl", paper=DISTILLM, linear=True)
 def skew_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -315,7 +334,7 @@ def skew_kl(
     return _divergence(student, teacher, skew_kl_kernel(alpha), temperature=temperature, mask=mask)
 
 
-@register_loss("skew_reverse_kl", paper=DISTILLM)
+@register_loss("skew_reverse_kl", paper=DISTILLM, linear=True)
 def skew_reverse_kl(
     student: torch.Tensor,
     teacher: Teacher,
@@ -332,7 +351,7 @@ def skew_reverse_kl(
     return _divergence(student, teacher, skew_reverse_kl_kernel(alpha), temperature=temperature, mask=mask)
 
 
-@register_loss("total_variation")
+@register_loss("total_variation", linear=True)
 def total_variation(
     student: torch.Tensor,
     teacher: Teacher,
@@ -442,7 +461,7 @@ def _dkd_buckets(
     return log_q_b, log_p_b, bucket
 
 
-@register_loss("cross_entropy", target="labels")
+@register_loss("cross_entropy", target="labels", linear=True)
 def cross_entropy(
     student: torch.Tensor,
     labels: torch.Tensor,
@@ -466,6 +485,9 @@ def cross_entropy(
     if mask is not None:
         counted = counted & mask.bool()
     safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
+    if isinstance(student, HeadLogits):
+        total = weighted_sum(cross_entropy_chunk, student, safe_labels.reshape(-1, 1), counted)
+        return mean_of_sum(total, counted.sum())
     log_q = F.log_softmax(upcast(student), dim=-1)
     nll = -log_q.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return masked_mean(nll, counted)

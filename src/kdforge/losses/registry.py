@@ -72,6 +72,9 @@ class LossSpec:
     couples_batch: bool = False
     #: the paper the loss comes from (README's table, ``kdforge list``, model cards' citations)
     paper: Paper | None = None
+    #: the loss takes :class:`~kdforge.losses.linear.HeadLogits` for its logits (the fused linear
+    #: path: the task may hand it the last hidden states and the LM head instead of the logits)
+    linear: bool = False
 
     def loss_param_names(self) -> set[str]:
         """Keyword-only parameters of the loss function a recipe may set."""
@@ -111,6 +114,7 @@ def register_loss(
     code_only: tuple[str, ...] = (),
     couples_batch: bool = False,
     paper: Paper | None = None,
+    linear: bool = False,
 ):
     """Register ``fn`` under ``name``; its docstring's first line is its summary, ``paper`` its source.
 
@@ -131,6 +135,7 @@ def register_loss(
             code_only=code_only,
             couples_batch=couples_batch,
             paper=paper,
+            linear=linear,
         )
         if name in LOSS_MODULES:
             raise ValueError(f"loss {name!r} has the name of a registered loss module")

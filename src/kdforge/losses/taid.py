@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from kdforge.losses.chunking import FusedKernel, check_pair, fused_per_position
-from kdforge.losses.common import kl_per_position, masked_mean
+from kdforge.losses.common import kl_per_position, masked_mean, mean_of_sum
+from kdforge.losses.linear import HeadLogits, kernel_chunk, linear_or_dense, position_count, weighted_sum
 from kdforge.losses.registry import register_loss
 from kdforge.provenance import Paper
 
@@ -160,7 +161,7 @@ class TAIDSchedule:
         self.momentum = float(state["momentum"])
 
 
-@register_loss("taid", state=TAIDSchedule, paper=TAID)
+@register_loss("taid", state=TAIDSchedule, paper=TAID, linear=True)
 def taid(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -198,7 +199,11 @@ def taid(
     t = float(t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
+    student, teacher = linear_or_dense(student, teacher)
     check_pair(student, teacher)
+    if isinstance(student, HeadLogits):
+        total = weighted_sum(kernel_chunk(taid_kernel(t), 1.0), student, teacher, mask)
+        return mean_of_sum(total, position_count(student, mask))
     return masked_mean(fused_per_position(student, teacher, taid_kernel(t), 1.0), mask)
 
 

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from kdforge.distributed import process_gpu
-from kdforge.outputs import ModelOutputs
+from kdforge.outputs import HEAD_LOGITS, ModelOutputs
 from kdforge.signals.base import SIGNALS, Adapter, Batch, BuiltSignal, SignalConfig, TeacherSignal
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,6 +77,8 @@ class OnlineTeacher(TeacherSignal):
         device = self.device or next((p.device for p in self.model.parameters()), home)
         if device != home or self.dtype is not None:
             batch = _to(batch, device, self.dtype)
+        if device != home:  # logits computed on the teacher's device travel; its head stays there
+            fields = fields - {HEAD_LOGITS}
         out = self.adapter(self.model, batch, fields)
         if device == home:
             return out

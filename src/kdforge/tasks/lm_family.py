@@ -27,11 +27,12 @@ from torch.utils.data import Dataset
 from kdforge.data.generate import pad_token_id, stop_token_ids
 from kdforge.distributed import is_main
 from kdforge.errors import RecipeError
+from kdforge.losses.linear import HeadLogits
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import replace_folder
-from kdforge.outputs import ModelOutputs
+from kdforge.outputs import HEAD_LOGITS, ModelOutputs
 from kdforge.recipe import Recipe
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
 from kdforge.tasks.parts import SafetensorsFolderFamily
@@ -51,6 +52,23 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
         return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError, AttributeError):
         return False
+
+
+#: configuration settings that change the logits after the LM head (Gemma 2's soft-capping, Cohere's
+#: and Granite's scales): a model with any of them set gets its logits computed whole, never by the head alone
+_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def head_of(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head when its logits are exactly ``head(last hidden state)`` and its forward can skip
+    computing them (``logits_to_keep``); None otherwise (the logits are then computed whole)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, nn.Linear) or not _takes_logits_to_keep(model):
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _AFTER_HEAD):
+        return None
+    return head
 
 
 class CausalLMFamily(SafetensorsFolderFamily):
@@ -228,8 +246,11 @@ class CausalLMFamily(SafetensorsFolderFamily):
 
     def adapter(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str]) -> ModelOutputs:
         device = next(model.parameters()).device
-        hidden_wanted = bool(fields & {"hidden", "hidden_states"})
         input_ids = batch["input_ids"].to(device)
+        head = head_of(model) if HEAD_LOGITS in fields and "logits" in fields else None
+        if head is not None:
+            return self._head_outputs(model, batch, fields, head)
+        hidden_wanted = bool(fields & {"hidden", "hidden_states"})
         # The output at position j predicts token j + 1: drop the last position, whose target
         # lies beyond the sequence, so outputs line up with labels and loss_mask. Where the
         # model can, the LM head runs on those positions only: the logits come out contiguous
@@ -252,6 +273,24 @@ class CausalLMFamily(SafetensorsFolderFamily):
         return ModelOutputs(
             logits=logits,
             hidden=hidden_states[-1] if hidden_states is not None and "hidden" in fields else None,
+            hidden_states=hidden_states if "hidden_states" in fields else None,
+        )
+
+    def _head_outputs(self, model: nn.Module, batch: dict[str, Any], fields: frozenset[str], head: nn.Linear):
+        """The outputs with ``logits`` as :class:`HeadLogits`: the model runs without its LM head (one
+        position's logits, which transformers' LMs compute at least), the losses apply the head chunk by chunk."""
+        device = next(model.parameters()).device
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        hidden_states = tuple(h[:, :-1] for h in out.hidden_states)
+        return ModelOutputs(
+            logits=HeadLogits(hidden_states[-1], head.weight, head.bias),
+            hidden=hidden_states[-1] if "hidden" in fields else None,
             hidden_states=hidden_states if "hidden_states" in fields else None,
         )
 
