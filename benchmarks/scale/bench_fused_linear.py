@@ -160,9 +160,16 @@ def main() -> None:
         base = by.get((r["loss"], "logits"))
         ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "-"
         ok = "yes" if r["x_tensor"] <= TARGET else "no"
-        print(
-            f"| {r['loss']} | {r['impl']} | {r['extra_mb']:.0f} | {r['x_tensor']:.2f} | {ok} | {r['median_s']:.2f} | {ratio} |"
-        )
+        cells = [
+            r["loss"],
+            r["impl"],
+            f"{r['extra_mb']:.0f}",
+            f"{r['x_tensor']:.2f}",
+            ok,
+            f"{r['median_s']:.2f}",
+            ratio,
+        ]
+        print("| " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps({"git": head, "shape": shape, "rows": rows}, indent=2))
 
