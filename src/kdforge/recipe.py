@@ -88,6 +88,15 @@ class TrainingConfig(Strict):
         " checkpoint) or skip the batch (counted in the report)",
     )
     max_skipped: int = Field(100, ge=1, description="with nonfinite: skip, stop once this many batches were skipped")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="fsdp: on several processes, shard the student (and an online teacher) with PyTorch FSDP2, per"
+        " transformer block; checkpoints are written with torch.distributed.checkpoint (resume on any number of"
+        " processes); none: every process holds the whole models (data parallel)",
+    )
+    cpu_offload: bool = Field(
+        False, description="with sharding: fsdp, keep the sharded parameters and optimizer state in CPU memory"
+    )
     fused_linear: bool = Field(
         True,
         description="where every loss on the logits allows it, compute them from the last hidden states and the"
@@ -98,6 +107,8 @@ class TrainingConfig(Strict):
     def _steps_or_epochs(self) -> TrainingConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of training.steps or training.epochs")
+        if self.cpu_offload and self.sharding != "fsdp":
+            raise ValueError("training.cpu_offload: offloads sharded parameters; set training.sharding: fsdp too")
         return self
 
 

@@ -244,6 +244,8 @@ def _train_phase(
         loss_modules=objective.loss_modules(),
         sampler=_sampler(task, methods, recipe.training.seed),
     )
+    if result.model is not None:  # trained sharded: the gathered, ordinary module
+        model = result.model
     info = {
         "steps": result.steps,
         "final_loss": result.final_loss,

@@ -116,6 +116,9 @@ def _sync(folder: Path) -> None:
     """Flush the checkpoint's files to disk before the rename publishes it: after a power loss
     (not only a killed process) the newest ``step-*`` folder must still hold whole files."""
     for file in folder.iterdir():
+        if file.is_dir():  # a sharded checkpoint's dcp/ folder
+            _sync(file)
+            continue
         with file.open("rb") as fh:
             os.fsync(fh.fileno())
 
@@ -187,6 +190,114 @@ def load_checkpoint(
     optimizer.load_state_dict(_load(path / "optimizer.pt"))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     set_rng_state(_load(path / "rng.pt"))
+    try:
+        return TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}/state.json: unreadable ({first_line(exc)}); delete this checkpoint") from None
+
+
+# ----------------------------------------------------------------- sharded (DCP) checkpoints
+
+DCP_FOLDER = "dcp"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / DCP_FOLDER).is_dir()
+
+
+def _barrier() -> None:
+    from kdforge.distributed import barrier
+
+    barrier()
+
+
+def save_sharded_checkpoint(
+    folder: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    keep: int,
+    loss_modules: nn.Module | None = None,
+) -> Path:
+    """Every process writes its shards of the model and optimizer state (``torch.distributed.checkpoint``)
+    into ``.step-N.tmp/dcp``; the main process adds the rest (scheduler, state, loss modules), each process
+    its RNG state, and once all are done the main process renames the folder: the newest ``step-*`` is whole.
+    Called by every process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from kdforge.distributed import is_main, rank
+
+    final = folder / checkpoint_name(state.step)
+    tmp = folder / f".{final.name}.tmp"
+    main = is_main()
+    try:
+        if main:
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / DCP_FOLDER))
+        faults.point("checkpoint", state.step)  # the tests kill the run here: shards written, the rest not
+        torch.save(rng_state(), tmp / f"rng-{rank()}.pt")
+        if main:
+            if _has_weights(loss_modules):
+                save_model(loss_modules, str(tmp / LOSS_MODULES_FILE))
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+        _barrier()
+        if main:
+            _sync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _sync_folder(folder)
+            for old in list_checkpoints(folder)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+    except OSError as exc:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p for p in list_checkpoints(folder) if p != final]
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({exc.strerror or exc}); free disk space and resume;"
+            f" last good checkpoint: {previous[-1] if previous else 'none'}"
+        ) from None
+    return final
+
+
+def load_sharded_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_modules: nn.Module | None = None,
+) -> TrainState:
+    """A DCP checkpoint into ``model`` and ``optimizer``, sharded or whole, on any number of processes
+    (DCP re-shards what was written by another number). Called by every process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from kdforge.distributed import rank
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(loaded, checkpoint_id=str(path / DCP_FOLDER))
+    except Exception as exc:  # DCP raises its own error types (a missing shard, another model)
+        raise CheckpointError(
+            f"{path}: the sharded checkpoint does not load ({first_line(exc)}); delete this checkpoint"
+        ) from None
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    _load_loss_modules(path, loss_modules)
+    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    own = path / f"rng-{rank()}.pt"
+    set_rng_state(_load(own if own.exists() else path / "rng-0.pt"))  # more processes than wrote it: rank 0's
     try:
         return TrainState(**json.loads((path / "state.json").read_text()))
     except (OSError, ValueError, TypeError) as exc:

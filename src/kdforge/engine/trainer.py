@@ -30,7 +30,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdforge import faults
 from kdforge.distributed import average_gradients, mean_over_processes, on_main, process_share, same_start
-from kdforge.engine.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from kdforge.engine import sharding
+from kdforge.engine.checkpoint import (
+    TrainState,
+    is_sharded_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from kdforge.engine.metrics_log import MetricsLog
 from kdforge.engine.optim import build_lr_scheduler, build_optimizer
 from kdforge.engine.sampler import EpochShuffleSampler, ProcessShareBatches
@@ -54,6 +63,9 @@ class TrainResult:
     resumed_from: int | None = None
     #: batches left out for a NaN or inf (training.nonfinite: skip): {"step", "term"} each
     skipped: list[dict[str, Any]] | None = None
+    #: the trained model when training sharded it: a new, ordinary module holding the gathered weights
+    #: (the one passed in stays sharded); None when the model was trained in place
+    model: nn.Module | None = None
 
 
 #: Accelerate's launch flags (``ACCELERATE_USE_<name>``) for setups that shard the student
@@ -227,17 +239,32 @@ def train(
     loader = _share_loader(dataset, sampler, collate_fn, cfg, accelerator)
     world = accelerator.num_processes
     loss_params = _place_loss_modules(loss_modules, accelerator)
+    shards = sharding.sharded(cfg)
+    whole: nn.Module | None = None
+    if shards:
+        if loss_params:
+            raise KDForgeError(
+                "training.sharding: fsdp does not train learnable loss terms (a critic) yet; use sharding: none"
+            )
+        same_start(model)
+        whole = sharding.skeleton(model)  # what the trained shards are gathered into at the end
+        # FSDP2 reduce-scatters (averages) the gradients and casts to training.precision itself
+        model = sharding.shard(model, accelerator.device, precision=cfg.precision, offload=cfg.cpu_offload)
     groups = model_parameter_groups(model)
     if loss_params:
         groups.append({"params": loss_params})
     optimizer = build_optimizer(groups, cfg)
-    # the model is placed (and autocast) but not wrapped in DDP: the processes' gradients are averaged
-    # by distributed.average_gradients, since a task's adapter may call any part of the model
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    if not shards:
+        # the model is placed (and autocast) but not wrapped in DDP: the processes' gradients are averaged
+        # by distributed.average_gradients, since a task's adapter may call any part of the model
+        model = accelerator.prepare_model(model, evaluation_mode=True)
     optimizer = accelerator.prepare_optimizer(optimizer)
-    same_start(model)
-    synced = [p for group in groups for p in group["params"]]  # the model's trainable parameters, the loss's
+    if not shards:
+        same_start(model)
+    # the parameters whose gradients the engine averages itself: the whole model's and the loss's
+    synced = loss_params if shards else [p for group in groups for p in group["params"]]
     clipped = [*model.parameters(), *loss_params] if loss_params else None
+    dcp_checkpoints = cfg.sharding == "fsdp"  # on one process too, so that a run moves between 1 and N
     batches_per_epoch = len(loader)
     total = total_optimizer_steps(cfg, batches_per_epoch)
     # The scheduler is stepped by hand once per optimizer step, so its count is the
@@ -250,9 +277,16 @@ def train(
     resumed_from = None
     if resume and list_checkpoints(ckpt_dir):
         latest = list_checkpoints(ckpt_dir)[-1]
-        state = load_checkpoint(
+        if is_sharded_checkpoint(latest) != dcp_checkpoints:
+            written, now = ("fsdp", "none") if is_sharded_checkpoint(latest) else ("none", "fsdp")
+            raise KDForgeError(
+                f"training.sharding: {latest} was written with sharding: {written}; resume with that setting"
+                f" (sharding: {now} cannot read it), or start over without --resume"
+            )
+        load = load_sharded_checkpoint if dcp_checkpoints else load_checkpoint
+        state = load(
             latest,
-            model=accelerator.unwrap_model(model),
+            model=model if shards else accelerator.unwrap_model(model),
             optimizer=optimizer.optimizer,
             scheduler=scheduler,
             loss_modules=loss_modules,
@@ -273,6 +307,16 @@ def train(
             "log_interval": [interval_loss, interval_terms, interval_count],
             "skipped": skipped,
         }
+        if dcp_checkpoints:  # every process writes its shards
+            return save_sharded_checkpoint(
+                ckpt_dir,
+                model=model if shards else accelerator.unwrap_model(model),
+                optimizer=optimizer.optimizer,
+                scheduler=scheduler,
+                state=state,
+                keep=cfg.keep_checkpoints,
+                loss_modules=loss_modules,
+            )
         path = None
         if main:
             path = save_checkpoint(
@@ -354,6 +398,7 @@ def train(
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         # one norm over everything the optimizer steps, loss modules included
                         norm = accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
+                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
                         # (fp16's grad scaler skips its own overflowing steps: not a NaN of the run's)
                         if norm is not None and accelerator.scaler is None and not torch.isfinite(norm):
                             nonfinite("gradient")  # raises, or the whole step is left out
@@ -407,7 +452,10 @@ def train(
                 if evaluate and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
                     model.eval()
                     faults.point("eval", state.step)  # the tests kill the run here: mid-evaluation
-                    metrics = on_main(lambda: evaluate(accelerator.unwrap_model(model)))
+                    if shards:  # every process runs the same batches: each gathers one block at a time
+                        metrics = evaluate(model)
+                    else:
+                        metrics = on_main(lambda: evaluate(accelerator.unwrap_model(model)))
                     model.train()
                     log.write({"phase": phase, "step": state.step, "eval": metrics})
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
@@ -431,9 +479,16 @@ def train(
         # the evaluation and the checkpoints of a run on several processes still use
         for tracker in accelerator.trackers:
             tracker.finish()
+    if whole is not None:  # the trained shards, gathered into an ordinary module on every process
+        model = sharding.gather_whole(model, whole)
     model.eval()
     if loss_modules is not None:
         loss_modules.eval()
     return TrainResult(
-        steps=state.step, final_loss=last_loss, final_terms=last_terms, resumed_from=resumed_from, skipped=skipped
+        steps=state.step,
+        final_loss=last_loss,
+        final_terms=last_terms,
+        resumed_from=resumed_from,
+        skipped=skipped,
+        model=whole,
     )

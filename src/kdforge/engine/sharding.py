@@ -1,0 +1,134 @@
+"""Sharded models on PyTorch FSDP2 (``training.sharding: fsdp``).
+
+Each process holds 1/N of the student's parameters, gradients and optimizer state:
+``fully_shard`` is applied to every transformer block (the children of the model's
+largest ``nn.ModuleList``: decoder layers, encoder layers) and then to the root, as
+torchtune's and torchtitan's recipes do. A forward pass gathers one block's parameters
+at a time; the backward pass reduce-scatters (averages) the gradients, so the engine's
+own gradient averaging is not used for the sharded parameters.
+
+FSDP2 is called directly, on the CPU (gloo) and on GPUs (NCCL) alike: one code path.
+Accelerate's FSDP plugin is not used, as it drives FSDP on GPUs only and would wrap the
+model in its own objects where kdforge's checkpoints, evaluation and saved models
+expect the module itself.
+
+A sharded model is not a model one process can run, save or evaluate alone: at the end
+of training :func:`gather_whole` turns it back into an ordinary module (every process
+gets the whole weights, as before sharding), which the runner evaluates and saves as
+an ordinary transformers or sentence-transformers folder. A model is sharded only on
+several processes; on one, ``sharding: fsdp`` trains it whole (its checkpoints are still
+written with DCP, so a run continues on any number of processes).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdforge.distributed import world_size
+from kdforge.errors import KDForgeError
+
+
+def sharded(cfg: Any) -> bool:
+    """Whether this run shards its models: ``training.sharding: fsdp`` on several processes."""
+    return getattr(cfg, "sharding", "none") == "fsdp" and world_size() > 1
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the children of its largest ``nn.ModuleList`` (by parameters)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(largest)
+
+
+def _mesh(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size(),))
+
+
+def _mixed_precision(precision: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # the parameters are gathered in half precision and the gradients reduced in float32, as
+    # torchtune's recipes do; the sharded master weights and the optimizer stay float32
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+
+
+def shard(model: nn.Module, device: torch.device, *, precision: str = "fp32", offload: bool = False) -> nn.Module:
+    """Shard ``model`` in place over every process (per block, then the root); returns it."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    found = blocks(model)
+    if not found:
+        raise KDForgeError(
+            f"training.sharding: fsdp shards a model per transformer block, and {type(model).__name__} has none"
+            " (no nn.ModuleList of layers); use sharding: none for it"
+        )
+    model.to(device)
+    mesh = _mesh(device)
+    options: dict[str, Any] = {"mesh": mesh, "mp_policy": _mixed_precision(precision)}
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in found:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def shard_for_inference(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
+    """A teacher sharded the same way: no gradients, no optimizer state, its blocks gathered one at a time."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return shard(model, device, precision=precision)
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s structure whose parameters and persistent buffers take no memory (meta
+    tensors): what :func:`gather_whole` fills with the trained weights. Non-persistent buffers (rotary
+    tables) are copied as they are, since no state dict holds them."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    persistent = set(model.state_dict(keep_vars=True).values())
+    for b in model.buffers():
+        if any(b is v for v in persistent):
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def gather_whole(model: nn.Module, plain: nn.Module) -> nn.Module:
+    """The sharded ``model``'s weights, gathered whole on every process into ``plain`` (its
+    :func:`skeleton`); returns ``plain``, an ordinary module."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    _materialize(plain, device)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KDForgeError(
+            f"the gathered student does not fit its structure (missing {missing}, unexpected {unexpected})"
+        )
+    return plain
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Storage for every meta parameter and buffer (filled by a state dict next); a tensor two
+    modules share (a tied LM head) stays one tensor."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, wrap in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    fresh = torch.empty_like(t, device=device)
+                    made[id(t)] = nn.Parameter(fresh, requires_grad=t.requires_grad) if wrap else fresh
+                table[name] = made[id(t)]
