@@ -273,6 +273,13 @@ def process_gpu() -> str | None:
     return str(PartialState().device)
 
 
+def process_device():
+    """The device this process trains on (its own GPU under a launch on GPUs, else the CPU)."""
+    from accelerate.state import PartialState
+
+    return PartialState().device
+
+
 def start_processes(cpu: bool) -> None:
     """Join the process group that ``accelerate launch`` (or torchrun) set up: gloo on the CPU,
     NCCL on GPUs; alone, nothing to join. Must come before anything asks Accelerate who it is,

@@ -26,6 +26,7 @@ from kdforge.console import make_console
 from kdforge.data.indexed import IndexedDataset, indexed_collate
 from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
+from kdforge.engine.sharding import sharded
 from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
 from kdforge.errors import NonFiniteError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, timed_throughput
@@ -228,6 +229,10 @@ def _train_phase(
             metrics.update(fidelity(fidelity_ref, result.logits))
         return metrics
 
+    if isinstance(signal, OnlineTeacher) and sharded(recipe.training) and not methods:
+        # after its evaluation (which the main process ran alone): from here every process calls it in step.
+        # A method may call the teacher on one process (a monitor's evaluation, generation): it stays whole then
+        signal.shard(recipe.training.precision)
     loss_fn = training_loss(task, objective, signal, methods)
     started = time.perf_counter()
     result = train(
@@ -253,6 +258,8 @@ def _train_phase(
         "train_seconds": time.perf_counter() - started,
         "resumed_from": result.resumed_from,
         **({"skipped_batches": result.skipped} if result.skipped else {}),
+        **({"held_bytes_per_process": result.held_bytes} if result.held_bytes else {}),
+        **({"sharded": {"student": True, "teacher": bool(getattr(signal, "sharded", False))}} if result.model else {}),
         **(task.training_info(result.steps) if phase == "student" else {}),
     }
     for method in methods if phase == "student" else ():

@@ -61,7 +61,14 @@ def _mixed_precision(precision: str):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
 
 
-def shard(model: nn.Module, device: torch.device, *, precision: str = "fp32", offload: bool = False) -> nn.Module:
+def shard(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    offload: bool = False,
+    root_reshard: bool | None = None,
+) -> nn.Module:
     """Shard ``model`` in place over every process (per block, then the root); returns it."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -78,15 +85,18 @@ def shard(model: nn.Module, device: torch.device, *, precision: str = "fp32", of
         options["offload_policy"] = CPUOffloadPolicy()
     for block in found:
         fully_shard(block, **options)
-    fully_shard(model, **options)
+    root = {} if root_reshard is None else {"reshard_after_forward": root_reshard}
+    fully_shard(model, **options, **root)
     return model
 
 
 def shard_for_inference(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
-    """A teacher sharded the same way: no gradients, no optimizer state, its blocks gathered one at a time."""
+    """A teacher sharded the same way: no gradients, no optimizer state, its blocks gathered one at a
+    time, and its root's weights (embeddings, head) sharded again after each forward pass too (a training
+    model keeps them whole until its backward pass, which a teacher never has)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    return shard(model, device, precision=precision)
+    return shard(model, device, precision=precision, root_reshard=True)
 
 
 def skeleton(model: nn.Module) -> nn.Module:
@@ -132,3 +142,31 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                     fresh = torch.empty_like(t, device=device)
                     made[id(t)] = nn.Parameter(fresh, requires_grad=t.requires_grad) if wrap else fresh
                 table[name] = made[id(t)]
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
+    return local.numel() * local.element_size()
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """The bytes this process holds for ``model``'s weights and gradients and the optimizer's state."""
+    params = list(model.parameters())
+    return {
+        "weights": sum(_local_bytes(p) for p in params),
+        "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(
+            _local_bytes(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+        ),
+    }
+
+
+def largest_over_processes(held: dict[str, int]) -> dict[str, int]:
+    """Each entry's largest value over processes (what the fullest process holds)."""
+    if world_size() == 1:
+        return held
+    import torch.distributed as dist
+
+    values = torch.tensor(list(held.values()), dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return dict(zip(held, (int(v) for v in values.tolist())))

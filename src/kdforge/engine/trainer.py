@@ -66,6 +66,8 @@ class TrainResult:
     #: the trained model when training sharded it: a new, ordinary module holding the gathered weights
     #: (the one passed in stays sharded); None when the model was trained in place
     model: nn.Module | None = None
+    #: the most bytes one process held for the model's weights, gradients and optimizer state (after a step)
+    held_bytes: dict[str, int] | None = None
 
 
 #: Accelerate's launch flags (``ACCELERATE_USE_<name>``) for setups that shard the student
@@ -360,6 +362,7 @@ def train(
 
     step_loss, step_terms, step_micro = 0.0, {}, 0
     last_loss, last_terms = float("nan"), {}
+    held: dict[str, int] | None = None  # this process's bytes of weights, gradients, optimizer state
     model.train()
     if loss_modules is not None:
         loss_modules.train()
@@ -405,6 +408,8 @@ def train(
                             optimizer.zero_grad()
                     faults.point("step", state.step)  # the tests kill the run here: mid-step
                     optimizer.step()
+                    if held is None and accelerator.sync_gradients:
+                        held = sharding.held_bytes(model, optimizer.optimizer)
                     optimizer.zero_grad()
                 state.batches_in_epoch += 1
                 if bad is None:  # each process holds a share: their mean is the global batch's value
@@ -491,4 +496,5 @@ def train(
         resumed_from=resumed_from,
         skipped=skipped,
         model=whole,
+        held_bytes=sharding.largest_over_processes(held) if held else None,
     )

@@ -70,6 +70,23 @@ class OnlineTeacher(TeacherSignal):
             p.requires_grad_(False)
         self.adapter = adapter
 
+    #: True once :meth:`shard` has spread the model over the processes
+    sharded = False
+
+    def shard(self, precision: str = "fp32") -> None:
+        """Spread the teacher over every process with FSDP2 (``training.sharding: fsdp``): each holds
+        1/N of its weights and gathers one block at a time in every forward pass, so from now on every
+        process must call :meth:`outputs` in step with the others (the training steps do). It then
+        gives whole logits: its head is sharded again after each forward pass."""
+        from kdforge.distributed import process_device
+        from kdforge.engine.sharding import shard_for_inference
+
+        if self.sharded:
+            return
+        device = self.device or process_device()
+        self.model = shard_for_inference(self.model, device, precision)
+        self.device, self.sharded = device, True
+
     @torch.no_grad()
     def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
         home = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
@@ -77,7 +94,7 @@ class OnlineTeacher(TeacherSignal):
         device = self.device or next((p.device for p in self.model.parameters()), home)
         if device != home or self.dtype is not None:
             batch = _to(batch, device, self.dtype)
-        if device != home:  # logits computed on the teacher's device travel; its head stays there
+        if device != home or self.sharded:  # logits travel; the head stays on its device (or in shards)
             fields = fields - {HEAD_LOGITS}
         out = self.adapter(self.model, batch, fields)
         if device == home:
