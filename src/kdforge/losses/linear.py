@@ -28,9 +28,9 @@ import torch
 from kdforge.losses.chunking import ChunkBuffers, FusedKernel, fused_chunk
 from kdforge.losses.common import upcast
 
-#: logits per chunk (12 MiB in float32, four buffers): the extra memory is the head's weight gradient
+#: logits per chunk (8 MiB in float32, four buffers): the extra memory is the head's weight gradient
 #: plus these; larger chunks make the chunks' matmuls faster on the CPU (benchmarks/scale/README.md)
-CHUNK_ELEMENTS = 3 << 20
+CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)

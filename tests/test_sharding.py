@@ -1,0 +1,93 @@
+"""``training.sharding: fsdp`` (issue 22): the student and the online teacher sharded with FSDP2 over 2 CPU
+processes (gloo) train as one unsharded process does (1e-5), hold half the weights, gradients and optimizer
+state each, write DCP checkpoints that a killed run resumes from on 2 or on 1 process, and save an ordinary
+transformers folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from test_processes import assert_same_run, kdforge
+from tiny_lm import TEXT
+
+FSDP = ["--set", "training.sharding=fsdp"]
+
+
+def _recipe(folder: Path, teacher: Path) -> Path:
+    text = folder / "text.txt"
+    text.write_text(TEXT * 4)
+    recipe = {
+        "name": "tiny-lm",
+        "task": "causal_lm",
+        "teacher": {"model": str(teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "data": {"format": "text", "path": str(text), "max_length": 16},
+        "objective": [{"loss": "forward_kl", "weight": 1.0}, {"loss": "cross_entropy", "weight": 0.1}],
+        # checkpoints at 3 and 6, an evaluation at 4 (every process takes part when sharded)
+        "training": {"lr": 3e-3, "batch_size": 8, "steps": 8, "log_every": 1, "checkpoint_every": 3, "eval_every": 4},
+        "evaluation": {"batch_size": 8, "throughput_batches": 1, "throughput_repeats": 1, "baseline": False},
+        "output": {"dir": str(folder / "runs")},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, tiny_lm_teacher):
+    """The recipe, and its run on one process without sharding: what every sharded run must give."""
+    folder = tmp_path_factory.mktemp("sharding")
+    recipe = _recipe(folder, tiny_lm_teacher)
+    kdforge(1, "run", str(recipe), "--set", "output.name=whole")
+    return recipe, folder / "runs"
+
+
+def _train_info(run: Path) -> dict:
+    return json.loads((run / "model.train.json").read_text())
+
+
+def test_a_sharded_run_on_two_processes_gives_the_unsharded_run_and_half_the_memory_each(whole_run):
+    recipe, runs = whole_run
+    kdforge(2, "run", str(recipe), "--set", "output.name=sharded", *FSDP)
+    assert_same_run(runs / "whole", runs / "sharded")  # losses, evaluations, test metrics, saved weights (1e-5)
+    info, whole = _train_info(runs / "sharded"), _train_info(runs / "whole")
+    assert info["sharded"] == {"student": True, "teacher": True}
+    for part in ("weights", "gradients", "optimizer"):  # 8 blocks' and the root's parameters split in two
+        assert info["held_bytes_per_process"][part] == pytest.approx(
+            whole["held_bytes_per_process"][part] / 2, rel=0.01
+        )
+    # the saved student is an ordinary transformers folder holding the gathered weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(runs / "sharded" / "model")
+    saved = load_file(runs / "sharded" / "model" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+
+
+def test_a_run_killed_in_a_sharded_checkpoint_resumes_on_two_processes_and_on_one(whole_run):
+    recipe, runs = whole_run
+    killed = kdforge(
+        2, "run", str(recipe), "--set", "output.name=on2", *FSDP, env={"KDFORGE_FAULT": "checkpoint@6"}, check=False
+    )
+    assert killed.returncode != 0
+    kept = sorted(p.name for p in (runs / "on2" / "checkpoints" / "student").iterdir())
+    assert kept == [".step-0000006.tmp", "step-0000003"]  # the half-written one never took a step-* name
+    assert (runs / "on2" / "checkpoints" / "student" / "step-0000003" / "dcp").is_dir()
+    # the same killed run, twice: one copy resumes on two processes, the other on one
+    shutil.copytree(runs / "on2", runs / "on1")
+    saved = runs / "on1" / "recipe.yaml"
+    saved.write_text(saved.read_text().replace("name: on2", "name: on1"))
+    kdforge(2, "run", str(recipe), "--set", "output.name=on2", *FSDP, "--resume")
+    kdforge(1, "run", str(recipe), "--set", "output.name=on1", *FSDP, "--resume")
+    for name in ("on2", "on1"):
+        assert _train_info(runs / name)["resumed_from"] == 3
+        assert_same_run(runs / "whole", runs / name)
