@@ -86,8 +86,58 @@ def shard(
     for block in found:
         fully_shard(block, **options)
     root = {} if root_reshard is None else {"reshard_after_forward": root_reshard}
-    fully_shard(model, **options, **root)
+    unit = root_unit(model)
+    before = type(unit)
+    fully_shard(unit, **options, **root)
+    _keep_output_recording(unit, before)
     return model
+
+
+def _keep_output_recording(unit: nn.Module, before: type) -> None:
+    """FSDP gives a sharded module a class of its own (``FSDPBertModel``); transformers looks up which
+    outputs a model can record (attentions, hidden states) by its class, so the new class gets the old one's."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # another transformers: models there record outputs their own way
+        return
+    recorded = dict.get(_CAN_RECORD_REGISTRY, str(before))
+    if recorded:
+        _CAN_RECORD_REGISTRY[unit] = recorded
+
+
+def root_unit(model: nn.Module) -> nn.Module:
+    """The module sharded as the root: the outermost transformers model inside ``model`` (the one a
+    task's adapter calls: a causal LM itself, a sentence-transformers model's BERT), else ``model``.
+    FSDP gathers a unit's own weights when its forward is called, so the root must be a module that is
+    called; weights outside it (a sentence-transformers Dense layer) stay whole on every process."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover (a dependency)
+        return model
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+
+
+def replicated(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters FSDP does not hold (outside the root unit): whole on every process, their
+    gradients averaged by the engine."""
+    return [p for p in params if not hasattr(p, "to_local")]
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over sharded and whole parameters together: one norm over all of them (a
+    sharded gradient's norm is reduced over the processes), every gradient scaled by the same factor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [[g for g in grads if hasattr(g, "to_local")], [g for g in grads if not hasattr(g, "to_local")]]
+    norms = []
+    for part in parts:
+        if part:
+            norm = torch.nn.utils.get_total_norm(part)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    for part in parts:
+        if part:
+            torch.nn.utils.clip_grads_with_norm_(part, max_norm, total)
+    return total
 
 
 def shard_for_inference(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:

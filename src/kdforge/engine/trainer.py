@@ -248,6 +248,8 @@ def train(
             raise KDForgeError(
                 "training.sharding: fsdp does not train learnable loss terms (a critic) yet; use sharding: none"
             )
+        if cfg.precision == "fp16":
+            raise KDForgeError("training.precision: fp16 needs a sharded gradient scaler; use bf16 with sharding: fsdp")
         same_start(model)
         whole = sharding.skeleton(model)  # what the trained shards are gathered into at the end
         # FSDP2 reduce-scatters (averages) the gradients and casts to training.precision itself
@@ -263,8 +265,11 @@ def train(
     optimizer = accelerator.prepare_optimizer(optimizer)
     if not shards:
         same_start(model)
-    # the parameters whose gradients the engine averages itself: the whole model's and the loss's
-    synced = loss_params if shards else [p for group in groups for p in group["params"]]
+    # the parameters whose gradients the engine averages itself: the whole model's (sharded: those FSDP
+    # does not hold) and the loss's
+    synced = [p for group in groups for p in group["params"]]
+    if shards:
+        synced = sharding.replicated(synced)
     clipped = [*model.parameters(), *loss_params] if loss_params else None
     dcp_checkpoints = cfg.sharding == "fsdp"  # on one process too, so that a run moves between 1 and N
     batches_per_epoch = len(loader)
@@ -400,8 +405,10 @@ def train(
                         average_gradients(synced)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         # one norm over everything the optimizer steps, loss modules included
-                        norm = accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
-                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
+                        if shards:
+                            norm = sharding.clip_grad_norm(list(model.parameters()), cfg.max_grad_norm)
+                        else:
+                            norm = accelerator.clip_grad_norm_(clipped or model.parameters(), cfg.max_grad_norm)
                         # (fp16's grad scaler skips its own overflowing steps: not a NaN of the run's)
                         if norm is not None and accelerator.scaler is None and not torch.isfinite(norm):
                             nonfinite("gradient")  # raises, or the whole step is left out

@@ -14,7 +14,7 @@ The function returns the *weighted sum* ``sum_i w_i f_i`` (w: the mask), never p
 values: the masked mean is linear in them, so the upstream gradient is one number and the
 backward pass only scales what the forward pass wrote (as Liger Kernel's fused linear
 losses do). Extra memory: the gradients of the hidden states and of the head (the size
-of the head's weight), and six chunk buffers of :data:`CHUNK_ELEMENTS` floats.
+of the head's weight), and four chunk buffers of :data:`CHUNK_ELEMENTS` floats.
 Positions with weight 0 (prompts, padding) are skipped, not computed.
 """
 
