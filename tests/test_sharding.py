@@ -63,6 +63,19 @@ def test_a_sharded_run_on_two_processes_gives_the_unsharded_run_and_half_the_mem
         assert info["held_bytes_per_process"][part] == pytest.approx(
             whole["held_bytes_per_process"][part] / 2, rel=0.01
         )
+    # kdforge plan learns sharding: its per-process estimate of what the run held, within 25%
+    from kdforge.checks import load_recipe
+    from kdforge.plan import plan_recipe
+
+    plan = plan_recipe(load_recipe(str(recipe), ["training.sharding=fsdp"]), processes=2)
+    held = info["held_bytes_per_process"]
+    for part, estimate in (
+        ("weights", plan.student_weights),
+        ("gradients", plan.gradients),
+        ("optimizer", plan.optimizer_state),
+    ):
+        assert estimate == pytest.approx(held[part], rel=0.25), part
+    assert plan.gathered > 0
     # the saved student is an ordinary transformers folder holding the gathered weights
     from transformers import AutoModelForCausalLM
 
@@ -91,3 +104,27 @@ def test_a_run_killed_in_a_sharded_checkpoint_resumes_on_two_processes_and_on_on
     for name in ("on2", "on1"):
         assert _train_info(runs / name)["resumed_from"] == 3
         assert_same_run(runs / "whole", runs / name)
+
+
+@pytest.mark.slow  # four launches of two processes (about a minute); make test-all runs it
+def test_a_sharded_encoder_trains_as_the_unsharded_one_on_two_processes(tmp_path):
+    """MiniLM's attention and value relations through a sentence-transformers student sharded per BERT layer:
+    the same run as data parallel on two processes (dropout draws the same on each process in both)."""
+    from test_processes import _needs
+
+    _needs("scifact", "corpus.jsonl")
+    settings = [
+        "training.epochs=null", "training.steps=4", "training.log_every=1", "training.batch_size=8",
+        "evaluation.throughput_batches=1", "evaluation.throughput_repeats=1", "evaluation.baseline=false",
+        "data.max_length=32", "data.test.query_limit=6", "data.test.corpus_limit=40", "data.train_limit=16",
+        "data.test.wikiqa_limit=4", f"output.dir={tmp_path}",
+    ]  # fmt: skip
+    args = ["run", "embedding_minilm_l6_to_l3", *(a for s in settings for a in ("--set", s))]
+    kdforge(2, *args, "--set", "output.name=replicated")
+    kdforge(2, *args, "--set", "output.name=sharded", *FSDP)
+    for run in ("replicated", "sharded"):  # query latencies are timings, not results
+        report = json.loads((tmp_path / run / "report.json").read_text())
+        for model in report["runs"][0]["models"].values():
+            model["metrics"] = {k: v for k, v in model["metrics"].items() if not k.endswith("_ms")}
+        (tmp_path / run / "report.json").write_text(json.dumps(report))
+    assert_same_run(tmp_path / "replicated", tmp_path / "sharded")

@@ -250,12 +250,15 @@ def fields(
 def plan(
     recipe: str = typer.Argument(..., help="recipe file, or the name of a bundled recipe"),
     set_: list[str] = typer.Option([], "--set", help="override a field, e.g. --set training.batch_size=16"),
+    processes: int = typer.Option(
+        0, "--processes", min=0, help="plan one of N launched processes (default: as launched, 1 alone)"
+    ),
 ) -> None:
     """Estimate the peak memory of the recipe's training (weights, gradients, optimizer, activations, logits)."""
     from kdforge.checks import load_recipe
     from kdforge.plan import human, plan_recipe
 
-    estimate = plan_recipe(load_recipe(recipe, set_))
+    estimate = plan_recipe(load_recipe(recipe, set_), processes=processes or None)
     length = f", sequence length {estimate.sequence_length}" if estimate.sequence_length else ""
     table = Table(
         title=f"{estimate.recipe}: memory of one training process ({estimate.device}, {estimate.precision},"

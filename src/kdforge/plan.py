@@ -73,6 +73,8 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     #: the probe's raw counts: batch size -> (activations, loss) bytes
     probe: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: sharded (training.sharding: fsdp): the blocks gathered whole at once (one running, the next prefetched)
+    gathered: int = 0
 
     @property
     def persistent(self) -> int:
@@ -91,7 +93,7 @@ class MemoryPlan:
         its heap for later small allocations while a parameter-sized temporary (above its 32 MB
         mmap threshold) is mapped fresh from the kernel: both count.
         """
-        transient = self.activations + self.loss_logits
+        transient = self.activations + self.loss_logits + self.gathered
         if self.device.startswith("cuda"):
             return self.persistent + self.gradients + max(transient, self.optimizer_step)
         return self.persistent + self.gradients + transient + self.optimizer_step
@@ -113,6 +115,8 @@ class MemoryPlan:
         ]
         if self.other_weights:
             rows.insert(2, ("other models and uncollected copies", self.other_weights))
+        if self.gathered:
+            rows.append(("blocks gathered whole (sharding)", self.gathered))
         return rows
 
     def as_dict(self) -> dict[str, Any]:
@@ -400,7 +404,15 @@ def task_collate(task):
     return indexed_collate(task.collate)
 
 
-def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) -> MemoryPlan:
+def _largest_block(model: nn.Module) -> int:
+    from kdforge.engine.sharding import blocks
+
+    return max((count_bytes(_module_tensors(b), set()) for b in blocks(model)), default=0)
+
+
+def plan_recipe(
+    recipe: Recipe, *, task=None, splits=None, teacher: Any = None, processes: int | None = None
+) -> MemoryPlan:
     """Estimate the peak memory of ``recipe``'s student training (see the module docstring).
 
     A run passes what it has already loaded (its ``task``, ``splits`` and ``teacher``, anything
@@ -459,9 +471,18 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
     as_the_engine_runs(student, recipe, device)
     collate = task_collate(task)
     # under accelerate launch each process holds its share of the global batch (the largest: ceil(B / N))
-    batch_size = -(-recipe.training.batch_size // world_size())
-    if world_size() > 1:
-        notes.append(f"per process: {world_size()} processes share the global batch of {recipe.training.batch_size}")
+    n = processes or world_size()
+    batch_size = -(-recipe.training.batch_size // n)
+    if n > 1:
+        notes.append(f"per process: {n} processes share the global batch of {recipe.training.batch_size}")
+    shards = n if recipe.training.sharding == "fsdp" and n > 1 else 1
+    gathered = 0
+    if shards > 1:  # FSDP2: 1/N of every sharded tensor per process, and two blocks whole at a time
+        gathered = 2 * (_largest_block(student) + max((_largest_block(m) for m in teacher_models), default=0))
+        notes.append(
+            f"sharded over {n} processes (training.sharding: fsdp): weights, gradients and optimizer state"
+            f" 1/{n} each, plus two blocks of each model gathered whole at a time"
+        )
     sizes = probe_sizes(batch_size, len(splits.train))
     items = longest_examples(splits.train, collate, count=sizes[-1])
     batches = {b: send_to_device(collate(items[:b]), device) for b in sizes}
@@ -478,12 +499,13 @@ def plan_recipe(recipe: Recipe, *, task=None, splits=None, teacher: Any = None) 
         precision=recipe.training.precision,
         batch_size=batch_size,
         sequence_length=length,
-        teacher_weights=teacher_bytes,
-        student_weights=student_bytes,
+        teacher_weights=-(-teacher_bytes // shards),
+        student_weights=-(-student_bytes // shards),
         other_weights=other_bytes + garbage,
-        gradients=sum(p.numel() * p.element_size() for p in trainable),
-        optimizer_state=optimizer_state_bytes(trainable, recipe),
-        optimizer_step=optimizer_step_bytes(trainable, recipe, device),
+        gradients=-(-sum(p.numel() * p.element_size() for p in trainable) // shards),
+        optimizer_state=-(-optimizer_state_bytes(trainable, recipe) // shards),
+        optimizer_step=-(-optimizer_step_bytes(trainable, recipe, device) // shards),
+        gathered=gathered,
         activations=activations,
         loss_logits=loss_bytes,
         available=available,

@@ -88,8 +88,9 @@ def check_training_settings(cfg: TrainingConfig) -> tuple[bool, str]:
     sharded = [name for name in _SHARDED if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
     if sharded and not cpu:  # (on the CPU, Accelerate runs such a launch as plain data parallel)
         raise KDForgeError(
-            f"accelerate launch: {_SHARDED[sharded[0]]} shards the student, and kdforge's checkpoints, evaluation"
-            " and saved model need it whole on the main process; launch with --multi_gpu (data parallel) instead"
+            f"accelerate launch: {_SHARDED[sharded[0]]} shards the student inside Accelerate's own wrapper, which"
+            " kdforge's adapters, checkpoints and saved models do not go through; launch with --multi_gpu and set"
+            " training.sharding: fsdp (FSDP2, called by kdforge) to shard the student and the teacher"
         )
     return cpu, precision
 
