@@ -28,7 +28,7 @@ from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.sharding import sharded
 from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
-from kdforge.errors import NonFiniteError, RunDirError
+from kdforge.errors import KDForgeError, NonFiniteError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, timed_throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.methods import BaselinePlan, Method, StudentRun, build_methods
@@ -229,6 +229,14 @@ def _train_phase(
             metrics.update(fidelity(fidelity_ref, result.logits))
         return metrics
 
+    if sharded(recipe.training):
+        for method in methods:
+            if type(method).training_batch is not Method.training_batch:
+                raise KDForgeError(
+                    f"training.sharding: fsdp: method {method.name} has the student write during training, and"
+                    " generation runs a different number of forward passes on each process, which a sharded model"
+                    " (gathered block by block, by every process together) cannot; use sharding: none with it"
+                )
     if isinstance(signal, OnlineTeacher) and sharded(recipe.training) and not methods:
         # after its evaluation (which the main process ran alone): from here every process calls it in step.
         # A method may call the teacher on one process (a monitor's evaluation, generation): it stays whole then
