@@ -128,3 +128,55 @@ def test_a_sharded_encoder_trains_as_the_unsharded_one_on_two_processes(tmp_path
             model["metrics"] = {k: v for k, v in model["metrics"].items() if not k.endswith("_ms")}
         (tmp_path / run / "report.json").write_text(json.dumps(report))
     assert_same_run(tmp_path / "replicated", tmp_path / "sharded")
+
+
+_SAMPLE_SCRIPT = """
+import copy, sys, torch
+from kdforge.distributed import leave_processes, rank, start_processes
+start_processes(True)
+from transformers import AutoModelForCausalLM
+from kdforge.data.generate import sample_continuations
+from kdforge.engine.sharding import shard
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+whole = copy.deepcopy(model)
+shard(model, torch.device("cpu"))
+# each process its own prompts and answer length: the one done first keeps stepping with the other
+prompts = [[5, 6, 7, 8], [9, 10]] if rank() == 0 else [[11, 12, 13], [14]]
+for temperature in (0.0, 1.0):
+    settings = dict(pad_id=0, stop_ids=[2], max_new_tokens=6 + 4 * rank(), temperature=temperature, seed=3)
+    assert sample_continuations(model, prompts, **settings) == sample_continuations(whole, prompts, **settings)
+open(sys.argv[2] + f"-{rank()}", "w").write("same")
+leave_processes(together=True)
+"""
+
+
+def test_a_sharded_student_samples_what_the_whole_one_samples(tmp_path, tiny_lm_teacher):
+    """On-policy distillation has a sharded student write: every process takes every decoding step
+    (transformers' synced_gpus) until the longest answer of any process is done."""
+    import os
+
+    from conftest import launch, run_launched
+
+    script = tmp_path / "sample.py"
+    script.write_text(_SAMPLE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = run_launched([*launch(2), str(script), str(tiny_lm_teacher), str(tmp_path / "ok")], env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ok-0").read_text() == (tmp_path / "ok-1").read_text() == "same"
+
+
+@pytest.mark.slow  # two launches of two processes; make test-all runs it
+def test_on_policy_distillation_runs_with_student_and_teacher_sharded(whole_run, tmp_path):
+    recipe, _ = whole_run
+    prompts = [f"To be or not {i}, that is the question" for i in range(24)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "response": "yes"}) + "\n" for p in prompts))
+    data = f"data={{format: jsonl, path: {pairs}, max_length: 32}}"
+    settings = [data, "generation.max_new_tokens=8", "methods=[{name: on_policy, lmbda: 1.0}]", "training.steps=4",
+                f"output.dir={tmp_path}", "output.name=on_policy", "training.sharding=fsdp"]  # fmt: skip
+    kdforge(2, "run", str(recipe), *(a for s in settings for a in ("--set", s)))
+    info = _train_info(tmp_path / "on_policy")
+    assert info["sharded"] == {"student": True, "teacher": True}
+    assert info["on_policy_steps"] == 4
+    report = json.loads((tmp_path / "on_policy" / "report.json").read_text())
+    assert report["runs"][0].get("samples")  # the teacher, whole again, wrote the report's sample answers

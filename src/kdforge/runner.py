@@ -28,7 +28,7 @@ from kdforge.distributed import barrier, is_main, on_main, start_processes
 from kdforge.engine.metrics_log import MetricsLog, read_metrics
 from kdforge.engine.sharding import sharded
 from kdforge.engine.trainer import check_training_settings, total_optimizer_steps, train
-from kdforge.errors import KDForgeError, NonFiniteError, RunDirError
+from kdforge.errors import NonFiniteError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, timed_throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.methods import BaselinePlan, Method, StudentRun, build_methods
@@ -229,17 +229,14 @@ def _train_phase(
             metrics.update(fidelity(fidelity_ref, result.logits))
         return metrics
 
-    if sharded(recipe.training):
-        for method in methods:
-            if type(method).training_batch is not Method.training_batch:
-                raise KDForgeError(
-                    f"training.sharding: fsdp: method {method.name} has the student write during training, and"
-                    " generation runs a different number of forward passes on each process, which a sharded model"
-                    " (gathered block by block, by every process together) cannot; use sharding: none with it"
-                )
-    if isinstance(signal, OnlineTeacher) and sharded(recipe.training) and not methods:
+    if (
+        isinstance(signal, OnlineTeacher)
+        and sharded(recipe.training)
+        and all(type(m).teacher_in_steps_only for m in methods)
+    ):
         # after its evaluation (which the main process ran alone): from here every process calls it in step.
-        # A method may call the teacher on one process (a monitor's evaluation, generation): it stays whole then
+        # Other methods may call the teacher on one process (a monitor's evaluation, fresh answers written by
+        # the main process): it stays whole then
         signal.shard(recipe.training.precision)
     loss_fn = training_loss(task, objective, signal, methods)
     started = time.perf_counter()
@@ -257,6 +254,9 @@ def _train_phase(
         loss_modules=objective.loss_modules(),
         sampler=_sampler(task, methods, recipe.training.seed),
     )
+    teacher_sharded = bool(getattr(signal, "sharded", False))
+    if teacher_sharded:  # whole again for what one process runs alone after training (the report's samples)
+        signal.unshard()  # type: ignore[union-attr]
     if result.model is not None:  # trained sharded: the gathered, ordinary module
         model = result.model
     info = {
@@ -267,7 +267,7 @@ def _train_phase(
         "resumed_from": result.resumed_from,
         **({"skipped_batches": result.skipped} if result.skipped else {}),
         **({"held_bytes_per_process": result.held_bytes} if result.held_bytes else {}),
-        **({"sharded": {"student": True, "teacher": bool(getattr(signal, "sharded", False))}} if result.model else {}),
+        **({"sharded": {"student": True, "teacher": teacher_sharded}} if result.model else {}),
         **(task.training_info(result.steps) if phase == "student" else {}),
     }
     for method in methods if phase == "student" else ():

@@ -39,6 +39,13 @@ from kdforge.signals.fingerprint import files_digest, value_digest
 
 
 @torch.no_grad()
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are spread over processes (FSDP2 gives them as DTensors)."""
+    from kdforge.distributed import world_size
+
+    return world_size() > 1 and any(hasattr(p, "to_local") for p in model.parameters())
+
+
 def sample_continuations(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -83,6 +90,9 @@ def sample_continuations(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=list(stop_ids) or None,
+                # a sharded model (training.sharding: fsdp) gathers each block with every process: all of them
+                # take every decoding step until the last one's answers are done, as transformers does for ZeRO-3
+                synced_gpus=is_sharded(model),
                 **sampling,
             )
     finally:

@@ -179,6 +179,22 @@ def gather_whole(model: nn.Module, plain: nn.Module) -> nn.Module:
     return plain
 
 
+def unshard_in_place(model: nn.Module, plain: nn.Module) -> None:
+    """Gather the sharded ``model`` whole (into ``plain``, its :func:`skeleton`) and make the same object an
+    ordinary module again: whoever holds it (the run's teacher view, a report's sample generations) then
+    runs it alone. The object takes ``plain``'s class and attributes; FSDP's records of it are dropped."""
+    gathered = gather_whole(model, plain)
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+
+        for module in model.modules():
+            _module_state_mapping.pop(module, None)
+    except ImportError:  # another torch keeps its records elsewhere; sharding the object again may refuse
+        pass
+    model.__class__ = type(gathered)
+    model.__dict__ = gathered.__dict__
+
+
 def _materialize(model: nn.Module, device: torch.device) -> None:
     """Storage for every meta parameter and buffer (filled by a state dict next); a tensor two
     modules share (a tied LM head) stays one tensor."""

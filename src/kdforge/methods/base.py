@@ -98,6 +98,10 @@ class Method:
     trains_student: ClassVar[bool] = False
     #: methods a recipe cannot list together with this one
     excludes: ClassVar[frozenset[str]] = frozenset()
+    #: the method calls the teacher only inside training steps (on every process together) or before
+    #: the student's training starts, never on one process alone during or after it: a sharded teacher
+    #: (training.sharding: fsdp), which every process must run together, can serve it
+    teacher_in_steps_only: ClassVar[bool] = False
 
     def __init__(self, cfg: Strict, task: Task, where: str = "methods"):
         self.cfg = cfg

@@ -78,6 +78,7 @@ class GroundTruthMixing(Method):
     """The target of the teacher's logit terms mixes the teacher's distribution with the one-hot label."""
 
     name = "ground_truth_mixing"
+    teacher_in_steps_only = True
     summary = (
         "Mix the one-hot label into the teacher's target distribution, (1-γ)·p_teacher + γ·y, γ fixed or scheduled"
     )

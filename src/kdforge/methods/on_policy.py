@@ -110,6 +110,7 @@ class OnPolicy(Method):
     """With probability lambda per distillation step, the student's own answers to the batch's prompts."""
 
     name = "on_policy"
+    teacher_in_steps_only = True
     summary = (
         "GKD: with probability λ per step the student answers the batch's prompts itself and learns the"
         " teacher's scores of its own answers"

@@ -39,6 +39,7 @@ class StepByStep(Method):
     """The teacher's rationales and answers, learned as two prefixed tasks."""
 
     name = "step_by_step"
+    teacher_in_steps_only = True
     summary = (
         "The teacher writes a rationale and an answer to each prompt; the student learns both, as two prefixed"
         " tasks (label_mask, rationale_mask), and is evaluated on the answers"

@@ -46,6 +46,7 @@ class TeacherGenerated(Method):
     """The training responses are the teacher's answers to the file's prompts, written once."""
 
     name = "teacher_generated"
+    teacher_in_steps_only = True
     summary = (
         "Sequence-level KD: the teacher answers the training prompts once before training, and the student"
         " learns its answers (stored, so kdforge cache can add their top-k log-probs)"

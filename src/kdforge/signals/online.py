@@ -79,13 +79,27 @@ class OnlineTeacher(TeacherSignal):
         process must call :meth:`outputs` in step with the others (the training steps do). It then
         gives whole logits: its head is sharded again after each forward pass."""
         from kdforge.distributed import process_device
-        from kdforge.engine.sharding import shard_for_inference
+        from kdforge.engine.sharding import shard_for_inference, skeleton
 
         if self.sharded:
             return
         device = self.device or process_device()
+        self._whole = skeleton(self.model)
         self.model = shard_for_inference(self.model, device, precision)
         self.device, self.sharded = device, True
+
+    def unshard(self) -> None:
+        """Whole again on every process (the same object): for what runs on one process after training
+        (the report's sample answers, a later phase's evaluation). Every process calls it together."""
+        from kdforge.engine.sharding import unshard_in_place
+
+        if not self.sharded:
+            return
+        unshard_in_place(self.model, self._whole)
+        self._whole, self.sharded = None, False
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
 
     @torch.no_grad()
     def outputs(self, batch: Batch, fields: frozenset[str]) -> ModelOutputs:
