@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/kdforge demo
 
 test: $(STAMP)
-	KDFORGE_PROGRESS=0 $(BIN)/python -m pytest -q
+	KDFORGE_PROGRESS=0 $(BIN)/python -m pytest -q --durations=25
 
 test-all: $(STAMP)
 	KDFORGE_PROGRESS=0 $(BIN)/python -m pytest -q -m ""
