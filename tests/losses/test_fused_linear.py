@@ -64,6 +64,7 @@ def _both(fn, kw, teacher_kind, dtype, mask, bias=True):
 @pytest.mark.parametrize(("name", "fn", "kw"), DIVERGENCES, ids=[d[0] for d in DIVERGENCES])
 def test_every_divergence_equals_the_logit_path(name, fn, kw, teacher_kind, monkeypatch):
     monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 3 * V)  # several chunks, the last one short
+    monkeypatch.setattr(linear, "MIN_ROWS", 1)
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(2)) > 0.3
     ref, out, ref_grads, grads = _both(fn, kw, teacher_kind, torch.float64, mask)
     assert out.item() == pytest.approx(ref.item(), abs=1e-12, rel=1e-10)
@@ -81,6 +82,7 @@ def test_float32_without_mask_or_bias(name, fn, kw):
 
 def test_cross_entropy_with_ignored_labels_and_mask(monkeypatch):
     monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(linear, "MIN_ROWS", 1)
     h, w, b = _student(torch.float64)
     labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
     labels[0, :2] = -100
