@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from kdforge import faults
+from kdforge.distributed import barrier, is_main, rank
 from kdforge.errors import CheckpointError, first_line
 
 PREFIX = "step-"
@@ -94,22 +95,37 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-        _sync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _sync_folder(folder)
+        _publish(tmp, final, keep)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p for p in list_checkpoints(folder) if p != final]
-        last = previous[-1] if previous else "none"
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); free disk space and resume;"
-            f" last good checkpoint: {last}"
-        ) from None
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        raise _write_error(final, exc) from None
     return final
+
+
+def _publish(tmp: Path, final: Path, keep: int) -> None:
+    """Flush the finished ``tmp`` folder, rename it to ``final`` (the step is now whole), keep the newest ``keep``."""
+    _sync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _sync_folder(final.parent)
+    for old in list_checkpoints(final.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_error(final: Path, exc: OSError) -> CheckpointError:
+    previous = [p for p in list_checkpoints(final.parent) if p != final]
+    return CheckpointError(
+        f"could not write checkpoint {final} ({exc.strerror or exc}); free disk space and resume;"
+        f" last good checkpoint: {previous[-1] if previous else 'none'}"
+    )
+
+
+def _read_state(path: Path) -> TrainState:
+    try:
+        return TrainState(**json.loads((path / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}/state.json: unreadable ({first_line(exc)}); delete this checkpoint") from None
 
 
 def _sync(folder: Path) -> None:
@@ -190,10 +206,7 @@ def load_checkpoint(
     optimizer.load_state_dict(_load(path / "optimizer.pt"))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     set_rng_state(_load(path / "rng.pt"))
-    try:
-        return TrainState(**json.loads((path / "state.json").read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}/state.json: unreadable ({first_line(exc)}); delete this checkpoint") from None
+    return _read_state(path)
 
 
 # ----------------------------------------------------------------- sharded (DCP) checkpoints
@@ -203,12 +216,6 @@ DCP_FOLDER = "dcp"
 
 def is_sharded_checkpoint(path: Path) -> bool:
     return (path / DCP_FOLDER).is_dir()
-
-
-def _barrier() -> None:
-    from kdforge.distributed import barrier
-
-    barrier()
 
 
 def save_sharded_checkpoint(
@@ -228,8 +235,6 @@ def save_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from kdforge.distributed import is_main, rank
-
     final = folder / checkpoint_name(state.step)
     tmp = folder / f".{final.name}.tmp"
     main = is_main()
@@ -239,7 +244,7 @@ def save_sharded_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-        _barrier()
+        barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / DCP_FOLDER))
         faults.point("checkpoint", state.step)  # the tests kill the run here: shards written, the rest not
@@ -249,24 +254,14 @@ def save_sharded_checkpoint(
                 save_model(loss_modules, str(tmp / LOSS_MODULES_FILE))
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-        _barrier()
+        barrier()
         if main:
-            _sync(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _sync_folder(folder)
-            for old in list_checkpoints(folder)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+            _publish(tmp, final, keep)
+        barrier()
     except OSError as exc:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p for p in list_checkpoints(folder) if p != final]
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); free disk space and resume;"
-            f" last good checkpoint: {previous[-1] if previous else 'none'}"
-        ) from None
+        raise _write_error(final, exc) from None
     return final
 
 
@@ -283,8 +278,6 @@ def load_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from kdforge.distributed import rank
-
     model_state, optim_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optimizer": optim_state}
     try:
@@ -298,7 +291,4 @@ def load_sharded_checkpoint(
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     own = path / f"rng-{rank()}.pt"
     set_rng_state(_load(own if own.exists() else path / "rng-0.pt"))  # more processes than wrote it: rank 0's
-    try:
-        return TrainState(**json.loads((path / "state.json").read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}/state.json: unreadable ({first_line(exc)}); delete this checkpoint") from None
+    return _read_state(path)

@@ -156,9 +156,9 @@ def skeleton(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    persistent = set(model.state_dict(keep_vars=True).values())
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
     for b in model.buffers():
-        if any(b is v for v in persistent):
+        if id(b) in persistent:
             memo[id(b)] = torch.empty_like(b, device="meta")
     return copy.deepcopy(model, memo)
 
