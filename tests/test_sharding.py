@@ -59,6 +59,9 @@ def test_a_sharded_run_on_two_processes_gives_the_unsharded_run_and_half_the_mem
     assert_same_run(runs / "whole", runs / "sharded")  # losses, evaluations, test metrics, saved weights (1e-5)
     info, whole = _train_info(runs / "sharded"), _train_info(runs / "whole")
     assert info["sharded"] == {"student": True, "teacher": True}
+    # its test metrics (equal to the unsharded run's above) came from the sharded student, both processes taking part
+    report = json.loads((runs / "sharded" / "report.json").read_text())
+    assert report["runs"][0]["models"]["student"]["tested_sharded"] is True
     for part in ("weights", "gradients", "optimizer"):  # 8 blocks' and the root's parameters split in two
         assert info["held_bytes_per_process"][part] == pytest.approx(
             whole["held_bytes_per_process"][part] / 2, rel=0.01

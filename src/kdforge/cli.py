@@ -253,12 +253,25 @@ def plan(
     processes: int = typer.Option(
         0, "--processes", min=0, help="plan one of N launched processes (default: as launched, 1 alone)"
     ),
+    from_config: bool = typer.Option(
+        False,
+        "--from-config",
+        help="build causal LMs from their config.json alone (no weights read or held: plan models too large"
+        " for this machine) and extrapolate the activations from copies cut to 1 and 2 blocks",
+    ),
+    device: str = typer.Option(
+        "", "--device", help="plan for this device (cuda or cpu) when it is not this machine's; the probe runs here"
+    ),
 ) -> None:
     """Estimate the peak memory of the recipe's training (weights, gradients, optimizer, activations, logits)."""
     from kdforge.checks import load_recipe
     from kdforge.plan import human, plan_recipe
 
-    estimate = plan_recipe(load_recipe(recipe, set_), processes=processes or None)
+    if device not in ("", "cuda", "cpu"):
+        raise KDForgeError(f"--device {device}: give cuda or cpu")
+    estimate = plan_recipe(
+        load_recipe(recipe, set_), processes=processes or None, from_config=from_config, device=device or None
+    )
     length = f", sequence length {estimate.sequence_length}" if estimate.sequence_length else ""
     table = Table(
         title=f"{estimate.recipe}: memory of one training process ({estimate.device}, {estimate.precision},"

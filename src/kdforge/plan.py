@@ -29,15 +29,17 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdforge import plan_depth
 from kdforge.distributed import is_main, world_size
 from kdforge.errors import KDForgeError, RecipeError
+from kdforge.models.hf_causal_lm import config_only
 from kdforge.recipe import Recipe
 
 #: training examples looked at to choose the longest ones for the probe batches
@@ -152,6 +154,8 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
     """(device, address, bytes) of the memory behind ``t``; views of one storage share it."""
     try:
         storage = t.untyped_storage()
+        if t.is_meta:  # no memory, so no address: the storage object itself, which views share
+            return ("meta", storage._cdata, storage.nbytes())
         return (str(t.device), storage.data_ptr(), storage.nbytes())
     except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
         return None
@@ -304,13 +308,16 @@ def longest_examples(dataset, collate, count: int = 4) -> list[tuple[int, Any]]:
 
 def _probe_batch(task, student, signal, objective, batch, excluded: set) -> tuple[int, int]:
     """(activations, loss) bytes of one training forward on ``batch``, as the runner's loss_fn runs it."""
+    from kdforge.runner import training_fields
+
     seen = set(excluded)
     activations, loss_bytes = [0], [0]
+    student_fields, teacher_fields = training_fields(task, objective, signal)
     # (task.training_batch is not called: on-policy answers are at most data.max_length long, as the
     # longest examples the probe takes are, and generating them here would change nothing but time)
     with saved_for_backward(seen, activations):
-        student_out = task.adapter(student, batch, objective.student_fields)
-    teacher_out = signal.outputs(batch, objective.teacher_fields) if objective.needs_teacher else None
+        student_out = task.adapter(student, batch, student_fields)
+    teacher_out = signal.outputs(batch, teacher_fields) if objective.needs_teacher else None
     with saved_for_backward(seen, loss_bytes):
         loss, _ = objective(student_out, teacher_out, batch, 0)
     # the outputs themselves live until the loss is computed, saved for backward or not
@@ -411,14 +418,30 @@ def _largest_block(model: nn.Module) -> int:
 
 
 def plan_recipe(
-    recipe: Recipe, *, task=None, splits=None, teacher: Any = None, processes: int | None = None
+    recipe: Recipe,
+    *,
+    task=None,
+    splits=None,
+    teacher: Any = None,
+    processes: int | None = None,
+    from_config: bool = False,
+    device: str | None = None,
 ) -> MemoryPlan:
     """Estimate the peak memory of ``recipe``'s student training (see the module docstring).
 
     A run passes what it has already loaded (its ``task``, ``splits`` and ``teacher``, anything
     with the ``signal`` and ``model`` of :class:`~kdforge.signals.base.BuiltSignal`), so
     planning costs one probe, not a second load of every model.
+
+    ``from_config``: causal LMs are built from their configuration alone and the probe runs on
+    copies cut to 1 and 2 blocks (:mod:`kdforge.plan_depth`). ``device`` ("cuda" or "cpu"): the
+    device to plan for, when it is not this machine's (the probe still runs here).
     """
+    with config_only() if from_config else nullcontext():
+        return _plan(recipe, task, splits, teacher, processes, from_config, device)
+
+
+def _plan(recipe, task, splits, teacher, processes, from_config, target) -> MemoryPlan:
     from accelerate.utils import send_to_device, set_seed
 
     from kdforge.commands import build_task
@@ -428,8 +451,11 @@ def plan_recipe(
 
     cpu, _ = check_training_settings(recipe.training)  # refuses what the engine would refuse here
     device = torch.device("cpu" if cpu else "cuda")
-    available = available_memory(device)  # before this plan loads anything
+    target = torch.device(target or device.type)
     notes: list[str] = []
+    available = available_memory(device) if target.type == device.type else None  # before anything loads
+    if target.type != device.type:
+        notes.append(f"planned for {target.type}; the probe ran on {device.type}, where its activations were counted")
     task = task if task is not None else build_task(recipe)
     splits = splits if splits is not None else task.splits()
     objective = Objective(recipe.objective, 1, names=recipe.term_names(), seed=recipe.training.seed)
@@ -450,7 +476,9 @@ def plan_recipe(
     # the runner builds the student from a task of its own (one per seed), which keeps what it loads
     seed_task = build_task(recipe)
     set_seed(recipe.training.seed)
-    student = seed_task.build_student().to(device)
+    student = seed_task.build_student()
+    if not any(t.is_meta for t in student.parameters()):
+        student = student.to(device)
     student.train()
     student_bytes = count_bytes(_module_tensors(student), seen)
     student_bytes += count_bytes(_module_tensors(objective.loss_modules().to(device)), seen)
@@ -468,7 +496,6 @@ def plan_recipe(
         )
     trainable = [p for group in model_parameter_groups(student) for p in group["params"]] + objective.parameters()
 
-    as_the_engine_runs(student, recipe, device)
     collate = task_collate(task)
     # under accelerate launch each process holds its share of the global batch (the largest: ceil(B / N))
     n = processes or world_size()
@@ -486,8 +513,33 @@ def plan_recipe(
     sizes = probe_sizes(batch_size, len(splits.train))
     items = longest_examples(splits.train, collate, count=sizes[-1])
     batches = {b: send_to_device(collate(items[:b]), device) for b in sizes}
-    probe, length = _probe(seed_task, student, signal, objective, batches, trainable, seen)
-    activations = extrapolate({b: counts[0] for b, counts in probe.items()}, batch_size)
+    full_depth = plan_depth.depth(student)
+    if from_config and full_depth > max(plan_depth.PROBE_DEPTHS):
+        notes.append(
+            "built from the models' configurations: activations probed at"
+            f" {' and '.join(map(str, plan_depth.PROBE_DEPTHS))} blocks and extrapolated to the student's {full_depth}"
+        )
+        depths: tuple[int | None, ...] = plan_depth.PROBE_DEPTHS
+    else:
+        depths = (None,)  # the models as they are
+    by_depth = {}
+    as_the_engine_runs(student, recipe, device)
+    for d in depths:
+        for model in [student, *teacher_models]:
+            if d is not None:
+                plan_depth.cut_to_blocks(model, d)
+            plan_depth.materialize(model, device)
+        excluded = set(seen)  # the probe's models' own tensors are weights, not activations
+        count_bytes((t for m in [student, *teacher_models] for t in _module_tensors(m)), excluded)
+        probe_trainable = [p for group in model_parameter_groups(student) for p in group["params"]]
+        probe_trainable += objective.parameters()
+        probe, length = _probe(seed_task, student, signal, objective, batches, probe_trainable, excluded)
+        by_depth[d or full_depth] = probe
+    probe = by_depth[max(by_depth)]
+    activations = extrapolate(
+        {b: plan_depth.at_depth({d: counts[b][0] for d, counts in by_depth.items()}, full_depth) for b in probe},
+        batch_size,
+    )
     loss_bytes = extrapolate({b: counts[1] for b, counts in probe.items()}, batch_size)
     if recipe.training.gradient_accumulation > 1:
         notes.append("gradient accumulation: activations are for one micro-batch of training.batch_size")
@@ -495,7 +547,7 @@ def plan_recipe(
     gc.collect()
     return MemoryPlan(
         recipe=recipe.name,
-        device=str(device),
+        device=str(target),
         precision=recipe.training.precision,
         batch_size=batch_size,
         sequence_length=length,
@@ -504,7 +556,7 @@ def plan_recipe(
         other_weights=other_bytes + garbage,
         gradients=-(-sum(p.numel() * p.element_size() for p in trainable) // shards),
         optimizer_state=-(-optimizer_state_bytes(trainable, recipe) // shards),
-        optimizer_step=-(-optimizer_step_bytes(trainable, recipe, device) // shards),
+        optimizer_step=-(-optimizer_step_bytes(trainable, recipe, target) // shards),
         gathered=gathered,
         activations=activations,
         loss_logits=loss_bytes,

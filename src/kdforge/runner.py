@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,10 @@ class TeacherView:
     info: dict[str, Any]
 
 
+#: a model trained sharded (the gathered, ordinary module) -> its sharded twin, kept until its test evaluation
+_SHARDED_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
 def _speed_and_size(task: Task, model: torch.nn.Module, test, files: list[Path]) -> dict[str, Any]:
     ev = task.recipe.evaluation
     batch = task.throughput_batch(test, ev.batch_size)
@@ -141,13 +146,10 @@ def _planned_steps(recipe: Recipe, train_size: int) -> int:
     return total_optimizer_steps(recipe.training, math.ceil(train_size / recipe.training.batch_size))
 
 
-def training_loss(
+def training_fields(
     task: Task, objective: Objective, signal: TeacherSignal | None, methods: list[Method] = ()
-) -> Callable:
-    """The engine's ``loss_fn(model, batch, step) -> (loss, terms, scalars)`` for ``task``: the student's
-    and the teacher's outputs on the batch, through the objective; each method may change the batch a
-    distillation step trains on and the teacher's outputs the objective sees."""
-
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The output fields training asks of the student and of the teacher (``kdforge plan`` probes the same)."""
     student_fields, teacher_fields = objective.student_fields, objective.teacher_fields
     if objective.head_logits and task.recipe.training.fused_linear:
         # the fused linear path: the logits are never computed whole. The teacher's too, when it is one
@@ -156,6 +158,17 @@ def training_loss(
         unchanged = all(type(m).teacher_outputs is Method.teacher_outputs for m in methods)
         if isinstance(signal, OnlineTeacher) and unchanged:
             teacher_fields = teacher_fields | {HEAD_LOGITS}
+    return student_fields, teacher_fields
+
+
+def training_loss(
+    task: Task, objective: Objective, signal: TeacherSignal | None, methods: list[Method] = ()
+) -> Callable:
+    """The engine's ``loss_fn(model, batch, step) -> (loss, terms, scalars)`` for ``task``: the student's
+    and the teacher's outputs on the batch, through the objective; each method may change the batch a
+    distillation step trains on and the teacher's outputs the objective sees."""
+
+    student_fields, teacher_fields = training_fields(task, objective, signal, methods)
 
     def loss_fn(m, batch, step):
         if objective.needs_teacher:
@@ -257,8 +270,10 @@ def _train_phase(
     teacher_sharded = bool(getattr(signal, "sharded", False))
     if teacher_sharded:  # whole again for what one process runs alone after training (the report's samples)
         signal.unshard()  # type: ignore[union-attr]
+    sharded_model = model if result.model is not None else None
     if result.model is not None:  # trained sharded: the gathered, ordinary module
         model = result.model
+        _SHARDED_COPIES[model] = sharded_model
     info = {
         "steps": result.steps,
         "final_loss": result.final_loss,
@@ -275,7 +290,9 @@ def _train_phase(
     evaluations = [r for r in read_metrics(seed_dir / "metrics.jsonl") if r.get("phase") == phase and "eval" in r]
     if evaluations and evaluations[-1]["step"] < result.steps:
         # the engine evaluates only before the last step; a curve (and a verdict on it) needs the end too
-        record = {"phase": phase, "step": result.steps, "eval": on_main(lambda: evaluate(model))}
+        # sharded: every process evaluates in step, gathering one block at a time (as during training)
+        metrics = evaluate(sharded_model) if sharded_model is not None else on_main(lambda: evaluate(model))
+        record = {"phase": phase, "step": result.steps, "eval": metrics}
         MetricsLog(seed_dir / "metrics.jsonl", enabled=is_main()).write(record)
         evaluations.append(record)
     info.update(task.review_evaluations(evaluations))
@@ -424,21 +441,34 @@ def run_seed(task: Task, seed_dir: Path, teacher: TeacherView | None, splits, re
     trained = {"student": (student, student_train, MODEL_DIR)}
     if baseline is not None:
         trained["baseline"] = (baseline, baseline_train, BASELINE_DIR)
-    return on_main(lambda: _evaluate_seed(task, seed_dir, teacher, splits, trained))
+    # a model trained sharded is tested sharded: every process takes part, none holds it whole for it
+    tested = {
+        role: task.evaluate(_SHARDED_COPIES.pop(model), splits.test)
+        for role, (model, _, _) in trained.items()
+        if model in _SHARDED_COPIES
+    }
+    return on_main(lambda: _evaluate_seed(task, seed_dir, teacher, splits, trained, tested))
 
 
 def _evaluate_seed(
-    task: Task, seed_dir: Path, teacher: TeacherView | None, splits, trained: dict[str, tuple]
+    task: Task,
+    seed_dir: Path,
+    teacher: TeacherView | None,
+    splits,
+    trained: dict[str, tuple],
+    tested: dict[str, Evaluation] | None = None,
 ) -> dict[str, Any]:
-    """Test results of the teacher and of each trained ``role: (model, training info, folder)``."""
+    """Test results of the teacher and of each trained ``role: (model, training info, folder)``;
+    ``tested``: the test evaluations already made (of models trained sharded, by every process)."""
     roles: dict[str, Any] = {}
     reference = teacher.evaluation.logits if teacher is not None and teacher.evaluation is not None else None
     if teacher is not None and teacher.summary is not None:
         roles["teacher"] = teacher.summary
     for role, (model, info, folder) in trained.items():
-        evaluation = task.evaluate(model, splits.test)
+        evaluation = (tested or {}).get(role) or task.evaluate(model, splits.test)
         roles[role] = {
             "metrics": evaluation.metrics,
+            **({"tested_sharded": True} if role in (tested or {}) else {}),
             "train": info,
             **({"fidelity": fidelity(reference, evaluation.logits)} if reference is not None else {}),
             **_speed_and_size(task, model, splits.test, task.saved_weight_files(seed_dir / folder)),

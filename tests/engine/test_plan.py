@@ -160,3 +160,90 @@ def test_human_units():
     assert human(19240) == "18.8 kB"
     assert human(None) == "unknown"
     assert isinstance(MemoryPlan.peak, property)
+
+
+# ----- causal LMs: the fused linear path, and models planned from their configuration alone ----------
+
+
+def _lm_recipe(folder, teacher, *extra):
+    import yaml
+
+    from kdforge.checks import load_recipe
+    from tiny_lm import TEXT
+
+    (folder / "text.txt").write_text(TEXT * 4)
+    recipe = {
+        "name": "plan-lm",
+        "task": "causal_lm",
+        "teacher": {"model": str(teacher)},
+        "student": {"from_teacher": {"num_layers": 4}},
+        "data": {"format": "text", "path": str(folder / "text.txt"), "max_length": 32},
+        "objective": [{"loss": "forward_kl", "weight": 1.0}],
+        "training": {"batch_size": 8, "steps": 2},
+        "output": {"dir": str(folder / "runs")},
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return load_recipe(str(folder / "recipe.yaml"), list(extra))
+
+
+@pytest.fixture(scope="module")
+def six_layer_lm(tmp_path_factory, lm_tokenizer):
+    """A 6-layer tiny Llama, and a copy of its folder without the weights (config and tokenizer only)."""
+    import shutil
+
+    from tiny_lm import save_llama
+
+    whole = save_llama(tmp_path_factory.mktemp("six-layers"), lm_tokenizer, layers=6)
+    config_only = tmp_path_factory.mktemp("six-layers-config")
+    for f in whole.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, config_only / f.name)
+    return whole, config_only
+
+
+def test_from_config_plans_without_the_weights_what_the_weights_give(tmp_path, six_layer_lm):
+    whole, config_only = six_layer_lm
+    gc.collect()
+    loaded = plan_recipe(_lm_recipe(tmp_path, whole))
+    gc.collect()
+    built = plan_recipe(_lm_recipe(tmp_path, config_only), from_config=True)
+    # weights, gradients and optimizer state from the parameters' shapes; the activations of the 4-layer
+    # student from probes of it cut to 1 and 2 blocks (every block keeps the same tensors for backward)
+    assert built.rows() == loaded.rows()
+    assert built.peak == loaded.peak
+    assert any("extrapolated to the student's 4" in note for note in built.notes)
+    # the probe did run cut: at 2 blocks it kept less than the whole student did
+    assert built.probe[2][0] < loaded.probe[2][0] and built.probe[2][1] == loaded.probe[2][1]
+
+
+def test_a_folder_without_weights_is_refused_unless_planned_from_config(tmp_path, six_layer_lm):
+    from kdforge.errors import ModelRefError
+
+    _, config_only = six_layer_lm
+    with pytest.raises(ModelRefError, match="teacher.model"):
+        plan_recipe(_lm_recipe(tmp_path, config_only))
+
+
+def test_the_plan_counts_the_fused_linear_path_the_run_takes(tmp_path, six_layer_lm):
+    whole, _ = six_layer_lm
+    fused = plan_recipe(_lm_recipe(tmp_path, whole))
+    logits = plan_recipe(_lm_recipe(tmp_path, whole, "training.fused_linear=false"))
+    # the fused path never keeps [B, L, V] logits, their log-softmax copies or their gradient
+    assert fused.loss_logits < logits.loss_logits / 2
+    assert abs(fused.activations - logits.activations) < 0.01 * logits.activations  # the model's own, as before
+
+
+def test_cli_plans_for_a_gpu_from_a_machine_without_one(tmp_path, digits_teacher, capsys):
+    args = ["plan", "digits_kd", "--set", f"teacher.model={digits_teacher}", "--set", f"output.dir={tmp_path}"]
+    result = runner.invoke(app, [*args, "--device", "cuda"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "available on cuda" in result.output and "planned for cuda" in result.output
+    assert "unknown (available memory unknown)" in result.output
+    gpu = plan_recipe(tiny("digits_kd", tmp_path, f"teacher.model={digits_teacher}"), device="cuda")
+    # GPU AdamW's foreach step: sqrt(exp_avg_sq) of every parameter at once; then the larger of it and the activations
+    assert gpu.optimizer_step == STUDENT_PARAMS * FP32
+    transient = gpu.activations + gpu.loss_logits
+    assert gpu.peak == gpu.persistent + gpu.gradients + max(transient, gpu.optimizer_step)
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--device", "tpu"])
+    assert info.value.code == 2 and "--device tpu: give cuda or cpu" in capsys.readouterr().err

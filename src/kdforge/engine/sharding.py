@@ -37,13 +37,16 @@ def sharded(cfg: Any) -> bool:
     return getattr(cfg, "sharding", "none") == "fsdp" and world_size() > 1
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the children of its largest ``nn.ModuleList`` (by parameters)."""
+def block_list(model: nn.Module) -> nn.ModuleList | None:
+    """The ``nn.ModuleList`` holding the model's repeated blocks: its largest (by parameters); None if it has none."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        return []
-    largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    return list(largest)
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters())) if lists else None
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the children of :func:`block_list`."""
+    found = block_list(model)
+    return list(found) if found is not None else []
 
 
 def _mesh(device: torch.device):

@@ -77,6 +77,11 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], *, field: str = 
     config = plain_config(teacher.config)
     _subset_per_layer_lists(config, layers, total)
     config.num_hidden_layers = len(layers)
+    if any(t.is_meta for t in teacher.parameters()):
+        # a teacher built from its configuration alone (kdforge plan --from-config): no weights to copy
+        with torch.device("meta"):
+            student = type(teacher)(config).to(torch.float32)
+        return _numbered_like(student, teacher, field)
     student = type(teacher)(config).to(torch.float32)
 
     new_index = {old: new for new, old in enumerate(layers)}
@@ -89,7 +94,10 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], *, field: str = 
         elif int(match.group(1)) in new_index:
             state[f"{prefix}.{new_index[int(match.group(1))]}.{match.group(2)}"] = tensor
     student.load_state_dict(state, strict=True)
+    return _numbered_like(student, teacher, field)
 
+
+def _numbered_like(student: nn.Module, teacher: nn.Module, field: str) -> nn.Module:
     # The KV cache is indexed by each attention's layer_idx: it must be the student's index,
     # not the teacher's. Fresh layers are numbered 0..n-1 already; this makes it explicit.
     for index, layer in enumerate(decoder_layers(student, field)[1]):

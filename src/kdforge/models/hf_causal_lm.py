@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kdforge.errors import ModelRefError, first_line
@@ -30,6 +34,45 @@ _TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "added_
 _MODELS: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
 _TOKENIZERS: dict[tuple, Any] = {}
 _TOKENIZER_CACHE_SIZE = 4
+
+#: set by :func:`config_only`: models are built from their configuration, on the meta device
+_CONFIG_ONLY: ContextVar[bool] = ContextVar("kdforge_config_only", default=False)
+
+
+@contextmanager
+def config_only() -> Iterator[None]:
+    """Within it, :func:`load_causal_lm` builds each model from its ``config.json`` alone, on the meta
+    device: every parameter has its shape and dtype, and no weight is read or held. ``kdforge plan
+    --from-config`` plans a run of models too large to load here, or not downloaded (config and
+    tokenizer files suffice)."""
+    token = _CONFIG_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CONFIG_ONLY.reset(token)
+
+
+def _from_config(ref: str, *, field: str, trust_remote_code: bool, fresh: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    location = resolve_model_ref(ref, field=field)
+    key = ("config-only", location.source, location.gguf_file, trust_remote_code)
+    model = None if fresh else _MODELS.get(key)
+    if model is not None:
+        return model
+    config = load_config(ref, field=field, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):  # the dtype from_pretrained would load in: the config's
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=getattr(config, "dtype", None) or torch.float32, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelRefError(
+            f"{field}: {ref} is not a causal language model transformers can build ({first_line(exc)})"
+        ) from None
+    if not fresh:
+        _MODELS[key] = model
+    return model
 
 
 def _stamp(location: ModelLocation, files: list[Path]) -> tuple:
@@ -66,6 +109,8 @@ def load_causal_lm(ref: str, *, field: str, trust_remote_code: bool = False, fre
     """
     from transformers import AutoModelForCausalLM
 
+    if _CONFIG_ONLY.get():
+        return _from_config(ref, field=field, trust_remote_code=trust_remote_code, fresh=fresh)
     location = resolve_model_ref(ref, field=field)
     key = (*_stamp(location, location.weight_files()), trust_remote_code)
     model = None if fresh else _MODELS.get(key)
