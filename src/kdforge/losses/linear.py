@@ -180,6 +180,8 @@ def weighted_sum(chunk_fn: ChunkFn, student: HeadLogits, teacher: object, weight
     """``sum_i w_i f_i`` of a chunk function over the student's positions (``weights``: the
     mask, ``student.shape[:-1]``, None for all), differentiable in the student's hidden
     states, head weight and bias; the teacher gets no gradient."""
+    if weights is not None and weights.shape != student.shape[:-1]:  # (the logit path's message: a recipe's mask)
+        raise ValueError(f"mask shape {tuple(weights.shape)} does not match positions {tuple(student.shape[:-1])}")
     flat = student.flat()
     n = flat.hidden.shape[0]
     w = (

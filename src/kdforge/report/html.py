@@ -64,6 +64,10 @@ def write_report(run_dir: Path) -> Path:
             _data_uri(plots.scalar_curves(curves["student"][0])) if curves["student"] else None,
         ),
     ]
+    selection = report["runs"][0]["models"].get("student", {}).get("train", {}).get("layer_selection")
+    if selection:
+        title = "The teacher's layers the student kept (first seed)"
+        figures.append((title, _data_uri(plots.layer_selection(selection))))
     if "comparison" in report and len(report["runs"]) > 1:
         figures.append(
             (

@@ -152,3 +152,27 @@ def scalar_curves(records: list[dict[str, Any]]) -> bytes | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return png(fig)
+
+
+def layer_selection(record: dict[str, Any]) -> bytes | None:
+    """The teacher's layers scored for a student cut from them (block influence, and the angular distance of
+    each span when ``select: angular``), the kept layers marked."""
+    influence = record.get("block_influence")
+    if not influence:
+        return None
+    kept = set(record.get("kept", []))
+    spans = record.get("angular_distance")
+    fig, axes = plt.subplots(1, 2 if spans else 1, figsize=(11 if spans else 6, 3.4), squeeze=False)
+    ax = axes[0][0]
+    colors = [COLORS.get("student", "C1") if i in kept else "0.75" for i in range(len(influence))]
+    ax.bar(range(len(influence)), influence, color=colors)
+    ax.set_title(f"block influence (1 - cos) per teacher layer; kept ({record.get('select')}) in color", fontsize=9)
+    ax.set_xlabel("teacher layer")
+    ax.grid(alpha=0.3, axis="y")
+    if spans:
+        ax = axes[0][1]
+        ax.plot(range(len(spans)), spans, marker="o", ms=3)
+        ax.set_title(f"angular distance of each {record.get('span')}-layer span (removed: the lowest)", fontsize=9)
+        ax.set_xlabel("first layer of the span")
+        ax.grid(alpha=0.3)
+    return png(fig)

@@ -61,6 +61,7 @@ class CausalLMTask(ComposedTask):
         # every model's vocabulary must hold the data's tokens; a timing batch is collated as training's
         family.largest_token_id = lambda: data.largest_token_id
         family.collate = data.collate
+        family.calibration_examples = lambda: data.splits().train
         return family, data, LMEvaluator(self.data_cfg, family, data)
 
     def baseline_objective(self) -> list[ObjectiveTerm]:

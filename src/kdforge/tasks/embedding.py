@@ -48,7 +48,9 @@ class EmbeddingTask(ComposedTask):
         evaluator = RetrievalEvaluator(
             cfg.test, search=family.search, encoders=family, max_length=cfg.max_length, query_max_length=cfg.max_length
         )
-        return family, UnlabeledTexts(cfg, family, evaluator.test_set), evaluator
+        data = UnlabeledTexts(cfg, family, evaluator.test_set)
+        family.calibration_texts = data.train_texts  # the layers of a student cut from the teacher are scored on them
+        return family, data, evaluator
 
     def baseline_objective(self) -> list[ObjectiveTerm] | None:
         return None

@@ -22,9 +22,14 @@ class EncoderStudent(Strict):
         " package:NAME, or an ONNX BERT (it takes the teacher's tokenizer)",
     )
     layers: list[int] | None = Field(None, description="the teacher's layers to keep, e.g. [0, 2, 5]")
-    num_layers: int | None = Field(
-        None, ge=1, description="keep this many of the teacher's layers, evenly spaced (first and last included)"
+    num_layers: int | None = Field(None, ge=1, description="keep this many of the teacher's layers (chosen by select)")
+    select: Literal["even", "importance", "angular"] = Field(
+        "even",
+        description="how num_layers are chosen: even (evenly spaced, first and last included), importance (the"
+        " highest block influence, ShortGPT), angular (all but the span of least angular distance, Gromov et al.);"
+        " scored on calibration_batches of training texts",
     )
+    calibration_batches: int = Field(8, ge=1, description="batches of training texts the layers are scored on")
     pooling: Pooling = Field("mean", description="pooling of a model without a sentence-transformers config")
     normalize: bool = Field(True, description="L2-normalise the embeddings of such a model")
 
@@ -36,6 +41,8 @@ class EncoderStudent(Strict):
                 "give exactly one of student.model (a pretrained compact encoder), student.layers or"
                 f" student.num_layers (a subset of the teacher's layers); got {', '.join(given) or 'none'}"
             )
+        if self.select != "even" and self.num_layers is None:
+            raise ValueError(f"select: {self.select} chooses student.num_layers; give num_layers")
         return self
 
 

@@ -34,6 +34,7 @@ from kdforge.distributed import batch_items, batch_rows, main_first
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import search
 from kdforge.models.from_teacher import evenly_spaced_layers
+from kdforge.models.layer_importance import score_blocks, select_blocks
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sentence_encoder import (
     load_encoder,
@@ -187,6 +188,10 @@ class SentenceEncoderFamily(SafetensorsFolderFamily):
         self._tokenizer = tokenizer
         self.miner_ref = miner
         self._teachers: dict[str, nn.Module] = {}
+        #: training texts the teacher's layers are scored on (student.select); None: the data gives none
+        self.calibration_texts: Callable[[], list[str]] | None = None
+        #: what student.select scored and kept (None: the layers were given or evenly spaced)
+        self.layer_selection: dict[str, Any] | None = None
 
     # ---- teacher and student ------------------------------------------------------------
     def _load(self, ref: str, field: str) -> SentenceTransformer:
@@ -252,7 +257,10 @@ class SentenceEncoderFamily(SafetensorsFolderFamily):
             else:
                 if cfg.num_layers > total:
                     raise RecipeError(f"student.num_layers: {cfg.num_layers} exceeds the teacher's {total} layers")
-                layers = [total - 1] if cfg.num_layers == 1 else evenly_spaced_layers(total, cfg.num_layers)
+                if getattr(cfg, "select", "even") != "even":
+                    layers = self._scored_layers(teacher, cfg)
+                else:
+                    layers = [total - 1] if cfg.num_layers == 1 else evenly_spaced_layers(total, cfg.num_layers)
             student = with_layers(teacher, layers, "student.layers" if cfg.layers is not None else "student.num_layers")
         if teacher_ref is not None and not same_vocabulary(student, self.load_teacher(teacher_ref)):
             raise RecipeError(
@@ -263,6 +271,34 @@ class SentenceEncoderFamily(SafetensorsFolderFamily):
         for p in student.parameters():
             p.requires_grad_(True)
         return student.train()
+
+    def _scored_layers(self, teacher: SentenceTransformer, cfg: Any) -> list[int]:
+        """The layers ``cfg.select`` keeps, scored on the first ``cfg.calibration_batches`` batches of training
+        texts; what was scored and chosen is kept for the run's training info (``layer_selection``)."""
+        if self.calibration_texts is None:
+            raise RecipeError(
+                f"student.select: {cfg.select} scores the teacher's layers on training texts, which this task's data"
+                " does not give; use select: even or student.layers"
+            )
+        size = self.recipe.training.batch_size
+        texts = self.calibration_texts()[: size * cfg.calibration_batches]
+        if not texts:
+            raise RecipeError("student.select: the training texts are empty; nothing to score the layers on")
+        inner = transformer_of(teacher, "teacher.model")
+        blocks = inner.encoder.layer
+        batches = [self.tokens(texts[s : s + size], self.data_cfg.max_length) for s in range(0, len(texts), size)]
+        device = next(inner.parameters()).device
+        scores = score_blocks(blocks, batches, lambda b: inner(**{k: v.to(device) for k, v in b.items()}))
+        layers = select_blocks(scores, cfg.num_layers, cfg.select)
+        removed = len(blocks) - cfg.num_layers
+        self.layer_selection = {
+            "select": cfg.select,
+            "kept": layers,
+            "block_influence": scores.block_influence,
+            **({"angular_distance": scores.angular[removed], "span": removed} if removed else {}),
+            "calibration_tokens": scores.tokens,
+        }
+        return layers
 
     # ---- tokens and embeddings ------------------------------------------------------------
     @cached_property

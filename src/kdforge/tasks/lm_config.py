@@ -34,13 +34,22 @@ from kdforge.tasks.base import refuse_moved_settings
 
 class FromTeacher(Strict):
     layers: list[int] | None = Field(None, description="teacher layer indices to keep, increasing (0-based)")
-    num_layers: int | None = Field(None, ge=2, description="keep this many, evenly spaced, first and last included")
+    num_layers: int | None = Field(None, ge=2, description="keep this many (chosen by select)")
+    select: Literal["even", "importance", "angular"] = Field(
+        "even",
+        description="how num_layers are chosen: even (evenly spaced, first and last included), importance (the"
+        " highest block influence, ShortGPT), angular (all but the n-layer span of least angular distance, Gromov"
+        " et al.); scored on calibration_batches of training data",
+    )
+    calibration_batches: int = Field(8, ge=1, description="training batches the layers are scored on (select)")
     model: str | None = Field(None, description="the model whose layers are copied; default: teacher.model")
 
     @model_validator(mode="after")
     def _one_choice(self) -> FromTeacher:
         if (self.layers is None) == (self.num_layers is None):
             raise ValueError("give exactly one of layers (e.g. [0, 6, 12]) or num_layers")
+        if self.layers is not None and self.select != "even":
+            raise ValueError(f"select: {self.select} chooses num_layers; with layers the choice is given")
         return self
 
 

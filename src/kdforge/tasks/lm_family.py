@@ -24,18 +24,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdforge.console import make_console
 from kdforge.data.generate import pad_token_id, stop_token_ids
 from kdforge.distributed import is_main
 from kdforge.errors import RecipeError
 from kdforge.losses.linear import HeadLogits
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
+from kdforge.models.layer_importance import score_blocks, select_blocks
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import replace_folder
 from kdforge.outputs import HEAD_LOGITS, ModelOutputs
 from kdforge.recipe import Recipe
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
 from kdforge.tasks.parts import SafetensorsFolderFamily
+
+console = make_console(stderr=True)
 
 #: logits one evaluation (or timing) batch may hold: [B, L, V] floats, plus the log-softmax's copy
 LOGITS_BUDGET = 2**25
@@ -92,6 +96,10 @@ class CausalLMFamily(SafetensorsFolderFamily):
         self._student_template: nn.Module | None = None
         self.collate: Callable[[list[Any]], dict[str, Any]] | None = None
         self.largest_token_id: Callable[[], int] | None = None
+        #: the training split's examples (scoring the teacher's layers for student.from_teacher.select)
+        self.calibration_examples: Callable[[], Any] | None = None
+        #: what student.from_teacher.select scored and kept (None: the layers were given or evenly spaced)
+        self.layer_selection: dict[str, Any] | None = None
 
     # ----- the models the recipe names, and the tokenizer ---------------------------------
 
@@ -214,11 +222,49 @@ class CausalLMFamily(SafetensorsFolderFamily):
                     f"student.from_teacher.num_layers: {cfg.from_teacher.num_layers},"
                     f" but the teacher has {total} layers"
                 )
-            layers = evenly_spaced_layers(total, cfg.from_teacher.num_layers)
+            if cfg.from_teacher.select == "even":
+                layers = evenly_spaced_layers(total, cfg.from_teacher.num_layers)
+            else:
+                layers = self._scored_layers(teacher, cfg.from_teacher)
         student = student_from_teacher(teacher, layers, field="student.from_teacher")
         if is_main():
             print_sizes(teacher, student, layers)
         return student
+
+    def _scored_layers(self, teacher: nn.Module, how) -> list[int]:  # noqa: ANN001 - a FromTeacher
+        """The layers ``how.select`` keeps, scored on the first ``how.calibration_batches`` training batches;
+        what was scored and chosen is kept for the run's training info (``layer_selection``)."""
+        assert self.calibration_examples is not None, "the task hands the family its training examples"
+        examples = self.calibration_examples()
+        size = self.recipe.training.batch_size
+        count = min(len(examples), size * how.calibration_batches)
+        if count == 0:
+            raise RecipeError("student.from_teacher.select: the training split is empty; nothing to score layers on")
+        batches = [self.collate([examples[i] for i in range(s, min(s + size, count))]) for s in range(0, count, size)]
+        _, blocks = decoder_layers(teacher, "student.from_teacher")
+        device = next(teacher.parameters()).device
+
+        def run(batch: dict[str, Any]) -> None:
+            teacher.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+
+        scores = score_blocks(blocks, batches, run)  # (seconds: a few batches, forward only)
+        layers = select_blocks(scores, how.num_layers, how.select)
+        if is_main():
+            measure = "block influence" if how.select == "importance" else "angular distance"
+            console.print(
+                f"student: layers {layers} of the teacher's {len(blocks)} kept by {measure}"
+                f" on {scores.tokens:,} tokens",
+                highlight=False,
+            )
+        removed = len(blocks) - how.num_layers
+        self.layer_selection = {
+            "select": how.select,
+            "kept": layers,
+            "block_influence": scores.block_influence,
+            **({"angular_distance": scores.angular[removed], "span": removed} if removed else {}),
+            "calibration_tokens": scores.tokens,
+        }
+        return layers
 
     def _check_logit_width(self, student: nn.Module) -> None:
         """A separate student must predict over the teacher's vocabulary size (some models pad it)."""

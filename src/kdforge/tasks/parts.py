@@ -196,7 +196,11 @@ class ComposedTask(Task):
         return self.data.train_sampler(seed)
 
     def training_info(self, steps: int) -> dict[str, Any]:
-        return self.data.training_info(steps)
+        info = self.data.training_info(steps)
+        selection = getattr(self.family, "layer_selection", None)
+        if selection is not None:  # the teacher's layers were scored to choose the student's
+            info = {**info, "layer_selection": selection}
+        return info
 
     # ---- evaluator ----------------------------------------------------------------------
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
