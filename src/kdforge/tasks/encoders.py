@@ -190,8 +190,8 @@ class SentenceEncoderFamily(SafetensorsFolderFamily):
         self._teachers: dict[str, nn.Module] = {}
         #: training texts the teacher's layers are scored on (student.select); None: the data gives none
         self.calibration_texts: Callable[[], list[str]] | None = None
-        #: what student.select scored and kept (None: the layers were given or evenly spaced)
-        self.layer_selection: dict[str, Any] | None = None
+        #: how the student was built from the teacher, for the run's training info (``layer_selection``)
+        self.construction: dict[str, Any] = {}
 
     # ---- teacher and student ------------------------------------------------------------
     def _load(self, ref: str, field: str) -> SentenceTransformer:
@@ -291,7 +291,7 @@ class SentenceEncoderFamily(SafetensorsFolderFamily):
         scores = score_blocks(blocks, batches, lambda b: inner(**{k: v.to(device) for k, v in b.items()}))
         layers = select_blocks(scores, cfg.num_layers, cfg.select)
         removed = len(blocks) - cfg.num_layers
-        self.layer_selection = {
+        self.construction["layer_selection"] = {
             "select": cfg.select,
             "kept": layers,
             "block_influence": scores.block_influence,

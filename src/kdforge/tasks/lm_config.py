@@ -53,9 +53,27 @@ class FromTeacher(Strict):
         return self
 
 
+class WidthPrune(Strict):
+    """Minitron's width pruning of the student (after from_teacher or model): each size None keeps it."""
+
+    heads: int | None = Field(None, ge=1, description="query heads per layer (a multiple of the key/value heads)")
+    intermediate: int | None = Field(None, ge=1, description="MLP channels per layer")
+    hidden: int | None = Field(None, ge=1, description="hidden (embedding) channels")
+    calibration_batches: int = Field(8, ge=1, description="training batches the channels are scored on")
+
+    @model_validator(mode="after")
+    def _something(self) -> WidthPrune:
+        if self.heads is None and self.intermediate is None and self.hidden is None:
+            raise ValueError("give at least one of heads, intermediate, hidden")
+        return self
+
+
 class CausalLMStudent(Strict):
     from_teacher: FromTeacher | None = Field(None, description="a shallower copy of the teacher")
     model: str | None = Field(None, description="a separate pretrained causal LM with the teacher's tokenizer")
+    prune: WidthPrune | None = Field(
+        None, description="then prune heads, MLP and hidden channels by activation magnitude (Minitron)"
+    )
     trust_remote_code: bool = False
 
     @model_validator(mode="after")

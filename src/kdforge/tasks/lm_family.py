@@ -34,6 +34,7 @@ from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokeni
 from kdforge.models.layer_importance import score_blocks, select_blocks
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.store import replace_folder
+from kdforge.models.width_pruning import blank_scores, prune_width, width_scores
 from kdforge.outputs import HEAD_LOGITS, ModelOutputs
 from kdforge.recipe import Recipe
 from kdforge.signals import CacheTeacherConfig, OnlineTeacherConfig, teacher_members
@@ -98,8 +99,9 @@ class CausalLMFamily(SafetensorsFolderFamily):
         self.largest_token_id: Callable[[], int] | None = None
         #: the training split's examples (scoring the teacher's layers for student.from_teacher.select)
         self.calibration_examples: Callable[[], Any] | None = None
-        #: what student.from_teacher.select scored and kept (None: the layers were given or evenly spaced)
-        self.layer_selection: dict[str, Any] | None = None
+        #: how the student was built from the teacher, for the run's training info: ``layer_selection`` (what
+        #: student.from_teacher.select scored and kept), ``width_pruning`` (student.prune)
+        self.construction: dict[str, Any] = {}
 
     # ----- the models the recipe names, and the tokenizer ---------------------------------
 
@@ -186,7 +188,10 @@ class CausalLMFamily(SafetensorsFolderFamily):
         # GGUF model takes long to load, and a cache run holds no teacher) and hand out
         # copies. The family keeps one student-sized copy for the run.
         if self._student_template is None:
-            self._student_template = self._load_student() if self.student_cfg.model else self._cut_from_teacher()
+            template = self._load_student() if self.student_cfg.model else self._cut_from_teacher()
+            if getattr(self.student_cfg, "prune", None) is not None:
+                template = self._pruned(template)
+            self._student_template = template
         return copy.deepcopy(self._student_template)
 
     def _load_student(self) -> nn.Module:
@@ -231,16 +236,45 @@ class CausalLMFamily(SafetensorsFolderFamily):
             print_sizes(teacher, student, layers)
         return student
 
+    def _calibration_batches(self, count: int, field: str) -> list[dict[str, Any]]:
+        """The first ``count`` training batches (of training.batch_size examples), collated as training's."""
+        assert self.calibration_examples is not None and self.collate is not None, "the task hands them over"
+        examples = self.calibration_examples()
+        size = self.recipe.training.batch_size
+        total = min(len(examples), size * count)
+        if total == 0:
+            raise RecipeError(f"{field}: the training split is empty; nothing to score the teacher's channels on")
+        return [self.collate([examples[i] for i in range(s, min(s + size, total))]) for s in range(0, total, size)]
+
+    def _pruned(self, model: nn.Module) -> nn.Module:
+        """``model`` cut to student.prune's widths (Minitron), scored on calibration batches."""
+        prune = self.student_cfg.prune
+        if any(t.is_meta for t in model.parameters()):  # kdforge plan --from-config: only the shapes matter
+            batches, scores = [], blank_scores(model)
+        else:
+            batches = self._calibration_batches(prune.calibration_batches, "student.prune")
+            scores = width_scores(model.eval(), batches)
+        pruned = prune_width(model, scores, heads=prune.heads, intermediate=prune.intermediate, hidden=prune.hidden)
+        before, after = model.config, pruned.config
+        sizes = ("num_attention_heads", "intermediate_size", "hidden_size")
+        self.construction["width_pruning"] = {
+            **{name: [getattr(before, name), getattr(after, name)] for name in sizes},
+            "params": [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in pruned.parameters())],
+            "calibration_batches": len(batches),
+        }
+        if is_main():
+            console.print(
+                "student: pruned by activation (Minitron) to "
+                + ", ".join(f"{n} {getattr(before, n)} -> {getattr(after, n)}" for n in sizes)
+                + f"; {self.construction['width_pruning']['params'][1]:,} parameters",
+                highlight=False,
+            )
+        return pruned.to(torch.float32).train()
+
     def _scored_layers(self, teacher: nn.Module, how) -> list[int]:  # noqa: ANN001 - a FromTeacher
         """The layers ``how.select`` keeps, scored on the first ``how.calibration_batches`` training batches;
         what was scored and chosen is kept for the run's training info (``layer_selection``)."""
-        assert self.calibration_examples is not None, "the task hands the family its training examples"
-        examples = self.calibration_examples()
-        size = self.recipe.training.batch_size
-        count = min(len(examples), size * how.calibration_batches)
-        if count == 0:
-            raise RecipeError("student.from_teacher.select: the training split is empty; nothing to score layers on")
-        batches = [self.collate([examples[i] for i in range(s, min(s + size, count))]) for s in range(0, count, size)]
+        batches = self._calibration_batches(how.calibration_batches, "student.from_teacher.select")
         _, blocks = decoder_layers(teacher, "student.from_teacher")
         device = next(teacher.parameters()).device
 
@@ -257,7 +291,7 @@ class CausalLMFamily(SafetensorsFolderFamily):
                 highlight=False,
             )
         removed = len(blocks) - how.num_layers
-        self.layer_selection = {
+        self.construction["layer_selection"] = {
             "select": how.select,
             "kept": layers,
             "block_influence": scores.block_influence,

@@ -196,11 +196,8 @@ class ComposedTask(Task):
         return self.data.train_sampler(seed)
 
     def training_info(self, steps: int) -> dict[str, Any]:
-        info = self.data.training_info(steps)
-        selection = getattr(self.family, "layer_selection", None)
-        if selection is not None:  # the teacher's layers were scored to choose the student's
-            info = {**info, "layer_selection": selection}
-        return info
+        # how the family built the student from the teacher (layers scored and kept, widths pruned)
+        return {**self.data.training_info(steps), **getattr(self.family, "construction", {})}
 
     # ---- evaluator ----------------------------------------------------------------------
     def evaluate(self, model: nn.Module, dataset: Dataset) -> Evaluation:
