@@ -52,6 +52,7 @@ from kdforge.losses.registry import (
     register_loss_module,
 )
 from kdforge.losses.sparse import flops_regulariser as flops
+from kdforge.losses.squarehead import squarehead
 from kdforge.losses.taid import TAIDSchedule, taid
 from kdforge.losses.transport import sinkhorn
 
@@ -91,6 +92,7 @@ __all__ = [
     "sinkhorn",
     "skew_kl",
     "skew_reverse_kl",
+    "squarehead",
     "taid",
     "total_variation",
     "value_relation",

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdforge.errors import RecipeError
 from kdforge.recipe import ObjectiveTerm
 from kdforge.tasks.base import TASKS
 from kdforge.tasks.lm_config import CausalLMData, CausalLMStudent, HackingMonitor
@@ -63,6 +64,15 @@ class CausalLMTask(ComposedTask):
         family.collate = data.collate
         family.calibration_examples = lambda: data.splits().train
         return family, data, LMEvaluator(self.data_cfg, family, data)
+
+    @classmethod
+    def check_sections(cls, recipe, data_cfg) -> None:  # noqa: ANN001
+        sparse = isinstance(recipe.student, dict) and recipe.student.get("sparsity") is not None
+        if sparse and recipe.training.sharding == "fsdp":
+            raise RecipeError(
+                "student.sparsity: the fixed mask is kept by gradient hooks on the whole weights, which sharding"
+                " replaces; use training.sharding: none"
+            )
 
     def baseline_objective(self) -> list[ObjectiveTerm]:
         """Labels only; for step-by-step, the answers only (standard fine-tuning, no rationales)."""

@@ -68,11 +68,23 @@ class WidthPrune(Strict):
         return self
 
 
+class Sparsity(Strict):
+    """The student's decoder layers pruned by magnitude, the mask kept fixed while it trains (Kurtic et al.)."""
+
+    target: float = Field(0.5, gt=0, lt=1, description="unstructured: the fraction of weights set to zero per layer")
+    pattern: Literal["unstructured", "2:4"] = Field(
+        "unstructured", description="unstructured, or 2:4 (2 of every 4 consecutive inputs kept; target ignored)"
+    )
+
+
 class CausalLMStudent(Strict):
     from_teacher: FromTeacher | None = Field(None, description="a shallower copy of the teacher")
     model: str | None = Field(None, description="a separate pretrained causal LM with the teacher's tokenizer")
     prune: WidthPrune | None = Field(
         None, description="then prune heads, MLP and hidden channels by activation magnitude (Minitron)"
+    )
+    sparsity: Sparsity | None = Field(
+        None, description="then zero the smallest weights of every decoder layer, and keep them zero (fixed mask)"
     )
     trust_remote_code: bool = False
 

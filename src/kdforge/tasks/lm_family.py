@@ -33,6 +33,7 @@ from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, pr
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
 from kdforge.models.layer_importance import score_blocks, select_blocks
 from kdforge.models.refs import resolve_model_ref
+from kdforge.models.sparsity import keep_masked, magnitude_masks, sparsity_of
 from kdforge.models.store import replace_folder
 from kdforge.models.width_pruning import blank_scores, prune_width, width_scores
 from kdforge.outputs import HEAD_LOGITS, ModelOutputs
@@ -95,6 +96,8 @@ class CausalLMFamily(SafetensorsFolderFamily):
     def __init__(self, recipe: Recipe, student_cfg: Any, data_cfg: Any):
         self.recipe, self.student_cfg, self.data_cfg = recipe, student_cfg, data_cfg
         self._student_template: nn.Module | None = None
+        #: student.sparsity's masks (True: kept), by linear layer name
+        self._masks: dict[str, torch.Tensor] | None = None
         self.collate: Callable[[list[Any]], dict[str, Any]] | None = None
         self.largest_token_id: Callable[[], int] | None = None
         #: the training split's examples (scoring the teacher's layers for student.from_teacher.select)
@@ -191,8 +194,28 @@ class CausalLMFamily(SafetensorsFolderFamily):
             template = self._load_student() if self.student_cfg.model else self._cut_from_teacher()
             if getattr(self.student_cfg, "prune", None) is not None:
                 template = self._pruned(template)
+            if getattr(self.student_cfg, "sparsity", None) is not None:
+                self._masks = self._sparsified(template)
             self._student_template = template
-        return copy.deepcopy(self._student_template)
+        student = copy.deepcopy(self._student_template)
+        if self._masks is not None:  # the gradient hooks that keep the mask are the copy's own
+            keep_masked(student, self._masks)
+        return student
+
+    def _sparsified(self, template: nn.Module) -> dict[str, torch.Tensor]:
+        """Zero the template's smallest weights (student.sparsity); returns the masks every copy keeps."""
+        cfg = self.student_cfg.sparsity
+        masks = magnitude_masks(template, cfg.target, cfg.pattern)
+        keep_masked(template, masks)
+        measured = sparsity_of(template)
+        self.construction["sparsity"] = {"target": cfg.target, "pattern": cfg.pattern, **measured}
+        if is_main():
+            console.print(
+                f"student: {measured['overall']:.1%} of its decoder layers' weights zeroed by magnitude"
+                f" ({cfg.pattern}), kept zero while it trains",
+                highlight=False,
+            )
+        return masks
 
     def _load_student(self) -> nn.Module:
         cfg = self.student_cfg
