@@ -370,6 +370,25 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/dig
     print_summary(load_report(run_dir), run_dir)
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="a causal LM: a run's model/ folder, another folder, .gguf, package:NAME"),
+    gguf: Path = typer.Option(..., "--gguf", help="the GGUF file to write, e.g. student.Q4_1.gguf"),
+    quantization: str = typer.Option("Q8_0", "--quantization", help="F32, F16, Q8_0, Q4_0 or Q4_1 (llama.cpp's)"),
+) -> None:
+    """Write a causal LM and its tokenizer as one GGUF file (llama.cpp), quantized or not."""
+    from kdforge.models.gguf_export import QUANTIZATIONS, export_gguf
+    from kdforge.models.hf_causal_lm import load_causal_lm, load_tokenizer, plain_model
+
+    if quantization not in QUANTIZATIONS:
+        raise KDForgeError(f"--quantization {quantization}: use one of {', '.join(QUANTIZATIONS)}")
+    if gguf.exists():
+        raise KDForgeError(f"--gguf {gguf}: the file exists; remove it or choose another name")
+    loaded = plain_model(load_causal_lm(model, field="MODEL", fresh=True))
+    written = export_gguf(loaded, load_tokenizer(model, field="MODEL"), gguf, quantization=quantization, name=model)
+    out.print(f"{written}: {written.stat().st_size / 1e6:.1f} MB ({quantization})", highlight=False)
+
+
 #: what ``kdforge demo --quick`` changes: fewer prompts, shorter answers, fewer steps
 QUICK_DEMO = [
     "name=demo-smollm2-quick",
