@@ -308,7 +308,7 @@ def longest_examples(dataset, collate, count: int = 4) -> list[tuple[int, Any]]:
 
 def _probe_batch(task, student, signal, objective, batch, excluded: set) -> tuple[int, int]:
     """(activations, loss) bytes of one training forward on ``batch``, as the runner's loss_fn runs it."""
-    from kdforge.runner import training_fields
+    from kdforge.methods.training_fields import training_fields
 
     seen = set(excluded)
     activations, loss_bytes = [0], [0]

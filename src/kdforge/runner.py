@@ -33,8 +33,9 @@ from kdforge.errors import NonFiniteError, RunDirError
 from kdforge.eval import count_parameters, fidelity, size_on_disk, timed_throughput
 from kdforge.fsutil import atomic_write_text
 from kdforge.methods import BaselinePlan, Method, StudentRun, build_methods
+from kdforge.methods.training_fields import training_fields
 from kdforge.objective import Objective, teacher_fields_of
-from kdforge.outputs import HEAD_LOGITS, nonfinite_fields
+from kdforge.outputs import nonfinite_fields
 from kdforge.plan import warn_if_too_big
 from kdforge.recipe import Recipe, TrainingConfig
 from kdforge.report import card as model_card
@@ -144,21 +145,6 @@ def load_teacher(task: Task, test) -> TeacherView | None:
 def _planned_steps(recipe: Recipe, train_size: int) -> int:
     # training.batch_size is the global batch, whatever the number of processes
     return total_optimizer_steps(recipe.training, math.ceil(train_size / recipe.training.batch_size))
-
-
-def training_fields(
-    task: Task, objective: Objective, signal: TeacherSignal | None, methods: list[Method] = ()
-) -> tuple[frozenset[str], frozenset[str]]:
-    """The output fields training asks of the student and of the teacher (``kdforge plan`` probes the same)."""
-    student_fields, teacher_fields = objective.student_fields, objective.teacher_fields
-    if objective.head_logits and task.recipe.training.fused_linear:
-        # the fused linear path: the logits are never computed whole. The teacher's too, when it is one
-        # local model whose outputs no method changes (an ensemble averages, a cache stores top-k)
-        student_fields = student_fields | {HEAD_LOGITS}
-        unchanged = all(type(m).teacher_outputs is Method.teacher_outputs for m in methods)
-        if isinstance(signal, OnlineTeacher) and unchanged:
-            teacher_fields = teacher_fields | {HEAD_LOGITS}
-    return student_fields, teacher_fields
 
 
 def training_loss(
