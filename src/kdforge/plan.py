@@ -19,7 +19,8 @@ the objective) and measures rather than guesses:
 
 Nothing here knows a task by name: the Task API builds the models and batches.
 
-(About 530 lines, kept in one module on purpose: the counting helpers, the probe and the
+(About 610 lines, kept in one module on purpose (the depth probe's helpers for models built from
+their configuration are in :mod:`kdforge.plan_depth`): the counting helpers, the probe and the
 estimate are one measurement whose parts share the same ``seen`` storage set and only make
 sense together; split apart, each would need the others' invariants restated.)
 """

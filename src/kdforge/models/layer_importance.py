@@ -148,3 +148,18 @@ def select_blocks(scores: BlockScores, keep: int, how: str) -> list[int]:
     if how == "even":
         return [depth - 1] if keep == 1 else evenly_spaced_layers(depth, keep)
     raise ValueError(f"unknown selection {how!r}; one of {', '.join(SELECTIONS)}")
+
+
+def selection_record(scores: BlockScores, keep: int, how: str) -> tuple[list[int], dict[str, Any]]:
+    """The blocks ``how`` keeps, and what a run records of the choice (``layer_selection``): the kept
+    blocks, every block's influence and, when blocks go, the angular distance of each span of that many."""
+    layers = select_blocks(scores, keep, how)
+    removed = len(scores.block_influence) - keep
+    record = {
+        "select": how,
+        "kept": layers,
+        "block_influence": scores.block_influence,
+        **({"angular_distance": scores.angular[removed], "span": removed} if removed else {}),
+        "calibration_tokens": scores.tokens,
+    }
+    return layers, record

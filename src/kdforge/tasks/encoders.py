@@ -34,7 +34,7 @@ from kdforge.distributed import batch_items, batch_rows, main_first
 from kdforge.errors import RecipeError
 from kdforge.eval.retrieval import search
 from kdforge.models.from_teacher import evenly_spaced_layers
-from kdforge.models.layer_importance import score_blocks, select_blocks
+from kdforge.models.layer_importance import score_blocks, selection_record
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sentence_encoder import (
     load_encoder,
@@ -289,15 +289,7 @@ class SentenceEncoderFamily(SafetensorsFolderFamily):
         batches = [self.tokens(texts[s : s + size], self.data_cfg.max_length) for s in range(0, len(texts), size)]
         device = next(inner.parameters()).device
         scores = score_blocks(blocks, batches, lambda b: inner(**{k: v.to(device) for k, v in b.items()}))
-        layers = select_blocks(scores, cfg.num_layers, cfg.select)
-        removed = len(blocks) - cfg.num_layers
-        self.construction["layer_selection"] = {
-            "select": cfg.select,
-            "kept": layers,
-            "block_influence": scores.block_influence,
-            **({"angular_distance": scores.angular[removed], "span": removed} if removed else {}),
-            "calibration_tokens": scores.tokens,
-        }
+        layers, self.construction["layer_selection"] = selection_record(scores, cfg.num_layers, cfg.select)
         return layers
 
     # ---- tokens and embeddings ------------------------------------------------------------

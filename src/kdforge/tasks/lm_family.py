@@ -31,7 +31,7 @@ from kdforge.errors import RecipeError
 from kdforge.losses.linear import HeadLogits
 from kdforge.models.from_teacher import decoder_layers, evenly_spaced_layers, print_sizes, student_from_teacher
 from kdforge.models.hf_causal_lm import load_causal_lm, load_config, load_tokenizer, plain_model, tokenizer_files
-from kdforge.models.layer_importance import score_blocks, select_blocks
+from kdforge.models.layer_importance import score_blocks, selection_record
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sparsity import keep_masked, magnitude_masks, sparsity_of
 from kdforge.models.store import replace_folder
@@ -305,7 +305,7 @@ class CausalLMFamily(SafetensorsFolderFamily):
             teacher.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
 
         scores = score_blocks(blocks, batches, run)  # (seconds: a few batches, forward only)
-        layers = select_blocks(scores, how.num_layers, how.select)
+        layers, self.construction["layer_selection"] = selection_record(scores, how.num_layers, how.select)
         if is_main():
             measure = "block influence" if how.select == "importance" else "angular distance"
             console.print(
@@ -313,14 +313,6 @@ class CausalLMFamily(SafetensorsFolderFamily):
                 f" on {scores.tokens:,} tokens",
                 highlight=False,
             )
-        removed = len(blocks) - how.num_layers
-        self.construction["layer_selection"] = {
-            "select": how.select,
-            "kept": layers,
-            "block_influence": scores.block_influence,
-            **({"angular_distance": scores.angular[removed], "span": removed} if removed else {}),
-            "calibration_tokens": scores.tokens,
-        }
         return layers
 
     def _check_logit_width(self, student: nn.Module) -> None:
