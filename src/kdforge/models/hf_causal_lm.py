@@ -15,9 +15,10 @@ nothing is kept after the run), and tokenizers in a small cache.
 from __future__ import annotations
 
 import copy
+import json
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,29 @@ def _from_config(ref: str, *, field: str, trust_remote_code: bool, fresh: bool) 
     return model
 
 
+def _swiftkv_folder(location: ModelLocation) -> bool:
+    """Whether the folder holds a SwiftKV model (:mod:`kdforge.models.swiftkv`: its config says so)."""
+    config = location.path / "config.json" if location.path is not None and not location.gguf_file else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("swiftkv"))
+    except (ValueError, OSError):
+        return False
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def _stamp(location: ModelLocation, files: list[Path]) -> tuple:
     """What identifies a load: the source, and the files' sizes and times (a folder rewritten in place differs)."""
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
@@ -116,16 +140,22 @@ def load_causal_lm(ref: str, *, field: str, trust_remote_code: bool = False, fre
     model = None if fresh else _MODELS.get(key)
     if model is not None:
         return model
+    swiftkv = _swiftkv_folder(location)
     try:
-        model = load_with(
-            AutoModelForCausalLM.from_pretrained, location, field=field, trust_remote_code=trust_remote_code
-        )
+        with _quiet_transformers() if swiftkv else nullcontext():  # its new modules: "unexpected keys"
+            model = load_with(
+                AutoModelForCausalLM.from_pretrained, location, field=field, trust_remote_code=trust_remote_code
+            )
     except ImportError as exc:
         raise _import_error(exc, field, location) from None
     except (ValueError, KeyError, TypeError) as exc:  # transformers' way of saying "not a causal LM I know"
         raise ModelRefError(
             f"{field}: {ref} is not a causal language model transformers can load ({first_line(exc)})"
         ) from None
+    if swiftkv:
+        from kdforge.models.swiftkv import load_swiftkv
+
+        model = load_swiftkv(model, location.weight_files(), field=field)
     if not fresh:
         _MODELS[key] = model
     return model

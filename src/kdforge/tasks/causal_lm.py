@@ -67,11 +67,16 @@ class CausalLMTask(ComposedTask):
 
     @classmethod
     def check_sections(cls, recipe, data_cfg) -> None:  # noqa: ANN001
-        sparse = isinstance(recipe.student, dict) and recipe.student.get("sparsity") is not None
-        if sparse and recipe.training.sharding == "fsdp":
+        student = recipe.student if isinstance(recipe.student, dict) else {}
+        if student.get("sparsity") is not None and recipe.training.sharding == "fsdp":
             raise RecipeError(
                 "student.sparsity: the fixed mask is kept by gradient hooks on the whole weights, which sharding"
                 " replaces; use training.sharding: none"
+            )
+        if student.get("swiftkv") is not None and recipe.training.sharding == "fsdp":
+            raise RecipeError(
+                "student.swiftkv: its layers share one layer's input through hooks, which sharding does not carry;"
+                " use training.sharding: none (only the new projections train, the optimizer state is small)"
             )
 
     def baseline_objective(self) -> list[ObjectiveTerm]:

@@ -77,9 +77,30 @@ class Sparsity(Strict):
     )
 
 
+class SwiftKV(Strict):
+    """The teacher itself, its later layers' keys and values computed from one layer's input (Qiao et al.)."""
+
+    num_key_value_layers: int = Field(
+        ...,
+        ge=1,
+        description="l: layers 0..l-1 keep their own keys and values; every later layer's come from layer"
+        " l's input, so prefill runs only the first l layers on the prompt (the authors: half the layers)",
+    )
+    key_value_group_size: int = Field(
+        1,
+        ge=1,
+        description="AcrossKV: past l, groups of this many layers share one key/value projection and one"
+        " KV cache entry (1: off)",
+    )
+    model: str | None = Field(None, description="the model transformed; default: teacher.model")
+
+
 class CausalLMStudent(Strict):
     from_teacher: FromTeacher | None = Field(None, description="a shallower copy of the teacher")
     model: str | None = Field(None, description="a separate pretrained causal LM with the teacher's tokenizer")
+    swiftkv: SwiftKV | None = Field(
+        None, description="the teacher in SwiftKV form: only its new key/value projections train (SwiftKV)"
+    )
     prune: WidthPrune | None = Field(
         None, description="then prune heads, MLP and hidden channels by activation magnitude (Minitron)"
     )
@@ -90,8 +111,15 @@ class CausalLMStudent(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> CausalLMStudent:
-        if (self.from_teacher is None) == (self.model is None):
-            raise ValueError("student: give exactly one of from_teacher: {num_layers: N} or model: REF")
+        if sum(x is not None for x in (self.from_teacher, self.model, self.swiftkv)) != 1:
+            raise ValueError(
+                "student: give exactly one of from_teacher: {num_layers: N}, model: REF or swiftkv:"
+                " {num_key_value_layers: L}"
+            )
+        if self.swiftkv is not None and (self.prune is not None or self.sparsity is not None):
+            raise ValueError(
+                "student.swiftkv: trains only new projections of the unchanged teacher; remove prune and sparsity"
+            )
         return self
 
 

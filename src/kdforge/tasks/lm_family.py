@@ -35,6 +35,7 @@ from kdforge.models.layer_importance import score_blocks, selection_record
 from kdforge.models.refs import resolve_model_ref
 from kdforge.models.sparsity import keep_masked, magnitude_masks, sparsity_of
 from kdforge.models.store import replace_folder
+from kdforge.models.swiftkv import group_leaders, to_swiftkv
 from kdforge.models.width_pruning import blank_scores, prune_width, width_scores
 from kdforge.outputs import HEAD_LOGITS, ModelOutputs
 from kdforge.recipe import Recipe
@@ -122,6 +123,8 @@ class CausalLMFamily(SafetensorsFolderFamily):
             return cfg.model, "student.model", cfg.trust_remote_code
         if cfg.from_teacher is not None and cfg.from_teacher.model:
             return cfg.from_teacher.model, "student.from_teacher.model", cfg.trust_remote_code
+        if getattr(cfg, "swiftkv", None) is not None and cfg.swiftkv.model:
+            return cfg.swiftkv.model, "student.swiftkv.model", cfg.trust_remote_code
         return None
 
     def _tokenizer_source(self) -> tuple[str, str, bool]:
@@ -191,7 +194,12 @@ class CausalLMFamily(SafetensorsFolderFamily):
         # GGUF model takes long to load, and a cache run holds no teacher) and hand out
         # copies. The family keeps one student-sized copy for the run.
         if self._student_template is None:
-            template = self._load_student() if self.student_cfg.model else self._cut_from_teacher()
+            if self.student_cfg.model:
+                template = self._load_student()
+            elif getattr(self.student_cfg, "swiftkv", None) is not None:
+                template = self._swiftkv_student()
+            else:
+                template = self._cut_from_teacher()
             if getattr(self.student_cfg, "prune", None) is not None:
                 template = self._pruned(template)
             if getattr(self.student_cfg, "sparsity", None) is not None:
@@ -227,19 +235,49 @@ class CausalLMFamily(SafetensorsFolderFamily):
         self._check_logit_width(model)
         return model
 
-    def _cut_from_teacher(self) -> nn.Module:
-        cfg = self.student_cfg
-        assert cfg.from_teacher is not None
+    def _teacher_source(self, field: str) -> tuple[str, str, bool]:
+        """The model a student is made from: the field's own ``model``, else the teacher's."""
         source = self._student_source()
         if source is None:
             teachers = self.teacher_models()
             if not teachers:
                 raise RecipeError(
-                    "student.from_teacher: the recipe's teacher has no local model to copy layers from;"
-                    " set student.from_teacher.model"
+                    f"{field}: the recipe's teacher has no local model to make the student from; set {field}.model"
                 )
             source = teachers[0]
-        ref, field, trust = source
+        return source
+
+    def _swiftkv_student(self) -> nn.Module:
+        """The teacher in SwiftKV form (:mod:`kdforge.models.swiftkv`); only its new modules train."""
+        cfg = self.student_cfg.swiftkv
+        ref, field, trust = self._teacher_source("student.swiftkv")
+        model = plain_model(load_causal_lm(ref, field=field, trust_remote_code=trust, fresh=True)).to(torch.float32)
+        total = len(decoder_layers(model, "student.swiftkv")[1])
+        model = to_swiftkv(model, cfg.num_key_value_layers, cfg.key_value_group_size, field="student.swiftkv")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        kv_layers = len(set(group_leaders(total, cfg.num_key_value_layers, cfg.key_value_group_size).values()))
+        self.construction["swiftkv"] = {
+            "num_key_value_layers": cfg.num_key_value_layers,
+            "key_value_group_size": cfg.key_value_group_size,
+            "layers": total,
+            "trainable_params": trainable,
+            "kv_cache_fraction": (cfg.num_key_value_layers + kv_layers) / total,
+            "prefill_layers_fraction": cfg.num_key_value_layers / total,
+        }
+        if is_main():
+            console.print(
+                f"student: the teacher in SwiftKV form, layers {cfg.num_key_value_layers}-{total - 1} take their keys"
+                f" and values from layer {cfg.num_key_value_layers}'s input (groups of {cfg.key_value_group_size});"
+                f" {trainable:,} parameters train, the KV cache holds"
+                f" {self.construction['swiftkv']['kv_cache_fraction']:.0%} of the teacher's",
+                highlight=False,
+            )
+        return model.train()
+
+    def _cut_from_teacher(self) -> nn.Module:
+        cfg = self.student_cfg
+        assert cfg.from_teacher is not None
+        ref, field, trust = self._teacher_source("student.from_teacher")
         teacher = load_causal_lm(ref, field=field, trust_remote_code=trust)
         total = len(decoder_layers(teacher, "student.from_teacher")[1])
         layers = cfg.from_teacher.layers
