@@ -120,6 +120,8 @@ def _check_against_registries(recipe: Recipe) -> None:
         if spec.target == "teacher":
             _check_term_fits_teacher(recipe.teacher, term, spec, where)
 
+    if recipe.output.dtype != "auto" and not task_cls.saves_dtype:
+        raise RecipeError(f"output.dtype: the {recipe.task} task saves its models as they trained; remove output.dtype")
     task_cls.check_sections(recipe, validated["data"])
 
     from kdforge.methods.base import check_methods

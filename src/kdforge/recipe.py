@@ -182,6 +182,11 @@ class OutputConfig(Strict):
     dir: str = "runs"
     name: str | None = Field(None, description="default: the recipe name; one folder name inside dir")
     overwrite: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="the saved student's and baseline's weights (causal_lm): auto is the teacher's 16-bit dtype,"
+        " else bfloat16 (half the size of float32); the reported metrics are those of the saved weights",
+    )
 
     @field_validator("name")
     @classmethod

@@ -423,7 +423,8 @@ def test_a_saved_student_loads_back_with_transformers(tmp_path, tiny_lm_teacher,
 def test_a_student_of_a_gguf_teacher_saves_as_a_plain_transformers_folder(tmp_path, tiny_gguf_teacher, text_file):
     from transformers import AutoModelForCausalLM
 
-    task = task_of(lm_recipe(tmp_path, tiny_gguf_teacher, text_file, "student.from_teacher.layers=[0,1,2,3]"))
+    overrides = ("student.from_teacher.layers=[0,1,2,3]", "output.dtype=float32")
+    task = task_of(lm_recipe(tmp_path, tiny_gguf_teacher, text_file, *overrides))
     task.splits()
     teacher = task.load_teacher(str(tiny_gguf_teacher))
     assert teacher.config.quantization_config is not None  # transformers would refuse to save this one
@@ -490,6 +491,31 @@ def test_a_run_reads_a_per_token_top_k_cache_of_the_teacher(tmp_path, tiny_lm_te
     assert models["student"]["metrics"]["perplexity"] > 1 and "teacher" in models
     terms = models["student"]["train"]["final_terms"]
     assert set(terms) == {"forward_kl", "cross_entropy"} and all(v == v for v in terms.values())
+
+
+def test_students_are_saved_in_bfloat16_by_default_and_evaluated_as_saved(tmp_path, tiny_lm_teacher, text_file):
+    from safetensors.torch import load_file
+
+    from kdforge.checks import load_recipe
+    from kdforge.errors import RecipeError
+
+    task = task_of(lm_recipe(tmp_path, tiny_lm_teacher, text_file))
+    task.splits()
+    student = task.build_student()
+    folder = task.save_model(student, tmp_path / "model", card="")
+    saved = load_file(folder / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    # the student in memory was rounded as it was saved: what the run evaluates is what is on disk
+    for name, p in student.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, saved[name].float()), name
+    assert next(task.load_saved(folder).parameters()).dtype == torch.float32
+    wide = task_of(lm_recipe(tmp_path, tiny_lm_teacher, text_file, "output.dtype=float32"))
+    wide.splits()
+    folder = wide.save_model(wide.build_student(), tmp_path / "wide", card="")
+    assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.float32}
+    digits = Path(__file__).parents[2] / "src" / "kdforge" / "recipes" / "digits_kd.yaml"
+    with pytest.raises(RecipeError, match="output.dtype: the .* task saves its models as they trained"):
+        load_recipe(str(digits), ["output.dtype=bfloat16"])
 
 
 def _crash_then_resume(recipe, step: int, monkeypatch):

@@ -53,6 +53,8 @@ class Task(ABC):
     load_hint: ClassVar[str]
     #: the model card's library_name (where the Hub files the saved model)
     card_library: ClassVar[str] = "kdforge"
+    #: whether the task saves its models in the dtype ``output.dtype`` names (others save what they train)
+    saves_dtype: ClassVar[bool] = False
     #: what the task offers methods (kdforge.methods.base.CAPABILITIES): a method that needs more is refused.
     #: A capability is also what the task then gives the method:
     #: ``writes_text`` (on_policy): ``tokenizer``, ``pad_id``, ``stop_ids(model)``, ``max_length``, ``kinds``;

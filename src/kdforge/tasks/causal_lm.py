@@ -47,6 +47,7 @@ __all__ = ["LOGITS_BUDGET", "CausalLMTask"]
 class CausalLMTask(ComposedTask):
     name = "causal_lm"
     capabilities = frozenset({"writes_text"})
+    saves_dtype = True
     student_schema = CausalLMStudent
     data_schema = CausalLMData
     output_fields = ("logits", "hidden", "hidden_states")

@@ -251,7 +251,9 @@ class CausalLMFamily(SafetensorsFolderFamily):
         """The teacher in SwiftKV form (:mod:`kdforge.models.swiftkv`); only its new modules train."""
         cfg = self.student_cfg.swiftkv
         ref, field, trust = self._teacher_source("student.swiftkv")
-        model = plain_model(load_causal_lm(ref, field=field, trust_remote_code=trust, fresh=True)).to(torch.float32)
+        teacher = load_causal_lm(ref, field=field, trust_remote_code=trust)  # the run's teacher: loaded once
+        model = plain_model(teacher)  # a GGUF model's plain copy, else the teacher itself
+        model = (copy.deepcopy(model) if model is teacher else model).to(torch.float32)
         total = len(decoder_layers(model, "student.swiftkv")[1])
         model = to_swiftkv(model, cfg.num_key_value_layers, cfg.key_value_group_size, field="student.swiftkv")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -451,16 +453,40 @@ class CausalLMFamily(SafetensorsFolderFamily):
 
     # ----- saving -------------------------------------------------------------------------
 
+    @cached_property
+    def save_dtype(self) -> torch.dtype:
+        """The dtype students are saved in (``output.dtype``): auto is the teacher's 16-bit dtype, else bfloat16."""
+        name = self.recipe.output.dtype
+        if name == "auto":
+            teachers = self.teacher_models()
+            config = (
+                load_config(teachers[0][0], field=teachers[0][1], trust_remote_code=teachers[0][2])
+                if teachers
+                else None
+            )
+            teacher_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+            name = "float16" if teacher_dtype.endswith("float16") and "bfloat" not in teacher_dtype else "bfloat16"
+        return getattr(torch, name)
+
     def save_model(self, model: nn.Module, folder: Path, card: str) -> Path:
+        """Save ``model`` in :attr:`save_dtype`. A student trains in float32; saving in 16 bits rounds its weights,
+        and they are rounded in place too, so what the run evaluates next is exactly what is on disk."""
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        plain_model(model).save_pretrained(tmp)
+        dtype = self.save_dtype
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.copy_(p.to(dtype))
+        saved = copy.deepcopy(plain_model(model)).to(dtype)
+        saved.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         replace_folder(tmp, folder)
         return folder
 
     def load_saved(self, folder: Path) -> nn.Module:
-        return load_causal_lm(str(folder), field=str(folder), fresh=True)
+        # the run trains and evaluates in float32: a saved 16-bit student is widened (exactly) to it
+        return load_causal_lm(str(folder), field=str(folder), fresh=True).to(torch.float32)
