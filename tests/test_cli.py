@@ -164,6 +164,7 @@ def test_the_lm_demo_runs_end_to_end_with_its_recipe_on_a_tiny_teacher(tmp_path,
     sets = [
         f"teacher.model={tiny_lm_teacher}",
         "student.from_teacher.num_layers=2",
+        "student.prune.intermediate=32",
         "generation.max_new_tokens=8",
         "training.steps=4",
     ]
@@ -186,3 +187,7 @@ def test_the_lm_demo_runs_end_to_end_with_its_recipe_on_a_tiny_teacher(tmp_path,
     assert "sample 1:" in done.stdout and "student − baseline (perplexity)" in done.stdout
     assert (tmp_path / "generations").is_dir()  # the teacher's answers stay with the demo's output
     assert "Sample generations" in (run_dir / "report.html").read_text()
+    # the student exported in the teacher's quantization, measured on the test split, in the report
+    export = report["exports"][0]
+    assert export["format"] == "GGUF Q4_1" and (run_dir / "student.Q4_1.gguf").stat().st_size == export["size_bytes"]
+    assert "student GGUF Q4_1" in done.stdout and "Exports of the student" in (run_dir / "report.html").read_text()

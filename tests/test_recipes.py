@@ -93,6 +93,8 @@ def test_bundled_mnist_recipe_runs_at_tiny_size(name, tmp_path, mnist_teacher, m
 def test_bundled_lm_recipe_runs_with_a_tiny_gguf_teacher(name, tmp_path, tiny_gguf_teacher, shakespeare_dir, unchanged):
     """The recipe as shipped, with a 4-layer GGUF Llama standing in for its teacher."""
     teacher = [f"teacher.model={tiny_gguf_teacher}", "student.from_teacher={layers: [0, 3]}"]
+    if read_raw(bundled_recipes()[name])["student"].get("prune"):  # the tiny teacher's MLP has 64 channels
+        teacher.append("student.prune={intermediate: 32}")
     recipe = tiny(name, tmp_path, *teacher, *LM_TINY, *_cached_where_asked(name, tmp_path))
     if recipe.teacher.signal == "cache":
         write_recipe_caches(recipe)

@@ -172,7 +172,7 @@ def main() -> None:
     speed = time_prefill(model, [int(x) for x in args.lengths.split(",")], args.repeats)
     result = {
         "command": " ".join(["benchmarks/compression/swiftkv.py", *sys.argv[1:]]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads",
         "num_key_value_layers": args.layers,
         "key_value_group_size": args.group,

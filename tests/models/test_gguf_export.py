@@ -56,3 +56,45 @@ def test_cli_exports_a_saved_student_and_refuses_mistakes(saved, tmp_path, capsy
         with pytest.raises(SystemExit) as refused:
             main(["export", str(folder), *args])
         assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_exporting_a_runs_student_measures_the_file_and_adds_it_to_the_report(tmp_path, tiny_lm_teacher, capsys):
+    import json
+
+    from kdforge.checks import parse_recipe
+    from kdforge.runner import run_recipe
+    from tiny_lm import TEXT
+
+    (tmp_path / "text.txt").write_text(TEXT * 4)
+    recipe = {
+        "name": "tiny",
+        "task": "causal_lm",
+        "teacher": {"model": str(tiny_lm_teacher)},
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "data": {"format": "text", "path": str(tmp_path / "text.txt"), "max_length": 16},
+        "objective": [{"loss": "forward_kl", "weight": 1.0}],
+        "training": {"batch_size": 4, "steps": 2, "lr": 1e-3},
+        "evaluation": {"baseline": False, "throughput_batches": 1, "throughput_repeats": 1},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    run_recipe(parse_recipe(recipe))
+    run = tmp_path / "runs" / "tiny"
+    target = tmp_path / "tiny.Q8_0.gguf"
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(run / "model"), "--gguf", str(target), "--quantization", "Q8_0"])
+    assert done.value.code == 0 and "test split: perplexity" in capsys.readouterr().out
+    row = json.loads((run / "report.json").read_text())["exports"][0]
+    assert row["format"] == "GGUF Q8_0" and row["size_bytes"] == target.stat().st_size
+    # 8-bit weights: the perplexity of the file is the saved student's, within the rounding
+    assert row["metrics"]["perplexity"] == pytest.approx(row["saved_metrics"]["perplexity"], rel=0.05)
+    assert "Exports of the student" in (run / "report.html").read_text()
+
+
+def test_a_swiftkv_model_is_not_exported_to_gguf(tmp_path):
+    from kdforge.errors import KDForgeError
+    from kdforge.models.swiftkv import to_swiftkv
+
+    tokenizer = make_tokenizer()
+    model = to_swiftkv(make_llama(len(tokenizer), layers=4, hidden=32), num_key_value_layers=2)
+    with pytest.raises(KDForgeError, match="SwiftKV"):
+        export_gguf(model, tokenizer, tmp_path / "s.gguf", quantization="F32")

@@ -25,6 +25,7 @@ from torch import nn
 from kdforge.console import make_console
 from kdforge.errors import RecipeError
 from kdforge.models.hf_causal_lm import plain_config
+from kdforge.models.llama_layout import decoder_layers
 
 console = make_console(stderr=True)
 
@@ -38,19 +39,6 @@ def evenly_spaced_layers(total: int, count: int) -> list[int]:
     if not 2 <= count <= total:
         raise ValueError(f"cannot pick {count} of {total} layers keeping the first and the last")
     return [int(i * (total - 1) / (count - 1) + 0.5) for i in range(count)]
-
-
-def decoder_layers(model: nn.Module, field: str) -> tuple[str, nn.ModuleList]:
-    """The decoder layers of a Llama-style causal LM and their name in its state dict; a RecipeError otherwise."""
-    body = getattr(model, "model", None)
-    layers = getattr(body, "layers", None)
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(layers, nn.ModuleList) or count != len(layers):
-        raise RecipeError(
-            f"{field}: {type(model).__name__} does not keep its decoder layers at model.model.layers (the Llama"
-            " layout), so a student cannot be cut from its layers; use student.model for a separate pretrained student"
-        )
-    return "model.layers", layers
 
 
 def _subset_per_layer_lists(config, layers: list[int], total: int) -> None:

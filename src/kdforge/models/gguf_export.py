@@ -88,6 +88,11 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, *, quantization: 
     if quantization not in QUANTIZATIONS:
         raise KDForgeError(f"quantization {quantization!r}: one of {', '.join(QUANTIZATIONS)}")
     config = model.config
+    if getattr(config, "swiftkv", None):
+        raise KDForgeError(
+            "GGUF export: a SwiftKV model's later layers read keys and values llama.cpp's Llama layout has no place"
+            " for; serve it with kdforge (or a SwiftKV-aware engine such as vLLM with Arctic Inference)"
+        )
     layers = getattr(getattr(model, "model", None), "layers", None)
     if getattr(config, "model_type", None) != "llama" or not isinstance(layers, nn.ModuleList):
         raise KDForgeError(

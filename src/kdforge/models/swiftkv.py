@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from kdforge.errors import RecipeError
-from kdforge.models.from_teacher import decoder_layers
+from kdforge.models.llama_layout import decoder_layers
 
 #: the config attribute recording the transformation (``num_key_value_layers``, ``key_value_group_size``)
 CONFIG_KEY = "swiftkv"
