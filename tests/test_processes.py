@@ -449,7 +449,8 @@ def test_a_served_teacher_feeds_two_processes_as_it_feeds_one(tmp_path, tiny_lm_
         "objective": [{"loss": "forward_kl"}, {"loss": "cross_entropy", "weight": 0.1}],
         "training": {"lr": 3e-3, "batch_size": 7, "steps": 6, "log_every": 2},
         "evaluation": {"batch_size": 8, "throughput_batches": 1, "throughput_repeats": 1},
-        "output": {"dir": str(tmp_path)},
+        # float32 on disk: saving in bfloat16 rounds the 1e-7 differences of a two-process run to whole ulps
+        "output": {"dir": str(tmp_path), "dtype": "float32"},
     }
     path = tmp_path / "served.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -478,7 +479,8 @@ def test_a_teacher_writing_fresh_answers_each_epoch_feeds_two_processes_as_it_fe
         "objective": [{"loss": "forward_kl"}, {"loss": "cross_entropy", "weight": 0.1}],
         "training": {"lr": 3e-3, "batch_size": 7, "epochs": 3, "steps": None, "log_every": 1},
         "evaluation": {"batch_size": 8, "throughput_batches": 1, "throughput_repeats": 1, "baseline": False},
-        "output": {"dir": str(tmp_path)},
+        # float32 on disk: saving in bfloat16 rounds the 1e-7 differences of a two-process run to whole ulps
+        "output": {"dir": str(tmp_path), "dtype": "float32"},
     }  # fmt: skip
     path = tmp_path / "written.yaml"
     path.write_text(yaml.safe_dump(recipe))
