@@ -88,7 +88,7 @@ def search_recipe(
     chosen.sort(key=lambda c: c.scores["kl_at_start"])
     for i, candidate in enumerate(chosen[:train_best]):
         candidate.scores.update(_distil(recipe, candidate.student_section(config), out, i, steps))
-    rows = [_row(c, config, budget) for c in chosen]
+    rows = [_row(c, config) for c in chosen]
     out.mkdir(parents=True, exist_ok=True)
     rows.sort(key=lambda r: (r.get("kl_after") is None, r.get("kl_after") or 0.0, r["kl_at_start"]))
     atomic_write_text(out / "search.json", json.dumps({"budget": str(budget), "steps": steps, "rows": rows}, indent=2))
@@ -158,7 +158,7 @@ def _distil(recipe: Recipe, section: dict[str, Any], out: Path, index: int, step
     }
 
 
-def _row(candidate: Candidate, config: Any, budget: Budget) -> dict[str, Any]:
+def _row(candidate: Candidate, config: Any) -> dict[str, Any]:
     return {
         "candidate": candidate.label(),
         "student": candidate.student_section(config),
